@@ -1,0 +1,24 @@
+"""functional_cnn: pure-functional CNNs on JAX with hand-written, verified backward rules.
+
+A layer is ``Layer(init, apply)``; compose with :func:`serial` and friends; every op's backward
+rule lives in :mod:`functional_cnn.functional` (one module per op family) and is selected with
+``vjp="custom"`` (default) or replaced by JAX autodiff with ``vjp="autodiff"``.
+"""
+from . import functional, interop, models
+from .combinators import fan_in_concat, fan_in_sum, fan_out, parallel, residual, serial
+from .functional import REGISTRY, VJP_MODES
+from .functional.losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss
+from .interop import load_state_dict, named_leaves, state_dict
+from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Identity, Layer,
+                     LeakyReLU, Linear, LogSoftmax, MaxPool2d, ReLU, Sigmoid, Softmax, Tanh)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Layer", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "ReLU", "LeakyReLU",
+    "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Flatten", "Dropout", "Identity",
+    "serial", "parallel", "fan_out", "fan_in_sum", "fan_in_concat", "residual",
+    "cross_entropy", "binary_cross_entropy_with_logits", "mse_loss",
+    "functional", "models", "interop", "REGISTRY", "VJP_MODES",
+    "load_state_dict", "state_dict", "named_leaves",
+]

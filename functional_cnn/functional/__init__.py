@@ -1,0 +1,18 @@
+"""Functional ops, each with a hand-written backward rule registered through ``jax.custom_vjp``.
+
+One module per op family; every public op takes ``vjp="custom"`` (the hand-written rule) or
+``vjp="autodiff"`` (JAX differentiates the same forward). :data:`REGISTRY` lists them all.
+"""
+from ._registry import REGISTRY, VJP_MODES, OpInfo, ops
+from .activations import leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
+from .conv import conv2d
+from .dropout import dropout
+from .linear import linear
+from .losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss
+from .normalization import batch_norm
+from .pooling import avg_pool2d, max_pool2d
+
+__all__ = ["REGISTRY", "VJP_MODES", "OpInfo", "ops", "linear", "conv2d", "max_pool2d",
+           "avg_pool2d", "batch_norm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+           "log_softmax", "dropout", "cross_entropy", "binary_cross_entropy_with_logits",
+           "mse_loss"]

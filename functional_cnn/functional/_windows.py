@@ -1,0 +1,125 @@
+"""Window geometry shared by convolution and pooling.
+
+Every sliding-window op here (conv2d, max_pool2d, avg_pool2d) describes each spatial axis by one
+:class:`Axis`: kernel size, stride, dilation, the padding on each side, and the input and output
+sizes. The output size follows PyTorch (floor or ceil mode), and ``pad_hi`` is then *adjusted* so
+that the padded axis is exactly as long as the windows reach::
+
+    in_size + pad_lo + pad_hi == (out_size - 1) * stride + dilation * (kernel - 1) + 1
+
+With that invariant the forward ops run with ``VALID`` windows on the padded input, and every
+backward rule is the exact transpose of that padding: no leftover rows, no off-by-one special
+cases. ``pad_hi`` is larger than the requested padding in ceil mode (the overhang) and can be
+negative in floor mode (trailing rows that no window touches are cropped).
+
+The two helpers :func:`window_views` and :func:`add_window_views` are a transpose pair: the first
+reads, for every kernel offset, the strided slice of the padded input that offset sees in all
+windows; the second scatters per-offset cotangents back by zero-padding with interior stride. Both
+are plain ``lax.slice``/``lax.pad``, so rules built on them stay differentiable.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from jax import lax
+
+
+class Axis(NamedTuple):
+    """Geometry of one spatial axis of a sliding-window op."""
+
+    in_size: int
+    out_size: int
+    kernel: int
+    stride: int
+    dilation: int
+    pad_lo: int
+    pad_hi: int  # adjusted: see the module docstring
+
+    @property
+    def span(self) -> int:
+        """Extent of one window on the input: ``dilation * (kernel - 1) + 1``."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    @property
+    def padded_size(self) -> int:
+        return self.in_size + self.pad_lo + self.pad_hi
+
+
+def torch_output_size(in_size: int, kernel: int, stride: int, dilation: int, pad_lo: int,
+                      pad_hi: int, ceil_mode: bool) -> int:
+    """Output length as PyTorch computes it (``pooling_output_shape`` / conv shape).
+
+    ``floor((L + lo + hi - span) / stride) + 1``, or the ceiling in ceil mode, where a last window
+    that would start inside the right padding is dropped.
+    """
+    span = dilation * (kernel - 1) + 1
+    reach = in_size + pad_lo + pad_hi - span
+    if reach < 0:
+        return 0
+    out = (reach + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= in_size + pad_lo:
+        out -= 1
+    return out
+
+
+def make_axis(in_size: int, kernel: int, stride: int, dilation: int, pad_lo: int, pad_hi: int,
+              ceil_mode: bool = False) -> Axis:
+    """Resolve one axis: PyTorch's output size, and ``pad_hi`` adjusted to the windows' reach."""
+    out = torch_output_size(in_size, kernel, stride, dilation, pad_lo, pad_hi, ceil_mode)
+    span = dilation * (kernel - 1) + 1
+    exact_hi = (out - 1) * stride + span - in_size - pad_lo
+    return Axis(in_size, out, kernel, stride, dilation, pad_lo, exact_hi)
+
+
+def pad_spatial(x, axes: Sequence[Axis], value):
+    """Pad (or crop, where ``pad_hi < 0``) the trailing spatial axes of an NC... array."""
+    config = [(0, 0, 0)] * (x.ndim - len(axes)) + [(a.pad_lo, a.pad_hi, 0) for a in axes]
+    return lax.pad(x, np.array(value, x.dtype), config)
+
+
+def unpad_spatial(xp, axes: Sequence[Axis]):
+    """Transpose of :func:`pad_spatial` (for the padded values' cotangent: drop it)."""
+    config = [(0, 0, 0)] * (xp.ndim - len(axes)) + [(-a.pad_lo, -a.pad_hi, 0) for a in axes]
+    return lax.pad(xp, np.array(0, xp.dtype), config)
+
+
+def kernel_offsets(axes: Sequence[Axis]):
+    """All kernel offsets in row-major window order (the order PyTorch scans a window)."""
+    return list(np.ndindex(*(a.kernel for a in axes)))
+
+
+def window_views(xp, axes: Sequence[Axis]):
+    """For each kernel offset, the strided slice of padded ``xp`` it covers in every window.
+
+    ``views[k][..., i, j] == xp[..., i*s_h + a*d_h, j*s_w + b*d_w]`` for offset ``k = (a, b)``;
+    each view has the output's spatial shape.
+    """
+    lead = xp.ndim - len(axes)
+    views = []
+    for offset in kernel_offsets(axes):
+        start = [0] * lead + [o * a.dilation for o, a in zip(offset, axes)]
+        limit = list(xp.shape[:lead]) + [
+            o * a.dilation + (a.out_size - 1) * a.stride + 1 for o, a in zip(offset, axes)]
+        strides = [1] * lead + [a.stride for a in axes]
+        views.append(lax.slice(xp, start, limit, strides))
+    return views
+
+
+def add_window_views(view_cotangents, axes: Sequence[Axis]):
+    """Transpose of :func:`window_views`: scatter-add per-offset cotangents onto the padded input.
+
+    Each cotangent is placed back on its strided grid by ``lax.pad`` with interior padding
+    ``stride - 1``, shifted by its offset; overlapping windows simply add.
+    """
+    total = None
+    for offset, ct in zip(kernel_offsets(axes), view_cotangents):
+        lead = ct.ndim - len(axes)
+        config = [(0, 0, 0)] * lead
+        for o, a in zip(offset, axes):
+            lo = o * a.dilation
+            covered = (a.out_size - 1) * a.stride + 1
+            config.append((lo, a.padded_size - lo - covered, a.stride - 1))
+        placed = lax.pad(ct, np.array(0, ct.dtype), config)
+        total = placed if total is None else total + placed
+    return total

@@ -1,0 +1,55 @@
+"""Affine map on the last axis: ``linear``."""
+from __future__ import annotations
+
+from jax import lax
+from jax import numpy as jnp
+
+from .. import _checks
+from ._registry import check_vjp, register, two_gradients
+
+
+def _forward(config, x, weight, bias):
+    y = lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+    return y if bias is None else y + bias
+
+
+def _fwd(config, x, weight, bias):
+    return _forward(config, x, weight, bias), (x, weight, bias is None)
+
+
+def _bwd(config, residuals, g):
+    x, weight, no_bias = residuals
+    dx = lax.dot_general(g, weight, (((g.ndim - 1,), (0,)), ((), ())))
+    rows_g = g.reshape(-1, g.shape[-1])
+    rows_x = x.reshape(-1, x.shape[-1])
+    dweight = lax.dot_general(rows_g, rows_x, (((0,), (0,)), ((), ())))
+    dbias = None if no_bias else rows_g.sum(axis=0)
+    return dx, dweight, dbias
+
+
+_linear = two_gradients(_forward, _fwd, _bwd)
+
+
+@register()
+def linear(x, weight, bias=None, *, vjp: str = "custom"):
+    """``y = x W^T + b`` over the last axis (``torch.nn.functional.linear``).
+
+    Shapes: ``x (..., in)``, ``weight (out, in)``, ``bias (out,)``, ``y (..., out)``.
+
+    Backward rule, with all leading axes flattened into rows ``m``::
+
+        dx = g W                     (..., out) @ (out, in)
+        dW = sum_m g[m]^T x[m]       (out, in)
+        db = sum_m g[m]              (out,)
+    """
+    check_vjp("linear", vjp)
+    _checks.check_floating("linear", x)
+    if weight.ndim != 2:
+        raise ValueError(f"linear: expected a 2-D weight (out, in), got shape {weight.shape}")
+    if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: expected input with last axis {weight.shape[1]} "
+                         f"(weight {tuple(weight.shape)}), got shape {tuple(jnp.shape(x))}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear: expected bias of shape ({weight.shape[0]},), "
+                         f"got {tuple(bias.shape)}")
+    return _linear(vjp, None, x, weight, bias)

@@ -1,0 +1,179 @@
+"""Losses with hand-written rules: ``cross_entropy``, ``binary_cross_entropy_with_logits``,
+``mse_loss``. All three share the reduction and its transpose."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from jax import lax
+from jax import numpy as jnp
+
+from .. import _checks
+from ._registry import check_vjp, register, two_gradients
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class LossConfig(NamedTuple):
+    reduction: str
+    label_smoothing: float = 0.0
+
+
+def _reduce(cfg, per_element):
+    if cfg.reduction == "mean":
+        return per_element.mean()
+    return per_element.sum() if cfg.reduction == "sum" else per_element
+
+
+def _unreduce(cfg, g, shape):
+    """Transpose of :func:`_reduce`: each element's share of the output cotangent."""
+    if cfg.reduction == "none":
+        return g
+    scale = 1 / max(int(np.prod(shape)), 1) if cfg.reduction == "mean" else 1
+    return jnp.broadcast_to(g * np.array(scale, g.dtype), shape)
+
+
+def _check_reduction(where, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_same_shape(where, a, b, names):
+    if jnp.shape(a) != jnp.shape(b):
+        raise ValueError(f"{where}: expected {names[1]} of the same shape as {names[0]} "
+                         f"{tuple(jnp.shape(a))}, got {tuple(jnp.shape(b))}")
+
+
+# ----------------------------------------------------------------------------- cross_entropy
+
+def _log_probs(logits):
+    z = logits - lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    return z - jnp.log(jnp.exp(z).sum(axis=-1, keepdims=True))
+
+
+def _ce_forward(cfg, logits, labels):
+    logp = _log_probs(logits)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    eps = cfg.label_smoothing
+    if eps:
+        nll = (1 - eps) * nll - eps * logp.mean(axis=-1)
+    return _reduce(cfg, nll)
+
+
+def _ce_fwd(cfg, logits, labels):
+    return _ce_forward(cfg, logits, labels), (jnp.exp(_log_probs(logits)), labels)
+
+
+def _ce_bwd(cfg, residuals, g):
+    probs, labels = residuals
+    classes = probs.shape[-1]
+    eps = cfg.label_smoothing
+    onehot = labels[..., None] == jnp.arange(classes)
+    target = jnp.where(onehot, 1 - eps + eps / classes, eps / classes).astype(probs.dtype)
+    share = _unreduce(cfg, g, labels.shape)
+    return (probs - target) * share[..., None], None
+
+
+_cross_entropy = two_gradients(_ce_forward, _ce_fwd, _ce_bwd)
+
+
+@register(kind="loss")
+def cross_entropy(logits, labels, reduction: str = "mean", label_smoothing: float = 0.0, *,
+                  vjp: str = "custom"):
+    """Softmax cross-entropy with integer labels, ``torch.nn.functional.cross_entropy``.
+
+    ``logits (N, C)`` or ``(N, C, d1, ...)`` with ``labels (N,)`` or ``(N, d1, ...)``, or
+    unbatched ``(C,)`` with a scalar label. With smoothing ``eps`` the target distribution is
+    ``q = (1 - eps) onehot(label) + eps / C`` and per element::
+
+        loss = -sum_c q_c log softmax(x)_c     (log-sum-exp shifted by max x: finite at 1e4)
+
+    Backward rule: ``dx = (softmax(x) - q) * share(g)`` where ``share`` undoes the reduction
+    (``g / N`` for mean, ``g`` for sum, ``g[n]`` for none).
+    """
+    where = "cross_entropy"
+    check_vjp(where, vjp)
+    _check_reduction(where, reduction)
+    _checks.check_floating(where, logits, "logits")
+    _checks.check_probability(where, "label_smoothing", label_smoothing)
+    if jnp.ndim(logits) == 0:
+        raise ValueError(f"{where}: expected logits of shape (N, C, ...) or (C,), got a scalar")
+    if jnp.ndim(logits) == 1:
+        logits, labels = logits[None], jnp.reshape(labels, (1,))
+    class_axis_last = jnp.moveaxis(logits, 1, -1)
+    if jnp.shape(labels) != class_axis_last.shape[:-1]:
+        raise ValueError(f"{where}: expected labels of shape {class_axis_last.shape[:-1]} for "
+                         f"logits {tuple(logits.shape)}, got {tuple(jnp.shape(labels))}")
+    _checks.check_labels(where, labels, logits.shape[1])
+    cfg = LossConfig(reduction, float(label_smoothing))
+    return _cross_entropy(vjp, cfg, class_axis_last, labels)
+
+
+# ----------------------------------------------------------------------------- BCE with logits
+
+def _bce_forward(cfg, logits, targets):
+    # max(x, 0) - x t + log(1 + exp(-|x|)): never exponentiates a large positive number.
+    per = (jnp.maximum(logits, 0) - logits * targets
+           + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+    return _reduce(cfg, per)
+
+
+def _bce_fwd(cfg, logits, targets):
+    return _bce_forward(cfg, logits, targets), (logits, targets)
+
+
+def _bce_bwd(cfg, residuals, g):
+    logits, targets = residuals
+    share = _unreduce(cfg, g, logits.shape)
+    return (lax.logistic(logits) - targets) * share, -logits * share
+
+
+_bce_with_logits = two_gradients(_bce_forward, _bce_fwd, _bce_bwd)
+
+
+@register(kind="loss")
+def binary_cross_entropy_with_logits(logits, targets, reduction: str = "mean", *,
+                                     vjp: str = "custom"):
+    """``-[t log sigmoid(x) + (1 - t) log(1 - sigmoid(x))]``, computed stably, then reduced.
+
+    Backward rule: ``dx = (sigmoid(x) - t) share(g)`` and ``dt = -x share(g)``.
+    """
+    where = "binary_cross_entropy_with_logits"
+    check_vjp(where, vjp)
+    _check_reduction(where, reduction)
+    _checks.check_floating(where, logits, "logits")
+    _checks.check_floating(where, targets, "targets")
+    _check_same_shape(where, logits, targets, ("logits", "targets"))
+    return _bce_with_logits(vjp, LossConfig(reduction), logits, targets)
+
+
+# ----------------------------------------------------------------------------- mse
+
+def _mse_forward(cfg, pred, target):
+    diff = pred - target
+    return _reduce(cfg, diff * diff)
+
+
+def _mse_fwd(cfg, pred, target):
+    return _mse_forward(cfg, pred, target), pred - target
+
+
+def _mse_bwd(cfg, diff, g):
+    dpred = 2 * diff * _unreduce(cfg, g, diff.shape)
+    return dpred, -dpred
+
+
+_mse_loss = two_gradients(_mse_forward, _mse_fwd, _mse_bwd)
+
+
+@register(kind="loss")
+def mse_loss(pred, target, reduction: str = "mean", *, vjp: str = "custom"):
+    """``(pred - target)^2``, reduced. Backward rule: ``dpred = 2 (pred - target) share(g)``,
+    ``dtarget = -dpred``."""
+    where = "mse_loss"
+    check_vjp(where, vjp)
+    _check_reduction(where, reduction)
+    _checks.check_floating(where, pred, "pred")
+    _checks.check_floating(where, target, "target")
+    _check_same_shape(where, pred, target, ("pred", "target"))
+    return _mse_loss(vjp, LossConfig(reduction), pred, target)

@@ -1,0 +1,166 @@
+"""2-D pooling: ``max_pool2d`` and ``avg_pool2d``, sharing one window geometry."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from jax import lax
+from jax import numpy as jnp
+
+from .. import _checks
+from ._registry import check_vjp, register, two_gradients
+from ._windows import (Axis, add_window_views, kernel_offsets, make_axis, pad_spatial,
+                       unpad_spatial, window_views)
+
+
+class PoolConfig(NamedTuple):
+    axes: tuple[Axis, Axis]  # (height, width) geometry, pad_hi adjusted to the windows' reach
+    count_include_pad: bool = True  # avg_pool2d only
+
+
+def pool_axes(where: str, in_shape, kernel_size, stride, padding, dilation,
+              ceil_mode: bool) -> tuple[Axis, Axis]:
+    """Validate pooling hyperparameters as PyTorch does and resolve both spatial axes."""
+    _checks.check_rank(where, in_shape, (4,), "(N, C, H, W)")
+    kernel = _checks.int_pair(where, "kernel_size", kernel_size)
+    stride = kernel if stride is None else _checks.int_pair(where, "stride", stride)
+    pads = _checks.int_pair(where, "padding", padding, minimum=0)
+    dilation = _checks.int_pair(where, "dilation", dilation)
+    if any(p > k // 2 for p, k in zip(pads, kernel)):
+        raise ValueError(f"{where}: padding must be at most half the kernel size "
+                         f"(as in PyTorch), got padding {pads} for kernel {kernel}")
+    axes = tuple(make_axis(n, k, s, d, p, p, bool(ceil_mode))
+                 for n, k, s, d, p in zip(in_shape[2:], kernel, stride, dilation, pads))
+    if any(a.out_size < 1 for a in axes):
+        padded = tuple(n + 2 * p for n, p in zip(in_shape[2:], pads))
+        window = tuple(a.span for a in axes)
+        raise ValueError(f"{where}: the window {window[0]}x{window[1]} (kernel with dilation) "
+                         f"is larger than the padded input {padded[0]}x{padded[1]} "
+                         f"(input shape {tuple(in_shape)})")
+    return axes
+
+
+def _unbatched(op, x, *args, **kwargs):
+    """Run a 4-D op on an unbatched ``(C, H, W)`` input, as PyTorch accepts."""
+    return op(x[None], *args, **kwargs)[0]
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+def _max_select(cfg, x):
+    """Window values stacked on a last axis, and the first maximum's offset in each window."""
+    xp = pad_spatial(x, cfg.axes, -jnp.inf)
+    views = jnp.stack(window_views(xp, cfg.axes), axis=-1)
+    return views, jnp.argmax(views, axis=-1)  # argmax returns the first of tied maxima
+
+
+def _max_forward(cfg, x):
+    # Gather-based so that JAX autodiff routes the gradient to the chosen element only (its own
+    # reduce_max rule splits ties, and it cannot differentiate a dilated reduce_window max).
+    views, first = _max_select(cfg, x)
+    return jnp.take_along_axis(views, first[..., None], axis=-1)[..., 0]
+
+
+def _max_fwd(cfg, x):
+    views, first = _max_select(cfg, x)
+    return jnp.take_along_axis(views, first[..., None], axis=-1)[..., 0], first
+
+
+def _max_bwd(cfg, first, g):
+    zero = jnp.zeros((), g.dtype)
+    routed = [jnp.where(first == k, g, zero) for k in range(len(kernel_offsets(cfg.axes)))]
+    return (unpad_spatial(add_window_views(routed, cfg.axes), cfg.axes),)
+
+
+_max_pool2d = two_gradients(_max_forward, _max_fwd, _max_bwd)
+
+
+@register()
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, *,
+               vjp: str = "custom"):
+    """Max over sliding windows, ``torch.nn.functional.max_pool2d`` semantics.
+
+    ``stride`` defaults to ``kernel_size``; padding counts as ``-inf`` and is at most half the
+    kernel; ``ceil_mode`` keeps a last partial window unless it would start in the padding.
+
+    Backward rule: each window passes its whole cotangent to one input, the *first* maximum in
+    row-major window order (PyTorch's choice; ties are common after ReLU). With ``k*`` that
+    offset and the windows' padded-input positions ``(i s + a d, j s + b d)``::
+
+        dxp[n, c, i s + a d, j s + b d] += g[n, c, i, j]   if (a, b) == k*[n, c, i, j]
+        dx = dxp without its padding
+
+    Only the winning offsets are saved; the scatter is one strided ``lax.pad`` per offset.
+    """
+    check_vjp("max_pool2d", vjp)
+    _checks.check_floating("max_pool2d", x)
+    if jnp.ndim(x) == 3:
+        return _unbatched(max_pool2d, x, kernel_size, stride, padding, dilation, ceil_mode,
+                          vjp=vjp)
+    axes = pool_axes("max_pool2d", jnp.shape(x), kernel_size, stride, padding, dilation,
+                     ceil_mode)
+    return _max_pool2d(vjp, PoolConfig(axes), x)
+
+
+# ----------------------------------------------------------------------------- avg pooling
+
+def _divisor_1d(a: Axis, count_include_pad: bool) -> np.ndarray:
+    # PyTorch: a window is clipped to the padded input (in ceil mode it can overhang it); with
+    # count_include_pad=False it is clipped to the unpadded input as well. pad_lo == requested pad.
+    starts = np.arange(a.out_size) * a.stride - a.pad_lo
+    ends = np.minimum(starts + a.kernel, a.in_size + a.pad_lo)
+    if count_include_pad:
+        return ends - starts
+    return np.minimum(ends, a.in_size) - np.maximum(starts, 0)
+
+
+def avg_divisor(cfg: PoolConfig, dtype) -> np.ndarray:
+    """How many elements each output averages, shape ``(H_out, W_out)``."""
+    h, w = (_divisor_1d(a, cfg.count_include_pad) for a in cfg.axes)
+    return np.outer(h, w).astype(dtype)
+
+
+def _avg_forward(cfg, x):
+    xp = pad_spatial(x, cfg.axes, 0)
+    (kh, kw), (sh, sw) = zip(*((a.kernel, a.stride) for a in cfg.axes))
+    sums = lax.reduce_window(xp, np.array(0, x.dtype), lax.add, (1, 1, kh, kw), (1, 1, sh, sw),
+                             "VALID")
+    return sums / avg_divisor(cfg, x.dtype)
+
+
+def _avg_fwd(cfg, x):
+    return _avg_forward(cfg, x), None
+
+
+def _avg_bwd(cfg, _, g):
+    share = g / avg_divisor(cfg, g.dtype)
+    per_offset = [share] * len(kernel_offsets(cfg.axes))
+    return (unpad_spatial(add_window_views(per_offset, cfg.axes), cfg.axes),)
+
+
+_avg_pool2d = two_gradients(_avg_forward, _avg_fwd, _avg_bwd)
+
+
+@register()
+def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               *, vjp: str = "custom"):
+    """Mean over sliding windows, ``torch.nn.functional.avg_pool2d`` semantics.
+
+    ``y[i, j] = sum_window xp / N[i, j]`` where ``N`` counts the window's elements inside the
+    padded input (``count_include_pad=True``) or inside the unpadded input (``False``); a ceil-mode
+    overhang past the padding never counts.
+
+    Backward rule: every element of a window receives an equal share of its cotangent::
+
+        dxp[n, c, i s + a, j s + b] += g[n, c, i, j] / N[i, j]   for all offsets (a, b)
+        dx = dxp without its padding
+
+    ``N`` is a compile-time constant, so nothing is saved from the forward pass.
+    """
+    check_vjp("avg_pool2d", vjp)
+    _checks.check_floating("avg_pool2d", x)
+    if jnp.ndim(x) == 3:
+        return _unbatched(avg_pool2d, x, kernel_size, stride, padding, ceil_mode,
+                          count_include_pad, vjp=vjp)
+    axes = pool_axes("avg_pool2d", jnp.shape(x), kernel_size, stride, padding, 1, ceil_mode)
+    return _avg_pool2d(vjp, PoolConfig(axes, bool(count_include_pad)), x)
