@@ -36,7 +36,12 @@ def check_channels(where: str, shape: Sequence[int], expected: int, axis: int = 
 
 def int_pair(where: str, name: str, value, minimum: int = 1) -> tuple[int, int]:
     """An int or a pair of ints (PyTorch's ``_pair``), each at least ``minimum``."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if isinstance(value, (int, np.integer)):
+        pair = (value, value)
+    elif isinstance(value, (tuple, list)):
+        pair = tuple(value)
+    else:
+        pair = ()
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
                                  for v in pair):
         raise TypeError(f"{where}: {name} must be an int or a pair of ints, got {value!r}")

@@ -1,0 +1,49 @@
+"""The shared window geometry: PyTorch's output sizes, the exact-reach invariant, and the
+transpose pair window_views / add_window_views."""
+import numpy as np
+from hypothesis import assume, given
+from hypothesis import strategies as st
+from jax import numpy as jnp
+
+from functional_cnn.functional._windows import (add_window_views, make_axis, pad_spatial,
+                                                unpad_spatial, window_views)
+
+axis_args = st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(1, 4),
+                      st.integers(1, 3), st.integers(0, 2), st.booleans())
+
+
+@given(args=axis_args)
+def test_output_size_matches_torch_pooling(args, torch):
+    size, kernel, stride, dilation, pad, ceil = args
+    assume(pad <= kernel // 2 and size + 2 * pad >= dilation * (kernel - 1) + 1)
+    a = make_axis(size, kernel, stride, dilation, pad, pad, ceil)
+    x = torch.zeros(1, 1, size, 1)
+    out = torch.nn.functional.max_pool2d(x, (kernel, 1), (stride, 1), (pad, 0), (dilation, 1),
+                                         ceil_mode=ceil)
+    assert a.out_size == out.shape[2]
+    # invariant: the padded length is exactly the windows' reach
+    assert a.padded_size == (a.out_size - 1) * stride + dilation * (kernel - 1) + 1
+
+
+@given(args=axis_args, seed=st.integers(0, 2**16))
+def test_window_views_and_add_window_views_are_transposes(args, seed):
+    size, kernel, stride, dilation, pad, ceil = args
+    a = make_axis(size, kernel, stride, dilation, pad, pad, ceil)
+    assume(a.out_size >= 1)
+    b = make_axis(5, 2, 1, 1, 0, 0)
+    axes = (a, b)
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((2, size, 5)))
+    cts = [jnp.asarray(rng.standard_normal((2, a.out_size, b.out_size)))
+           for _ in range(kernel * b.kernel)]
+    views = window_views(pad_spatial(x, axes, 0), axes)
+    lhs = sum(float(jnp.vdot(v, c)) for v, c in zip(views, cts))
+    rhs = float(jnp.vdot(x, unpad_spatial(add_window_views(cts, axes), axes)))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5, atol=1e-5)
+
+
+def test_floor_mode_crops_rows_no_window_reaches():
+    a = make_axis(8, 3, 3, 1, 0, 0, False)  # windows at 0, 3: rows 6 and 7 unused
+    assert (a.out_size, a.pad_hi) == (2, -2)
+    c = make_axis(8, 3, 3, 1, 0, 0, True)  # ceil mode keeps a third window reaching row 8
+    assert (c.out_size, c.pad_hi) == (3, 1)

@@ -1,0 +1,113 @@
+"""serial / parallel / fan_out / fan_in / residual: shapes, threading of state and keys."""
+import jax
+import numpy as np
+import pytest
+from jax import numpy as jnp
+
+import functional_cnn as fcn
+from tests.conftest import assert_close
+
+
+def basic_block(channels):
+    return fcn.serial(
+        fcn.residual(fcn.Conv2d(channels, 3, padding=1, bias=False), fcn.BatchNorm2d(), fcn.ReLU(),
+                     fcn.Conv2d(channels, 3, padding=1, bias=False), fcn.BatchNorm2d()),
+        fcn.ReLU())
+
+
+def test_resnet_basic_block_matches_torch(torch):
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(c), nn.ReLU(),
+                                      nn.Conv2d(c, c, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return torch.relu(self.body(x) + x)
+
+    block = basic_block(4)
+    shape, params, state = block.init(jax.random.key(0), (2, 4, 6, 6))
+    assert shape == (2, 4, 6, 6)
+    module = Block(4).double()
+    # ours: 0 (residual) -> 1 (parallel) -> 0 (main branch serial) -> i
+    params, state = fcn.load_state_dict(
+        params, state, module.state_dict(),
+        rename=lambda n: n.replace("0.1.0.", "body.", 1))
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 6))
+    y, new_state = block.apply(params, state, jnp.asarray(x, jnp.float32), train=True)
+    assert_close(y, module(torch.tensor(x)).detach().numpy(), 1e-5, 1e-5)
+    torch_mean = module.body[1].running_mean.numpy()
+    assert_close(new_state[0][1][0][1]["running_mean"], torch_mean, 1e-5, 1e-6)
+
+
+def test_residual_with_projection_shortcut_and_concat():
+    block = fcn.residual(fcn.Conv2d(8, 3, stride=2, padding=1),
+                         shortcut=fcn.Conv2d(8, 1, stride=2))
+    shape, params, _ = block.init(jax.random.key(0), (-1, 3, 9, 9))
+    assert shape == (-1, 8, 5, 5)
+    net = fcn.serial(fcn.fan_out(3), fcn.parallel(fcn.Identity(), fcn.ReLU(), fcn.Conv2d(2, 1)),
+                     fcn.fan_in_concat(axis=1))
+    shape, params, state = net.init(jax.random.key(0), (2, 3, 4, 4))
+    assert shape == (2, 8, 4, 4)
+    x = jnp.arange(96.0).reshape(2, 3, 4, 4) - 40
+    y, _ = net.apply(params, state, x)
+    assert y.shape == shape
+    np.testing.assert_array_equal(y[:, :3], x)
+    np.testing.assert_array_equal(y[:, 3:6], jnp.maximum(x, 0))
+
+
+def test_fan_in_sum_adds_and_checks_shapes():
+    net = fcn.serial(fcn.fan_out(3), fcn.fan_in_sum())
+    _, params, state = net.init(None, (2, 3))
+    y, _ = net.apply(params, state, jnp.ones((2, 3)))
+    np.testing.assert_array_equal(y, 3 * np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"fan_in_sum: expected inputs of one shape"):
+        fcn.fan_in_sum().init(None, ((2, 3), (2, 4)))
+
+
+def test_serial_threads_keys_train_and_vjp_to_children():
+    seen = []
+
+    def probe(tag):
+        def init(key, shape):
+            return shape, {}, {}
+
+        def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+            seen.append((tag, train, vjp, None if key is None else jax.random.key_data(key)))
+            return x, state
+
+        return fcn.Layer(init, apply)
+
+    net = fcn.serial(probe("a"), fcn.serial(probe("b"), probe("c")))
+    _, params, state = net.init(jax.random.key(0), (1,))
+    net.apply(params, state, jnp.ones(1), train=True, key=jax.random.key(1), vjp="autodiff")
+    assert [(t, tr, v) for t, tr, v, _ in seen] == [("a", True, "autodiff"),
+                                                   ("b", True, "autodiff"),
+                                                   ("c", True, "autodiff")]
+    keys = [tuple(np.asarray(k)) for *_, k in seen]
+    assert len(set(keys)) == 3  # every child gets its own key
+
+
+def test_dropout_in_serial_gets_distinct_keys():
+    net = fcn.serial(fcn.Dropout(0.5), fcn.Dropout(0.5))
+    _, params, state = net.init(None, (1, 4000))
+    y, _ = net.apply(params, state, jnp.ones((1, 4000)), train=True, key=jax.random.key(0))
+    # two independent masks keep about a quarter; one mask applied twice would keep half
+    assert abs(float(jnp.mean(y != 0)) - 0.25) < 0.03
+
+
+def test_state_round_trip_names_like_torch_sequential():
+    net = fcn.serial(fcn.Conv2d(2, 3), fcn.serial(fcn.BatchNorm2d(), fcn.ReLU()))
+    _, params, state = net.init(jax.random.key(0), (1, 1, 5, 5))
+    names = set(fcn.state_dict(params, state))
+    assert names == {"0.weight", "0.bias", "1.0.weight", "1.0.bias", "1.0.running_mean",
+                     "1.0.running_var"}
+    with pytest.raises(ValueError, match=r"'0.weight' expected shape \(2, 1, 3, 3\), got \(2, 1, 2, 2\)"):
+        fcn.load_state_dict(params, state, {**fcn.state_dict(params, state),
+                                            "0.weight": np.zeros((2, 1, 2, 2))})
+    with pytest.raises(ValueError, match="no matching leaf: \\['extra'\\]"):
+        fcn.load_state_dict(params, state, {**fcn.state_dict(params, state), "extra": 1.0})

@@ -1,0 +1,123 @@
+"""Whole networks: the articles' models against torch with the same weights; jit, vmap over
+parameters and second-order differentiation through the hand-written rules."""
+import jax
+import numpy as np
+import pytest
+from jax import numpy as jnp
+
+import functional_cnn as fcn
+from tests.conftest import assert_close
+
+
+def torch_models(torch):
+    nn = torch.nn
+    return {
+        "mytorch_net": nn.Sequential(
+            nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.MaxPool2d(3, stride=2),
+            nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64),
+                          nn.ReLU()),
+            nn.AvgPool2d(3), nn.Flatten(), nn.Linear(64, 10)),
+        "lenet": nn.Sequential(nn.Conv2d(1, 10, 5), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(10, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                               nn.Linear(320, 10)),
+        "mlp": nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256),
+                             nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64),
+                             nn.ReLU(), nn.Linear(64, 10)),
+    }
+
+
+def mnist_like_batch(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (n, 1, 28, 28)).astype(np.float32)
+    return x, (np.arange(n) % 10).astype(np.int64)
+
+
+@pytest.mark.parametrize("name,reduction", [("mytorch_net", "sum"), ("lenet", "mean"),
+                                            ("mlp", "mean")])
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_article_network_loss_and_gradients_match_torch(name, reduction, vjp, torch):
+    net = getattr(fcn.models, name)()
+    _, params, state = net.init(jax.random.key(0), (-1, 1, 28, 28))
+    module = torch_models(torch)[name]
+    params, state = fcn.load_state_dict(params, state, module.state_dict())
+    x, y = mnist_like_batch()
+
+    def loss(params):
+        logits, new_state = net.apply(params, state, jnp.asarray(x), train=True, vjp=vjp)
+        return fcn.cross_entropy(logits, jnp.asarray(y), reduction, vjp=vjp), new_state
+
+    (value, new_state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    module.train()
+    torch_loss = torch.nn.functional.cross_entropy(module(torch.tensor(x)), torch.tensor(y),
+                                                   reduction=reduction)
+    torch_loss.backward()
+    assert_close(value, torch_loss.item(), 1e-5, 1e-6, "loss")
+    torch_grads = {k: p.grad.numpy() for k, p in module.named_parameters()}
+    ours = fcn.named_leaves(grads)
+    assert set(ours) == set(torch_grads)
+    for k in ours:
+        assert_close(ours[k], torch_grads[k], 1e-4, 2e-6, f"grad {k}")
+    torch_state = {k: v.numpy() for k, v in module.state_dict().items()}
+    for k, v in fcn.named_leaves(new_state).items():
+        assert_close(v, torch_state[k], 1e-5, 1e-6, f"state {k}")
+
+
+def small_conv_net():
+    return fcn.serial(fcn.Conv2d(3, 3, padding=1), fcn.BatchNorm2d(), fcn.Tanh(),
+                      fcn.MaxPool2d(2), fcn.Conv2d(4, 2, stride=2), fcn.Sigmoid(),
+                      fcn.AvgPool2d(2, ceil_mode=True), fcn.Flatten(), fcn.Linear(5),
+                      fcn.LogSoftmax())
+
+
+def test_hessian_vector_product_through_custom_rules_equals_autodiff():
+    net = small_conv_net()
+    _, params, state = net.init(jax.random.key(0), (4, 2, 8, 8))
+    x = jax.random.normal(jax.random.key(1), (4, 2, 8, 8))
+    y = jnp.array([0, 1, 2, 3])
+    v = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+
+    def loss(params, vjp):
+        logp, _ = net.apply(params, state, x, train=True, vjp=vjp)
+        return fcn.cross_entropy(logp, y, vjp=vjp)
+
+    def hvp(vjp):  # reverse-over-reverse: d/dp <grad L(p), v>
+        def inner(p):
+            g = jax.grad(loss)(p, vjp)
+            return sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+        return jax.jit(jax.grad(inner))(params)
+
+    custom, auto = hvp("custom"), hvp("autodiff")
+    assert max(float(jnp.max(jnp.abs(leaf))) for leaf in jax.tree.leaves(auto)) > 1e-3
+    assert_close(custom, auto, 1e-4, 1e-5, "HVP")
+    # forward-over-reverse works as well
+    fwd_rev = jax.jvp(lambda p: jax.grad(loss)(p, "custom"), (params,), (v,))[1]
+    assert_close(fwd_rev, auto, 1e-4, 1e-5, "forward-over-reverse HVP")
+
+
+def test_jit_equals_eager():
+    net = fcn.models.lenet()
+    _, params, state = net.init(jax.random.key(0), (-1, 1, 28, 28))
+    x, y = mnist_like_batch(4)
+
+    def loss(params):
+        logits, _ = net.apply(params, state, jnp.asarray(x))
+        return fcn.cross_entropy(logits, jnp.asarray(y))
+
+    assert_close(jax.jit(jax.grad(loss))(params), jax.grad(loss)(params), 1e-6, 1e-7)
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_vmap_over_parameters_of_an_ensemble(vjp):
+    net = fcn.models.mytorch_net()
+    members = [net.init(jax.random.key(i), (-1, 1, 28, 28)) for i in range(3)]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[m[1] for m in members])
+    state = members[0][2]
+    x, y = mnist_like_batch(6)
+
+    def loss(params):
+        logits, _ = net.apply(params, state, jnp.asarray(x), train=True, vjp=vjp)
+        return fcn.cross_entropy(logits, jnp.asarray(y), vjp=vjp)
+
+    batched = jax.jit(jax.vmap(jax.grad(loss)))(stacked)
+    for i, (_, params, _) in enumerate(members):
+        assert_close(jax.tree.map(lambda g: g[i], batched), jax.grad(loss)(params), 1e-5, 1e-6)
