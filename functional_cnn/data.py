@@ -1,0 +1,204 @@
+"""MNIST-format data sets as uint8 device arrays, normalized and shuffled on the device.
+
+* :func:`load` reads ``MNIST`` (or ``FashionMNIST`` / ``KMNIST``, same IDX format) from
+  ``ROOT/NAME/raw/`` -- torchvision's layout -- where ``ROOT`` is the ``root`` argument, else the
+  environment variable ``FUNCTIONAL_CNN_DATA``, else ``./data``. The IDX files are parsed with
+  numpy (``.gz`` or uncompressed, whichever is there), so reading works offline, from read-only
+  directories and without torch. Only when a file is missing and ``download=True`` is
+  ``torchvision.datasets`` imported (lazily) to fetch the archives, into a temporary directory
+  that is moved into place only once complete.
+* :func:`normalize` turns uint8 ``(N, 28, 28)`` into float32 ``(N, 1, 28, 28)`` on the device.
+* :func:`batch_indices` is the per-epoch shuffle from a jax key.
+
+A :class:`Dataset` is a pair of device arrays; slicing it with :meth:`Dataset.range` gives the
+index ranges the articles use (``[0, 1500)``, ``[1500, 60000)``, ...).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax import numpy as jnp
+
+#: torchvision class (and folder) names of the MNIST-format data sets this module reads.
+DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
+SPLITS = ("train", "test")
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+# IDX magic numbers: 0x0000 0x08 (uint8) then the number of dimensions.
+_MAGIC = {3: 0x00000803, 1: 0x00000801}
+ENV_VAR = "FUNCTIONAL_CNN_DATA"
+
+
+class Dataset(NamedTuple):
+    """Images ``uint8 (N, H, W)`` and labels ``int32 (N,)``, both on the device."""
+
+    images: jax.Array
+    labels: jax.Array
+
+    def __len__(self):
+        return int(self.labels.shape[0])
+
+    def range(self, start: int, stop: int) -> "Dataset":
+        """The examples with indices in ``[start, stop)``, checked against the data set size."""
+        n = len(self)
+        if not (0 <= start < stop <= n):
+            raise ValueError(f"Dataset.range: expected 0 <= start < stop <= {n} (the data set "
+                             f"size), got [{start}, {stop})")
+        return Dataset(self.images[start:stop], self.labels[start:stop])
+
+
+class DataFileError(FileNotFoundError):
+    """A data file is missing; the message says which, where it was looked for and how to get it."""
+
+
+class CorruptDataError(ValueError):
+    """A data file is there but unreadable (truncated, not IDX, inconsistent); names the file."""
+
+
+def data_root(root: str | os.PathLike | None = None) -> str:
+    """``root`` if given, else ``$FUNCTIONAL_CNN_DATA``, else ``./data``."""
+    return os.fspath(root or os.environ.get(ENV_VAR) or "data")
+
+
+def raw_dir(name: str, root=None) -> str:
+    """The directory torchvision keeps ``name``'s raw IDX files in: ``ROOT/NAME/raw``."""
+    return os.path.join(data_root(root), name, "raw")
+
+
+def _check_choice(what, value, choices):
+    if value not in choices:
+        raise ValueError(f"data: expected {what} to be one of {choices}, got {value!r}")
+
+
+def _find(directory: str, stem: str) -> str | None:
+    for candidate in (stem, stem + ".gz"):
+        path = os.path.join(directory, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _missing_message(name, directory, stems, why=""):
+    files = ", ".join(f"{s}(.gz)" for s in stems)
+    return (f"{name}: missing {files} in {os.path.abspath(directory)}{why}. Put the four raw "
+            f"archives of {name} there (torchvision's layout ROOT/{name}/raw/, e.g. from "
+            f"torchvision.datasets.{name}(ROOT, download=True) on a machine with internet), and "
+            f"point --data-dir or ${ENV_VAR} at ROOT.")
+
+
+def read_idx(path: str, ndim: int) -> np.ndarray:
+    """Parse one IDX file (``.gz`` or raw) of unsigned bytes with ``ndim`` dimensions.
+
+    Raises :class:`CorruptDataError` naming the file when it is truncated, not gzip, has the wrong
+    magic number, or its size disagrees with its header.
+    """
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            blob = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise CorruptDataError(f"{path}: cannot read this IDX file ({err}); it is corrupt or "
+                            f"truncated: delete it and fetch it again") from err
+    header = 4 * (1 + ndim)
+    if len(blob) < header:
+        raise CorruptDataError(f"{path}: {len(blob)} bytes, shorter than an IDX header of "
+                            f"{header} bytes; delete it and fetch it again")
+    magic, *dims = np.frombuffer(blob[:header], ">u4").tolist()
+    if magic != _MAGIC[ndim]:
+        raise CorruptDataError(f"{path}: expected IDX magic {_MAGIC[ndim]:#010x} (uint8, {ndim}-D), "
+                            f"got {magic:#010x}; is it the right file?")
+    expected = header + int(np.prod(dims))
+    if len(blob) != expected:
+        raise CorruptDataError(f"{path}: the header promises {dims} -> {expected} bytes, the file "
+                            f"has {len(blob)}; it is truncated or corrupt: fetch it again")
+    return np.frombuffer(blob, np.uint8, offset=header).reshape(dims)
+
+
+def _download(name: str, root: str) -> None:
+    """Fetch ``name`` with torchvision into a temp dir, then move the archives into place."""
+    try:
+        from torchvision import datasets  # lazily: `import functional_cnn` never needs torch
+    except ImportError as err:
+        raise DataFileError(_missing_message(name, raw_dir(name, root), sum(_FILES.values(), ()),
+                                             " and torchvision is not installed")) from err
+    os.makedirs(raw_dir(name, root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}-download-", dir=root)
+    try:
+        for train in (True, False):
+            getattr(datasets, name)(tmp, train=train, download=True)
+        fetched = os.path.join(tmp, name, "raw")
+        for stem in sum(_FILES.values(), ()):
+            os.replace(os.path.join(fetched, stem + ".gz"), os.path.join(raw_dir(name, root),
+                                                                          stem + ".gz"))
+    except Exception as err:  # offline, bad md5, ...: say which files and where
+        raise DataFileError(_missing_message(name, raw_dir(name, root), sum(_FILES.values(), ()),
+                                             f" and downloading failed ({err})")) from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_numpy(name: str = "MNIST", split: str = "train", root=None,
+               download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 (N, 28, 28), labels uint8 (N,))`` as numpy arrays, see :func:`load`."""
+    _check_choice("name", name, DATASETS)
+    _check_choice("split", split, SPLITS)
+    root = data_root(root)
+    directory = raw_dir(name, root)
+    stems = _FILES[split]
+    paths = [_find(directory, s) for s in stems]
+    if None in paths and download:
+        _download(name, root)
+        paths = [_find(directory, s) for s in stems]
+    if None in paths:
+        missing = [s for s, p in zip(stems, paths) if p is None]
+        raise DataFileError(_missing_message(name, directory, missing))
+    images, labels = read_idx(paths[0], 3), read_idx(paths[1], 1)
+    if images.shape[0] != labels.shape[0]:
+        raise CorruptDataError(f"{paths[0]} holds {images.shape[0]} images but {paths[1]} holds "
+                            f"{labels.shape[0]} labels; one of them is from another data set")
+    return images, labels
+
+
+def load(name: str = "MNIST", split: str = "train", root=None, download: bool = True) -> Dataset:
+    """Load a split of an MNIST-format data set once, as uint8 images and int32 labels on the
+    device (60000 x 28 x 28 bytes is 47 MB: every later step indexes it there, no host copies).
+
+    ``root`` defaults to ``$FUNCTIONAL_CNN_DATA``, then ``./data``; files are looked for in
+    ``ROOT/NAME/raw/``. Missing files raise :class:`DataFileError` (a ``FileNotFoundError``) that
+    names them, the directory and how to get them.
+    """
+    images, labels = load_numpy(name, split, root, download)
+    return Dataset(jnp.asarray(images), jnp.asarray(labels, jnp.int32))
+
+
+def normalize(images: jax.Array, mean: float = 0.0, std: float = 1.0) -> jax.Array:
+    """uint8 ``(N, H, W)`` -> float32 ``(N, 1, H, W)``: ``(x / 255 - mean) / std``, on the device.
+
+    The articles' scalings are ``mean=0.5, std=1`` (003: ``x/255 - 0.5``), ``mean=std=0.5`` (001)
+    and ``mean=0.1307, std=0.3081`` (004, torchvision's ``Normalize``).
+    """
+    if images.dtype != jnp.uint8 or images.ndim != 3:
+        raise ValueError(f"normalize: expected uint8 images of shape (N, H, W), got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    x = images.astype(jnp.float32)[:, None] / 255.0
+    return (x - mean) / std
+
+
+def batch_indices(key, n: int, batch_size: int, shuffle: bool = True):
+    """One epoch's example order split into batches: ``(full (n // B, B), tail (n % B,))``.
+
+    The full batches are scanned over; the ragged tail (possibly empty) is its own last step,
+    so no example is dropped and no batch statistic sees padding.
+    """
+    if batch_size < 1 or n < 1:
+        raise ValueError(f"batch_indices: expected n >= 1 and batch_size >= 1, got n={n}, "
+                         f"batch_size={batch_size}")
+    order = jax.random.permutation(key, n) if shuffle else jnp.arange(n)
+    full = (n // batch_size) * batch_size
+    return order[:full].reshape(-1, batch_size), order[full:]
