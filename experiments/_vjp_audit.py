@@ -195,10 +195,9 @@ def fwd_bwd(case: T.Case, vjp: str):
     return jax.jit(run)
 
 
-def finite_differences(case: T.Case, ct, eps=FD_EPS, max_entries=FD_ENTRIES, seed=0):
-    """Like ``testing.finite_difference_grads`` (same sampled positions) but every perturbed
-    evaluation in one jitted, vmapped call instead of hundreds of eager ones. Run under x64."""
-    args = [np.array(a, np.float64) for a in case.inputs.values()]
+def _fd_batches(args, eps, max_entries, seed):
+    """Sampled positions per input (those of ``testing.finite_difference_grads``) and, for
+    every input, the stack of its values in all ``2 * entries`` perturbed evaluations."""
     rng = np.random.default_rng(seed)
     positions = [rng.permutation(a.size)[:max_entries] for a in args]
     batches = [[] for _ in args]
@@ -210,30 +209,42 @@ def finite_differences(case: T.Case, ct, eps=FD_EPS, max_entries=FD_ENTRIES, see
                         a = a.copy()
                         a.reshape(-1)[index] += sign * eps
                     batches[j].append(a)
-    stacked = [jnp.asarray(np.stack(b)) for b in batches]
-    ct = jnp.asarray(ct)
+    return positions, [np.stack(b) for b in batches]
+
+
+def fd_check(case: T.Case, eps=FD_EPS, max_entries=FD_ENTRIES, seed=0):
+    """The custom rule's gradients and central-difference estimates of them, like
+    ``testing.finite_difference_grads`` (same positions, same cotangent) but in one jitted call:
+    the perturbed evaluations are vmapped instead of hundreds of eager calls. Run under x64.
+    Returns ``[(exact at positions, estimates)]`` per input."""
+    ct = jnp.asarray(T.cotangent(case))
+    args = [np.array(a, np.float64) for a in case.inputs.values()]
+    positions, stacked = _fd_batches(args, eps, max_entries, seed)
 
     def scalar(*a):
-        return jnp.sum(T.primary(case.call(*a)) * ct)
+        return jnp.sum(T.primary(case.call(*a, vjp="custom")) * ct)
 
-    values = np.asarray(jax.jit(jax.vmap(scalar))(*stacked), np.float64)
+    def both(args, stacked):
+        _, pullback = jax.vjp(lambda *a: T.primary(case.call(*a, vjp="custom")), *args)
+        return pullback(ct), jax.vmap(scalar)(*stacked)
+
+    grads, values = jax.jit(both)([jnp.asarray(a) for a in args],
+                                  [jnp.asarray(b) for b in stacked])
+    values = np.asarray(values, np.float64)
     results, offset = [], 0
-    for flat in positions:
+    for grad, flat in zip(grads, positions):
         pairs = values[offset:offset + 2 * len(flat)].reshape(-1, 2)
-        results.append((flat, (pairs[:, 0] - pairs[:, 1]) / (2 * eps)))
         offset += 2 * len(flat)
+        exact = np.asarray(grad, np.float64).reshape(-1)[flat]
+        results.append((exact, (pairs[:, 0] - pairs[:, 1]) / (2 * eps)))
     return results
 
 
 def fd_error(case64: T.Case, tol: Tol) -> tuple[float, float]:
     """``(max elementwise relative error, max abs error)`` of the custom rule against central
     differences, float64; call under ``jax.enable_x64(True)``."""
-    ct = T.cotangent(case64)
-    args = [jnp.asarray(a) for a in case64.inputs.values()]
-    _, grads = fwd_bwd(case64, "custom")(jnp.asarray(ct), *args)
     rel, absolute = 0.0, 0.0
-    for grad, (positions, estimates) in zip(grads, finite_differences(case64, ct)):
-        exact = np.asarray(grad, np.float64).reshape(-1)[positions]
+    for exact, estimates in fd_check(case64):
         diff = np.abs(exact - estimates)
         if diff.size:
             absolute = max(absolute, float(np.max(diff)))
