@@ -127,12 +127,13 @@ def _download(name: str, root: str) -> None:
     except ImportError as err:
         raise DataFileError(_missing_message(name, raw_dir(name, root), sum(_FILES.values(), ()),
                                              " and torchvision is not installed")) from err
-    os.makedirs(raw_dir(name, root), exist_ok=True)
+    os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-download-", dir=root)
     try:
         for train in (True, False):
             getattr(datasets, name)(tmp, train=train, download=True)
         fetched = os.path.join(tmp, name, "raw")
+        os.makedirs(raw_dir(name, root), exist_ok=True)  # only once everything is fetched
         for stem in sum(_FILES.values(), ()):
             os.replace(os.path.join(fetched, stem + ".gz"), os.path.join(raw_dir(name, root),
                                                                           stem + ".gz"))

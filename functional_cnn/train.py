@@ -146,7 +146,8 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
     def finish(totals, n):
         return {"loss": totals[0] / n, "accuracy": totals[1] / n}
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    def zeros():  # fresh each epoch: the loop donates its totals
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
 
     def scan_epoch(ts: TrainState, images, labels):
         ts, full, tail, step_key = start(ts, labels)
@@ -157,7 +158,7 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
             report(i, *totals)
             return (ts, i + 1, totals), None
 
-        (ts, i, totals), _ = lax.scan(body, (ts, jnp.zeros((), jnp.int32), zeros), full)
+        (ts, i, totals), _ = lax.scan(body, (ts, jnp.zeros((), jnp.int32), zeros()), full)
         if tail.shape[0]:  # the ragged last batch: its own (static) shape, never dropped
             ts, totals = step_at(ts, totals, images, labels, tail, i, step_key)
         return ts, finish(totals, labels.shape[0])
@@ -172,7 +173,7 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
         # The same steps, each a jitted call from Python: XLA:CPU runs NCHW convolutions inside
         # a while loop (lax.scan) several times slower than outside one (jax issue #12868).
         ts, full, tail, step_key = jit_start(ts, labels)
-        totals = zeros
+        totals = zeros()
         for i in range(full.shape[0]):
             ts, totals = jit_step(ts, totals, images, labels, full, i, i, step_key)
             if on_step is not None and i % report_every == 0:

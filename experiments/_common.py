@@ -1,0 +1,158 @@
+"""The runner every experiment shares: a :class:`Protocol` says *what* (network, data ranges,
+scaling, optimizer, epochs); :func:`main` does the rest with :mod:`functional_cnn.train`
+(CLI, data, training, evaluation, JSON, plot).
+
+Flags: ``--data-dir --epochs --seed --json PATH --plot PATH --checkpoint DIR --resume
+--vjp custom|autodiff --optimizer NAME``; for quick runs ``--train-range START STOP`` and
+``--eval-limit N`` shrink the data, ``--no-progress`` silences the bars.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from functional_cnn import data, train
+
+
+class Protocol(NamedTuple):
+    """One experiment: what the article did (or what we choose), in data."""
+
+    name: str
+    net: Callable  # () -> Layer
+    optimizers: dict  # name -> (lr_steps_total -> optax transform); the first is the default
+    train_range: tuple  # (split, start, stop)
+    eval_ranges: dict  # name -> (split, start, stop); the first is the reported test_accuracy
+    batch_size: int
+    epochs: int
+    mean: float = 0.0
+    std: float = 1.0
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    augment: Callable | None = None
+    scan: bool = True  # False for conv nets: XLA:CPU convs are slow in loops (jax #12868)
+    article: dict = {}  # the article's figures, copied into the JSON
+
+
+def parse_args(p: Protocol, argv=None):
+    ap = argparse.ArgumentParser(prog=f"python -m experiments.{p.name}",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default=None,
+                    help=f"dir containing MNIST/raw (default ${data.ENV_VAR}, else ./data)")
+    ap.add_argument("--dataset", default="MNIST", choices=data.DATASETS)
+    ap.add_argument("--epochs", type=int, default=p.epochs)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--plot", default=None, help="write a PNG report here")
+    ap.add_argument("--checkpoint", default=None, help="dir for NAME.npz, saved every epoch")
+    ap.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    ap.add_argument("--vjp", default="custom", choices=("custom", "autodiff"))
+    ap.add_argument("--optimizer", default=next(iter(p.optimizers)), choices=list(p.optimizers))
+    ap.add_argument("--train-range", type=int, nargs=2, default=None, metavar=("START", "STOP"))
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help="evaluate on at most this many examples of each evaluation range")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.resume and not args.checkpoint:
+        ap.error("--resume needs --checkpoint DIR")
+    return args
+
+
+def _ranges(p: Protocol, args):
+    """The train and evaluation (split, start, stop) after the command-line overrides."""
+    split, start, stop = p.train_range
+    if args.train_range:
+        start, stop = args.train_range
+    evals = {}
+    for name, (esplit, estart, estop) in p.eval_ranges.items():
+        if args.eval_limit:
+            estop = min(estop, estart + args.eval_limit)
+        evals[name] = (esplit, estart, estop)
+    return (split, start, stop), evals
+
+
+def _load(args, ranges):
+    cache = {}
+
+    def get(split, start, stop):
+        if split not in cache:
+            cache[split] = data.load(args.dataset, split, args.data_dir)
+        return cache[split].range(start, stop)
+
+    train_range, eval_ranges = ranges
+    return get(*train_range), {k: get(*r) for k, r in eval_ranges.items()}
+
+
+def run(p: Protocol, argv=None) -> dict:
+    """Train and evaluate ``p`` as the command line says; returns (and writes) the results."""
+    args = parse_args(p, argv)
+    ranges = _ranges(p, args)
+    train_set, eval_sets = _load(args, ranges)
+    steps = math.ceil(len(train_set) / p.batch_size)
+    optimizer = p.optimizers[args.optimizer](steps * max(args.epochs, 1))
+    make = functools.partial(
+        train.make_trainer, p.net(), optimizer, batch_size=p.batch_size, reduction=p.reduction,
+        label_smoothing=p.label_smoothing,
+        preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
+        augment=p.augment, vjp=args.vjp, scan=p.scan)
+    if args.no_progress:
+        trainer, bar = make(), None
+    else:
+        trainer, bar = train.progress_trainer(make, steps)
+    ts = trainer.init(jax.random.key(args.seed), (-1, 1) + train_set.images.shape[1:])
+    primary, primary_set = next(iter(eval_sets.items()))
+    ckpt = os.path.join(args.checkpoint, f"{p.name}.npz") if args.checkpoint else None
+    fit = train.fit(trainer, ts, train_set, epochs=args.epochs, eval_data=primary_set,
+                    checkpoint_path=ckpt, resume=args.resume, bar=bar,
+                    fingerprint={"experiment": p.name, "seed": args.seed,
+                                 "optimizer": args.optimizer, "train_range": ranges[0],
+                                 "dataset": args.dataset, "epochs": args.epochs},
+                    log=lambda m: print(m, file=sys.stderr))
+    evals = {k: train.evaluate(trainer, fit.train_state, d) for k, d in eval_sets.items()}
+    result = _record(p, args, ranges, fit, evals, primary)
+    _summary(p, result)
+    if args.json:
+        _write_json(args.json, result)
+    if args.plot:
+        from experiments.plots import report_figure
+        ev = evals[primary]
+        report_figure(args.plot, f"{p.name} ({args.vjp}, {args.optimizer})", fit.history,
+                      ev.labels, ev.predictions, np.asarray(eval_sets[primary].images))
+    return result
+
+
+def _record(p, args, ranges, fit, evals, primary) -> dict:
+    return {
+        "experiment": p.name, "test_accuracy": evals[primary].accuracy,
+        "test_set": primary, "accuracies": {k: e.accuracy for k, e in evals.items()},
+        "test_loss": evals[primary].loss,
+        "final_train_loss": fit.history[-1]["train_loss"] if fit.history else None,
+        "train_seconds": fit.train_seconds, "epochs": args.epochs, "vjp": args.vjp,
+        "optimizer": args.optimizer, "seed": args.seed, "batch_size": p.batch_size,
+        "train_range": list(ranges[0]), "eval_ranges": {k: list(v) for k, v in ranges[1].items()},
+        "resumed_from_epoch": fit.resumed_from_epoch, "history": fit.history,
+        "article": p.article, "jax_backend": jax.default_backend(),
+        "command": "python -m experiments." + p.name + " " + " ".join(sys.argv[1:]),
+    }
+
+
+def _summary(p, r):
+    accs = ", ".join(f"{k} {v:.2%}" for k, v in r["accuracies"].items())
+    print(f"{p.name}: {accs} | final train loss {r['final_train_loss']:.4f} | "
+          f"{r['epochs']} epochs in {r['train_seconds']:.1f} s | vjp={r['vjp']} "
+          f"optimizer={r['optimizer']}")
+
+
+def _write_json(path, result):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,107 @@
+"""The MNIST loader on tiny IDX files written here (.gz and raw), and its error messages."""
+import gzip
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from functional_cnn import data
+
+
+def write_idx(path, array, compress):
+    header = np.array([0x00000800 | array.ndim, *array.shape], ">u4").tobytes()
+    blob = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(blob)
+
+
+def make_split(root, split, n, compress, name="MNIST"):
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, n, dtype=np.uint8)
+    raw = os.path.join(root, name, "raw")
+    os.makedirs(raw, exist_ok=True)
+    img_stem, lbl_stem = data._FILES[split]
+    suffix = ".gz" if compress else ""
+    write_idx(os.path.join(raw, img_stem + suffix), images, compress)
+    write_idx(os.path.join(raw, lbl_stem + suffix), labels, compress)
+    return images, labels
+
+
+@pytest.mark.parametrize("compress", [True, False])
+@pytest.mark.parametrize("name", ["MNIST", "FashionMNIST"])
+def test_reads_tiny_idx_files(tmp_path, compress, name):
+    images, labels = make_split(tmp_path, "test", 7, compress, name)
+    ds = data.load(name, "test", root=tmp_path, download=False)
+    assert ds.images.dtype == np.uint8 and ds.labels.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(ds.images), images)
+    np.testing.assert_array_equal(np.asarray(ds.labels), labels)
+    assert len(ds.range(2, 5)) == 3
+    np.testing.assert_array_equal(np.asarray(ds.range(2, 5).labels), labels[2:5])
+
+
+def test_root_from_environment(tmp_path, monkeypatch):
+    make_split(tmp_path, "train", 3, True)
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    assert len(data.load(split="train", download=False)) == 3
+    monkeypatch.delenv(data.ENV_VAR)
+    assert data.data_root() == "data"
+
+
+def test_missing_file_names_file_directory_and_remedy(tmp_path):
+    make_split(tmp_path, "train", 3, True)
+    os.remove(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(FileNotFoundError) as err:
+        data.load("MNIST", "train", root=tmp_path, download=False)
+    msg = str(err.value)
+    assert "train-labels-idx1-ubyte" in msg and "train-images" not in msg
+    assert str(tmp_path / "MNIST" / "raw") in msg
+    assert "--data-dir" in msg and data.ENV_VAR in msg
+
+
+def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    def boom(name, root):  # stands in for an offline torchvision download
+        raise data.DataFileError(data._missing_message(name, data.raw_dir(name, root),
+                                                       ["x"], " and downloading failed"))
+    monkeypatch.setattr(data, "_download", boom)
+    with pytest.raises(FileNotFoundError, match="downloading failed"):
+        data.load("KMNIST", "test", root=tmp_path)
+    assert not (tmp_path / "KMNIST").exists()
+
+
+def test_truncated_and_wrong_files_are_named(tmp_path):
+    make_split(tmp_path, "test", 5, False)
+    path = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(data.CorruptDataError, match="t10k-images-idx3-ubyte.*truncated"):
+        data.load("MNIST", "test", root=tmp_path, download=False)
+    make_split(tmp_path, "test", 5, True)
+    os.remove(path)  # the uncompressed files would be read first
+    os.remove(tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte")
+    gz = tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:20])
+    with pytest.raises(data.CorruptDataError, match="t10k-labels-idx1-ubyte.gz"):
+        data.load("MNIST", "test", root=tmp_path, download=False)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="expected name to be one of"):
+        data.load("CIFAR10", download=False)
+    with pytest.raises(ValueError, match="expected split"):
+        data.load("MNIST", "val", download=False)
+    ds = data.Dataset(np.zeros((4, 28, 28), np.uint8), np.zeros(4, np.int32))
+    with pytest.raises(ValueError, match=r"0 <= start < stop <= 4.*\[2, 9\)"):
+        ds.range(2, 9)
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        data.normalize(np.zeros((2, 28, 28), np.float32))
+
+
+def test_normalize_and_batches():
+    x = np.array([[[0, 255]]], np.uint8)
+    np.testing.assert_allclose(np.asarray(data.normalize(x, 0.5, 0.5)), [[[[-1.0, 1.0]]]])
+    full, tail = data.batch_indices(jax.random.key(0), 23, 5)
+    assert full.shape == (4, 5) and tail.shape == (3,)
+    assert sorted(np.concatenate([np.ravel(full), tail]).tolist()) == list(range(23))
+    full2, _ = data.batch_indices(jax.random.key(1), 23, 5)
+    assert not np.array_equal(full, full2)  # a new key, a new order
