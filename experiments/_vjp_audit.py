@@ -160,7 +160,7 @@ def worst(rows: list[dict]) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------ timing
 
-def _calibrate(fn, args, target_s=2e-4, cap=64) -> int:
+def _calibrate(fn, args, target_s=1e-3, cap=256) -> int:
     """Calls per measurement so that one measurement lasts at least ``target_s``."""
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -341,7 +341,8 @@ def audit_network(name: str, dtype: str, repeats: int, batch: int = 16, seed: in
     names = list(fcn.named_leaves(g_c))
     abs_err, rel_err = worst(rows)
     failures = [] if rel_err <= tol.rtol else ["custom vs autodiff"]
-    ms = time_pair(fns, (params, x, y), repeats) if repeats > 0 else {}
+    # A step is ~1 ms, so three times the rounds cost little and tame the noise.
+    ms = time_pair(fns, (params, x, y), 3 * repeats) if repeats > 0 else {}
     return Result(
         kind="network", op=name, config={"batch": batch, "loss": "cross_entropy(mean)"},
         short=f"batch={batch}, train, mean cross-entropy", dtype=dtype,

@@ -234,8 +234,8 @@ def observations(results) -> list[str]:
     summary = per_op_summary(results)
     exact = [s["op"] for s in summary if s["kind"] != "network" and s["rel"] == 0.0]
     if exact:
-        lines.append(f"- Bitwise identical to autodiff on every case: {', '.join(exact)} "
-                     "(the rule emits the same primitives autodiff would, in the same order).")
+        lines.append(f"- Bitwise identical to autodiff on every case (max abs error 0): "
+                     f"{', '.join(exact)}.")
     for key, label in (("max_rel_err", "against autodiff"), ("fd_err", "against float64 "
                        "finite differences"), ("torch_err", "against torch")):
         vals = [r for r in ops if r[key] is not None]
@@ -357,7 +357,7 @@ def write_report(results, args, seconds, path, chart_path):
         "cotangent (`testing.torch_value_and_grads`); `-` without torch.",
         "- **custom ms / autodiff ms**: per call of the jitted forward+backward, median over the "
         "timing rounds, after compilation. Rounds alternate the order of the two paths, and each "
-        "round repeats a call enough times to last 0.2 ms. **These timings are noisy**: they come "
+        "round repeats a call enough times to last 1 ms (whole networks get three times the rounds). **These timings are noisy**: they come "
         "from a shared 2-core machine with other jobs running, and for the tiny elementwise ops "
         "(a few µs) they measure dispatch overhead, not arithmetic: a ratio within ~0.8-1.25 "
         "is a tie. **auto/custom** is `autodiff ms / custom ms`: above 1 the hand-written rule "

@@ -85,7 +85,8 @@ def test_a_wrong_rule_is_reported_and_exits_1(monkeypatch, tmp_path, capsys):
         assert not r["passed"]
         assert "custom vs autodiff" in r["failures"]
         assert "custom vs finite differences" in r["failures"]  # caught in float64 too
-        assert "custom vs torch" in r["failures"]
+        if r["torch_err"] is not None:  # torch is importable
+            assert "custom vs torch" in r["failures"]
         assert r["max_rel_err"] > 0.1 and r["fd_err"] > 0.1
 
 
