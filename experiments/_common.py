@@ -58,8 +58,13 @@ def parse_args(p: Protocol, argv=None):
     ap.add_argument("--train-range", type=int, nargs=2, default=None, metavar=("START", "STOP"))
     ap.add_argument("--eval-limit", type=int, default=None,
                     help="evaluate on at most this many examples of each evaluation range")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
+                    help="stop after this epoch, as an interruption would (to test --resume)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.epochs < 0 or (args.stop_after is not None and args.stop_after < 1):
+        ap.error(f"expected --epochs >= 0 and --stop-after >= 1, got {args.epochs}, "
+                 f"{args.stop_after}")
     if args.resume and not args.checkpoint:
         ap.error("--resume needs --checkpoint DIR")
     return args
@@ -114,7 +119,7 @@ def run(p: Protocol, argv=None) -> dict:
                     fingerprint={"experiment": p.name, "seed": args.seed,
                                  "optimizer": args.optimizer, "train_range": ranges[0],
                                  "dataset": args.dataset, "epochs": args.epochs},
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), stop_after=args.stop_after)
     evals = {k: train.evaluate(trainer, fit.train_state, d) for k, d in eval_sets.items()}
     result = _record(p, args, ranges, fit, evals, primary)
     _summary(p, result)
@@ -134,7 +139,7 @@ def _record(p, args, ranges, fit, evals, primary) -> dict:
         "test_set": primary, "accuracies": {k: e.accuracy for k, e in evals.items()},
         "test_loss": evals[primary].loss,
         "final_train_loss": fit.history[-1]["train_loss"] if fit.history else None,
-        "train_seconds": fit.train_seconds, "epochs": args.epochs, "vjp": args.vjp,
+        "train_seconds": fit.train_seconds, "epochs": len(fit.history), "vjp": args.vjp,
         "optimizer": args.optimizer, "seed": args.seed, "batch_size": p.batch_size,
         "train_range": list(ranges[0]), "eval_ranges": {k: list(v) for k, v in ranges[1].items()},
         "resumed_from_epoch": fit.resumed_from_epoch, "history": fit.history,

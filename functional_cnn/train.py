@@ -225,10 +225,13 @@ class FitResult(NamedTuple):
 def _restore(path, ts, fingerprint, log):
     """Load a checkpoint into ``ts``'s structure; refuse one written by another configuration."""
     ts, meta = ckpt.load(path, ts)
-    if meta.get("fingerprint") != fingerprint:
+    saved = meta.get("fingerprint") or {}
+    if saved != fingerprint:
+        diff = {k: (fingerprint.get(k), saved.get(k)) for k in {**fingerprint, **saved}
+                if fingerprint.get(k) != saved.get(k)}
         raise ckpt.CheckpointError(
-            f"checkpoint {path}: written by another configuration; expected "
-            f"{fingerprint}, got {meta.get('fingerprint')}. Remove it or pick another directory")
+            f"checkpoint {path}: written by another configuration; (expected, saved) differ in "
+            f"{diff}. Remove it or pick another directory")
     log(f"resumed from {path} after epoch {meta['epoch']}")
     return ts, meta
 
@@ -258,13 +261,16 @@ def progress_trainer(make: Callable[..., Trainer], steps_per_epoch: int, **kwarg
 def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
         eval_data: Dataset | None = None, eval_each_epoch: bool = True,
         checkpoint_path: str | None = None, resume: bool = False, fingerprint: dict | None = None,
-        bar: _Bar | None = None, log: Callable = print) -> FitResult:
+        bar: _Bar | None = None, log: Callable = print,
+        stop_after: int | None = None) -> FitResult:
     """Run ``epochs`` epochs of ``trainer.epoch`` from ``ts``.
 
     With ``checkpoint_path`` the train state and history are saved (atomically) after every
     epoch; ``resume=True`` continues from that file, which gives exactly the result of an
     uninterrupted run (same seed, same compiled step, the key is part of the state). The
     ``fingerprint`` (any JSON dict: data range, seed, protocol) must match to resume.
+    ``stop_after=k`` stops after epoch ``k`` of the ``epochs`` planned (as an interruption
+    would: schedules still span ``epochs``).
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: expected epochs a non-negative int, got {epochs!r}")
@@ -278,7 +284,7 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
         log(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
     steps = math.ceil(len(train_data) / trainer.config["batch_size"])
     train_seconds = sum(h["seconds"] for h in history)
-    for e in range(start, epochs):
+    for e in range(start, min(epochs, stop_after or epochs)):
         if bar is not None:
             from tqdm import tqdm
             bar.bar = tqdm(total=steps, desc=f"epoch {e + 1}/{epochs}", unit="step",
