@@ -44,7 +44,7 @@ def one_cycle_adamw(steps):
 PROTOCOL = Protocol(
     name="best", net=net, optimizers={"adamw-onecycle": one_cycle_adamw},
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
-    batch_size=128, epochs=3, mean=0.1307, std=0.3081, label_smoothing=0.1,
+    batch_size=128, epochs=6, mean=0.1307, std=0.3081, label_smoothing=0.1,
     augment=random_shift, scan=False, article={"target": 0.995})
 
 if __name__ == "__main__":
