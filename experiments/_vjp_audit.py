@@ -195,49 +195,16 @@ def fwd_bwd(case: T.Case, vjp: str):
     return jax.jit(run)
 
 
-def _fd_batches(args, eps, max_entries, seed):
-    """Sampled positions per input (those of ``testing.finite_difference_grads``) and, for
-    every input, the stack of its values in all ``2 * entries`` perturbed evaluations."""
-    rng = np.random.default_rng(seed)
-    positions = [rng.permutation(a.size)[:max_entries] for a in args]
-    batches = [[] for _ in args]
-    for i, flat in enumerate(positions):
-        for index in flat:
-            for sign in (1.0, -1.0):
-                for j, a in enumerate(args):
-                    if j == i:
-                        a = a.copy()
-                        a.reshape(-1)[index] += sign * eps
-                    batches[j].append(a)
-    return positions, [np.stack(b) for b in batches]
-
-
 def fd_check(case: T.Case, eps=FD_EPS, max_entries=FD_ENTRIES, seed=0):
-    """The custom rule's gradients and central-difference estimates of them, like
-    ``testing.finite_difference_grads`` (same positions, same cotangent) but in one jitted call:
-    the perturbed evaluations are vmapped instead of hundreds of eager calls. Run under x64.
+    """The custom rule's gradients at the positions ``testing.finite_difference_grads`` samples,
+    beside its central-difference estimates there. Run under x64.
     Returns ``[(exact at positions, estimates)]`` per input."""
-    ct = jnp.asarray(T.cotangent(case))
-    args = [np.array(a, np.float64) for a in case.inputs.values()]
-    positions, stacked = _fd_batches(args, eps, max_entries, seed)
-
-    def scalar(*a):
-        return jnp.sum(T.primary(case.call(*a, vjp="custom")) * ct)
-
-    def both(args, stacked):
-        _, pullback = jax.vjp(lambda *a: T.primary(case.call(*a, vjp="custom")), *args)
-        return pullback(ct), jax.vmap(scalar)(*stacked)
-
-    grads, values = jax.jit(both)([jnp.asarray(a) for a in args],
-                                  [jnp.asarray(b) for b in stacked])
-    values = np.asarray(values, np.float64)
-    results, offset = [], 0
-    for grad, flat in zip(grads, positions):
-        pairs = values[offset:offset + 2 * len(flat)].reshape(-1, 2)
-        offset += 2 * len(flat)
-        exact = np.asarray(grad, np.float64).reshape(-1)[flat]
-        results.append((exact, (pairs[:, 0] - pairs[:, 1]) / (2 * eps)))
-    return results
+    ct = T.cotangent(case)
+    args = [jnp.asarray(np.asarray(a, np.float64)) for a in case.inputs.values()]
+    _, grads = fwd_bwd(case, "custom")(jnp.asarray(ct), *args)
+    estimates = T.finite_difference_grads(case, eps, ct, max_entries, seed)
+    return [(np.asarray(g, np.float64).reshape(-1)[flat], est)
+            for g, (flat, est) in zip(grads, estimates)]
 
 
 def fd_error(case64: T.Case, tol: Tol) -> tuple[float, float]:
