@@ -38,7 +38,12 @@ def _check_reduction(where, reduction):
         raise ValueError(f"{where}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _check_same_shape(where, a, b, names):
+def _check_elementwise_pair(where, vjp, reduction, a, b, names):
+    """The checks of an elementwise loss of two same-shaped floating arrays."""
+    check_vjp(where, vjp)
+    _check_reduction(where, reduction)
+    _checks.check_floating(where, a, names[0])
+    _checks.check_floating(where, b, names[1])
     if jnp.shape(a) != jnp.shape(b):
         raise ValueError(f"{where}: expected {names[1]} of the same shape as {names[0]} "
                          f"{tuple(jnp.shape(a))}, got {tuple(jnp.shape(b))}")
@@ -138,12 +143,8 @@ def binary_cross_entropy_with_logits(logits, targets, reduction: str = "mean", *
 
     Backward rule: ``dx = (sigmoid(x) - t) share(g)`` and ``dt = -x share(g)``.
     """
-    where = "binary_cross_entropy_with_logits"
-    check_vjp(where, vjp)
-    _check_reduction(where, reduction)
-    _checks.check_floating(where, logits, "logits")
-    _checks.check_floating(where, targets, "targets")
-    _check_same_shape(where, logits, targets, ("logits", "targets"))
+    _check_elementwise_pair("binary_cross_entropy_with_logits", vjp, reduction, logits,
+                            targets, ("logits", "targets"))
     return _bce_with_logits(vjp, LossConfig(reduction), logits, targets)
 
 
@@ -170,10 +171,5 @@ _mse_loss = two_gradients(_mse_forward, _mse_fwd, _mse_bwd)
 def mse_loss(pred, target, reduction: str = "mean", *, vjp: str = "custom"):
     """``(pred - target)^2``, reduced. Backward rule: ``dpred = 2 (pred - target) share(g)``,
     ``dtarget = -dpred``."""
-    where = "mse_loss"
-    check_vjp(where, vjp)
-    _check_reduction(where, reduction)
-    _checks.check_floating(where, pred, "pred")
-    _checks.check_floating(where, target, "target")
-    _check_same_shape(where, pred, target, ("pred", "target"))
+    _check_elementwise_pair("mse_loss", vjp, reduction, pred, target, ("pred", "target"))
     return _mse_loss(vjp, LossConfig(reduction), pred, target)
