@@ -39,6 +39,7 @@ class Protocol(NamedTuple):
     augment: Callable | None = None
     scan: bool = True  # False for conv nets: XLA:CPU convs are slow in loops (jax #12868)
     article: dict = {}  # the article's figures, copied into the JSON
+    eval_each_epoch: bool = True  # False where the evaluation set dwarfs the training set
 
 
 def parse_args(p: Protocol, argv=None):
@@ -115,6 +116,7 @@ def run(p: Protocol, argv=None) -> dict:
     primary, primary_set = next(iter(eval_sets.items()))
     ckpt = os.path.join(args.checkpoint, f"{p.name}.npz") if args.checkpoint else None
     fit = train.fit(trainer, ts, train_set, epochs=args.epochs, eval_data=primary_set,
+                    eval_each_epoch=p.eval_each_epoch,
                     checkpoint_path=ckpt, resume=args.resume, bar=bar,
                     fingerprint={"experiment": p.name, "seed": args.seed,
                                  "optimizer": args.optimizer, "train_range": ranges[0],

@@ -5,18 +5,12 @@ learning rate decayed to 0 along a cosine over the run (constant AdamW ends near
 
     python -m experiments.mlp --json runs/mlp.json --plot docs/figures/mlp.png
 """
-import optax
-
-from functional_cnn import models, train
+from functional_cnn import models
 from experiments._common import Protocol, run
 from experiments.lenet import OPTIMIZERS
 
-MLP_OPTIMIZERS = {
-    "adamw-cosine": lambda steps: train.adamw(optax.cosine_decay_schedule(1e-3, steps)),
-    **OPTIMIZERS}
-
 PROTOCOL = Protocol(
-    name="mlp", net=models.mlp, optimizers=MLP_OPTIMIZERS,
+    name="mlp", net=models.mlp, optimizers=OPTIMIZERS,
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
     batch_size=64, epochs=10, mean=0.1307, std=0.3081, scan=True,
     article={"accuracy": "about 97% (SGD lr 0.01 momentum 0.5)"})

@@ -111,8 +111,8 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
                             f"{header} bytes; delete it and fetch it again")
     magic, *dims = np.frombuffer(blob[:header], ">u4").tolist()
     if magic != _MAGIC[ndim]:
-        raise CorruptDataError(f"{path}: expected IDX magic {_MAGIC[ndim]:#010x} (uint8, {ndim}-D), "
-                            f"got {magic:#010x}; is it the right file?")
+        raise CorruptDataError(f"{path}: expected IDX magic {_MAGIC[ndim]:#010x} (uint8, "
+                               f"{ndim}-D), got {magic:#010x}; is it the right file?")
     expected = header + int(np.prod(dims))
     if len(blob) != expected:
         raise CorruptDataError(f"{path}: the header promises {dims} -> {expected} bytes, the file "
