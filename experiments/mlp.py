@@ -1,5 +1,5 @@
 """Article 004's 784-512-256-128-64-10 ReLU network, with LeNet's data protocol (batch 64,
-10 epochs, (0.1307, 0.3081), the 10k test set). Default: AdamW (torch's defaults) with its
+10 epochs, (0.1307, 0.3081), the 10k test set). Default: AdamW (torch's defaults, lr 1e-3) with its
 learning rate decayed to 0 along a cosine over the run (constant AdamW ends near 97.9%);
 ``--optimizer adamw`` keeps it constant, ``--optimizer sgd`` is the article's.
 
@@ -7,10 +7,10 @@ learning rate decayed to 0 along a cosine over the run (constant AdamW ends near
 """
 from functional_cnn import models
 from experiments._common import Protocol, run
-from experiments.lenet import OPTIMIZERS
+from experiments.lenet import optimizers
 
 PROTOCOL = Protocol(
-    name="mlp", net=models.mlp, optimizers=OPTIMIZERS,
+    name="mlp", net=models.mlp, optimizers=optimizers(1e-3),
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
     batch_size=64, epochs=10, mean=0.1307, std=0.3081, scan=True,
     article={"accuracy": "about 97% (SGD lr 0.01 momentum 0.5)"})
