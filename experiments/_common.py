@@ -152,7 +152,8 @@ def _record(p, args, ranges, fit, evals, primary) -> dict:
 
 def _summary(p, r):
     accs = ", ".join(f"{k} {v:.2%}" for k, v in r["accuracies"].items())
-    print(f"{p.name}: {accs} | final train loss {r['final_train_loss']:.4f} | "
+    loss = r["final_train_loss"]
+    print(f"{p.name}: {accs} | final train loss {'-' if loss is None else f'{loss:.4f}'} | "
           f"{r['epochs']} epochs in {r['train_seconds']:.1f} s | vjp={r['vjp']} "
           f"optimizer={r['optimizer']}")
 

@@ -49,7 +49,7 @@ def report_figure(path: str, title: str, history: list, labels, predictions, ima
         ax.set_title(f"pred {predictions[idx]} / true {labels[idx]}", fontsize=7)
         ax.axis("off")
     fig.suptitle(f"{title}: {len(np.flatnonzero(labels != predictions))} of {len(labels)} "
-                 f"test digits misclassified")
+                 f"evaluation digits misclassified")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
