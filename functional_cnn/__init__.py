@@ -4,7 +4,7 @@ A layer is ``Layer(init, apply)``; compose with :func:`serial` and friends; ever
 rule lives in :mod:`functional_cnn.functional` (one module per op family) and is selected with
 ``vjp="custom"`` (default) or replaced by JAX autodiff with ``vjp="autodiff"``.
 """
-from . import functional, interop, models
+from . import checkpoint, data, functional, interop, models, train
 from .combinators import fan_in_concat, fan_in_sum, fan_out, parallel, residual, serial
 from .functional import REGISTRY, VJP_MODES
 from .functional.losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss
@@ -19,6 +19,6 @@ __all__ = [
     "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Flatten", "Dropout", "Identity",
     "serial", "parallel", "fan_out", "fan_in_sum", "fan_in_concat", "residual",
     "cross_entropy", "binary_cross_entropy_with_logits", "mse_loss",
-    "functional", "models", "interop", "REGISTRY", "VJP_MODES",
+    "functional", "models", "interop", "data", "train", "checkpoint", "REGISTRY", "VJP_MODES",
     "load_state_dict", "state_dict", "named_leaves",
 ]
