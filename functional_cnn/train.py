@@ -24,6 +24,7 @@ from jax import lax
 from jax import numpy as jnp
 
 from . import checkpoint as ckpt
+from . import dataparallel
 from .data import Dataset, batch_indices, normalize
 from .functional.losses import cross_entropy
 from .layers import Layer
@@ -51,13 +52,16 @@ class Trainer(NamedTuple):
 
     ``init(key, input_shape) -> TrainState``; ``epoch(ts, images, labels) -> (ts, metrics)``
     (jitted, ``ts`` donated); ``predict(params, state, images) -> logits`` (eval mode, jitted
-    per chunk of ``eval_batch_size``).
+    per chunk of ``eval_batch_size``); ``place(tree)`` puts a pytree (a :class:`TrainState`, a
+    :class:`~functional_cnn.data.Dataset`) replicated on ``mesh`` (identity without a mesh).
     """
 
     init: Callable
     epoch: Callable
     predict: Callable
     config: dict
+    place: Callable = lambda tree: tree  # replicate a pytree (TrainState, Dataset) on the mesh
+    mesh: object = None  # the jax.sharding.Mesh the batches are split over, or None
 
 
 def _default_loss(vjp, label_smoothing):
@@ -80,7 +84,7 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
                  label_smoothing: float = 0.0, preprocess: Callable = normalize,
                  augment: Callable | None = None, shuffle: bool = True, vjp: str = "custom",
                  eval_batch_size: int = 1000, on_step: Callable | None = None,
-                 report_every: int = 1, scan: bool = True) -> Trainer:
+                 report_every: int = 1, scan: bool = True, mesh=None) -> Trainer:
     """Build the jitted epoch and prediction functions.
 
     * ``optimizer``: any optax transform; default :func:`adamw` (torch's defaults).
@@ -95,18 +99,37 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       tail). ``scan=False`` calls the same jitted step once per batch from Python (data still on
       the device, same keys and order): on XLA:CPU that is several times faster for NCHW
       convolution networks, whose convolutions are slow inside a loop body (jax issue #12868).
+    * ``mesh``: a 1-D :class:`jax.sharding.Mesh` (:func:`functional_cnn.dataparallel.make_mesh`) for
+      data-parallel training. Params, model state, optimizer state and the data set are
+      replicated over it and each batch is sharded along its first dimension inside the jitted
+      step; XLA inserts the gradient and BatchNorm all-reduces, so the network still computes on
+      the global batch (BatchNorm uses global-batch statistics) and the result does not depend on
+      the number of devices. ``batch_size`` is the global batch and must divide by
+      ``mesh.size`` (``ValueError`` otherwise); the ragged last batch is sharded when it divides
+      too, else computed replicated (every device runs the whole tail batch). ``None``: one
+      device, no sharding.
     """
     _check_config(batch_size, reduction, eval_batch_size)
+    dataparallel.check_divides(batch_size, mesh)
     optimizer = optimizer or adamw()
     loss = loss or _default_loss(vjp, label_smoothing)
 
     def init(key, input_shape) -> TrainState:
         init_key, train_key = jax.random.split(key)
         _, params, state = net.init(init_key, input_shape)
-        return TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32),
-                          train_key)
+        return place(TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32),
+                                train_key))
+
+    def place(tree):
+        return dataparallel.replicate(tree, mesh)
+
+    # With a mesh every jitted function returns replicated values: identical on every device
+    # (and process), so the host can read metrics and checkpoints from any of them.
+    jit = jax.jit if mesh is None else functools.partial(
+        jax.jit, out_shardings=dataparallel.replicated(mesh))
 
     def step(ts: TrainState, images, labels, key):
+        images, labels = dataparallel.constrain_batch(mesh, images, labels)
         aug_key, drop_key = jax.random.split(key)
         x = preprocess(images)
         if augment is not None:
@@ -163,11 +186,11 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
             ts, totals = step_at(ts, totals, images, labels, tail, i, step_key)
         return ts, finish(totals, labels.shape[0])
 
-    jit_start = jax.jit(start, donate_argnums=0)
+    jit_start = jit(start, donate_argnums=0)
     def step_row(ts, totals, images, labels, batches, row, i, step_key):
         return step_at(ts, totals, images, labels, batches[row], i, step_key)
 
-    jit_step = jax.jit(step_row, donate_argnums=(0, 1))
+    jit_step = jit(step_row, donate_argnums=(0, 1))
 
     def loop_epoch(ts: TrainState, images, labels):
         # The same steps, each a jitted call from Python: XLA:CPU runs NCHW convolutions inside
@@ -183,8 +206,9 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
                                   full.shape[0], step_key)
         return ts, finish(totals, labels.shape[0])
 
-    @jax.jit
+    @jit
     def logits_of(params, state, chunk):
+        chunk, = dataparallel.constrain_batch(mesh, chunk)
         return net.apply(params, state, preprocess(chunk), train=False, vjp=vjp)[0]
 
     def predict(params, state, images):
@@ -195,8 +219,14 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
     config = {"batch_size": batch_size, "reduction": reduction, "vjp": vjp,
               "label_smoothing": label_smoothing, "shuffle": shuffle,
               "augment": augment is not None, "scan": scan}
-    epoch = jax.jit(scan_epoch, donate_argnums=0) if scan else loop_epoch
-    return Trainer(init, epoch, predict, config)
+    compiled = jit(scan_epoch, donate_argnums=0) if scan else loop_epoch
+    if mesh is None:
+        epoch = compiled
+    else:
+        def epoch(ts: TrainState, images, labels):
+            # a no-op for arrays already replicated on the mesh (fit places them once)
+            return compiled(*place((ts, images, labels)))
+    return Trainer(init, epoch, predict, config, place, mesh)
 
 
 class Evaluation(NamedTuple):
@@ -208,7 +238,8 @@ class Evaluation(NamedTuple):
 
 def evaluate(trainer: Trainer, ts: TrainState, data: Dataset) -> Evaluation:
     """Accuracy and mean (unsmoothed) cross-entropy of ``data`` in eval mode (``train=False``)."""
-    logits = trainer.predict(ts.params, ts.state, data.images)
+    data = trainer.place(data)
+    logits = trainer.predict(*trainer.place((ts.params, ts.state)), data.images)
     loss = float(cross_entropy(logits, data.labels, reduction="mean"))
     predictions = np.asarray(logits.argmax(-1))
     labels = np.asarray(data.labels)
@@ -282,6 +313,10 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
         history, start = meta["history"], meta["epoch"]
     elif resume:
         log(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
+    # replicated on the trainer's mesh once, not on every epoch (identity without a mesh)
+    ts, train_data = trainer.place((ts, train_data))
+    if eval_data is not None:
+        eval_data = trainer.place(eval_data)
     steps = math.ceil(len(train_data) / trainer.config["batch_size"])
     train_seconds = sum(h["seconds"] for h in history)
     for e in range(start, min(epochs, stop_after or epochs)):
@@ -304,7 +339,7 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
             bar.bar.close()
             bar.bar = None
         history.append(record)
-        if checkpoint_path:
+        if checkpoint_path and dataparallel.is_main_process():  # one writer in a multi-host run
             ckpt.save(checkpoint_path, ts, {"epoch": e + 1, "history": history,
                                             "fingerprint": fingerprint})
     return FitResult(ts, history, train_seconds, start)

@@ -1,0 +1,166 @@
+"""Data-parallel training with JAX's own sharding and multi-host runtime (no home-made engine).
+
+The network code does not change. A 1-D :class:`jax.sharding.Mesh` with one axis, ``"batch"``,
+spans the devices; parameters, model state (BatchNorm running statistics), optimizer state, the
+PRNG key and the uint8 data set are *replicated* over it (``P()``), and inside the jitted step
+each training batch is constrained to be *sharded* along its first dimension (``P("batch")``).
+The network still computes on the **global** batch; XLA's SPMD partitioner splits that
+computation over the devices and inserts the all-reduces where a value needs the whole batch:
+the gradient of the batch-mean loss, and BatchNorm's batch mean and variance. BatchNorm in
+data-parallel training therefore normalizes with the statistics of the global batch, exactly as
+on one device, and the result does not depend on the number of devices (up to float rounding of
+the reductions; ``tests/test_parallel.py`` checks 4 devices against 1).
+
+Multi-host: every process runs the same script. :func:`initialize_distributed` calls
+:func:`jax.distributed.initialize` only when asked, by flags or by the environment variables
+``FUNCTIONAL_CNN_COORDINATOR`` (``host:port`` of process 0), ``FUNCTIONAL_CNN_NUM_PROCESSES`` and
+``FUNCTIONAL_CNN_PROCESS_ID``. Each process loads the whole data set and contributes it as its
+addressable (replicated) part of the global array (:func:`replicate`); each device then gathers
+its own rows of every batch. Nothing here runs at import.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax import numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+ENV_COORDINATOR = "FUNCTIONAL_CNN_COORDINATOR"
+ENV_NUM_PROCESSES = "FUNCTIONAL_CNN_NUM_PROCESSES"
+ENV_PROCESS_ID = "FUNCTIONAL_CNN_PROCESS_ID"
+FORCE_HINT = ("on a CPU, start python with XLA_FLAGS=--xla_force_host_platform_device_count=N "
+              "to get N host devices")
+
+
+def distributed_config(coordinator=None, num_processes=None, process_id=None, environ=None):
+    """The arguments of :func:`jax.distributed.initialize` from flags, else the environment, or
+    ``None`` when neither asks for a multi-process run. Raises ``ValueError`` on a partial or
+    inconsistent request, naming what is missing."""
+    env = os.environ if environ is None else environ
+    coordinator = coordinator or env.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else env.get(ENV_NUM_PROCESSES)
+    process_id = process_id if process_id is not None else env.get(ENV_PROCESS_ID)
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
+    if all(v is None for v in given.values()):
+        return None
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        raise ValueError(
+            f"initialize_distributed: a multi-process run needs the coordinator address, the "
+            f"number of processes and this process's id; missing {missing}. Pass --coordinator "
+            f"HOST:PORT --num-processes N --process-id I, or set ${ENV_COORDINATOR}, "
+            f"${ENV_NUM_PROCESSES} and ${ENV_PROCESS_ID}")
+    try:
+        num_processes, process_id = int(num_processes), int(process_id)
+    except ValueError:
+        raise ValueError(f"initialize_distributed: expected integer num_processes and process_id, "
+                         f"got {num_processes!r}, {process_id!r}") from None
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+        raise ValueError(f"initialize_distributed: expected num_processes >= 1 and 0 <= "
+                         f"process_id < num_processes, got {num_processes}, {process_id}")
+    return {"coordinator_address": coordinator, "num_processes": num_processes,
+            "process_id": process_id}
+
+
+def initialize_distributed(coordinator=None, num_processes=None, process_id=None) -> bool:
+    """Join a multi-process (multi-host) run with :func:`jax.distributed.initialize` when flags
+    or ``$FUNCTIONAL_CNN_*`` ask for one; do nothing otherwise. Call it before anything touches
+    a device. Returns whether it initialized."""
+    config = distributed_config(coordinator, num_processes, process_id)
+    if config is None:
+        return False
+    jax.distributed.initialize(**config)
+    return True
+
+
+def make_mesh(devices: int | None = None) -> Mesh:
+    """A 1-D mesh (axis ``"batch"``) over ``devices`` devices: all of them when ``None``.
+
+    ``devices`` counts every device of the run (on one host: the local devices). With several
+    processes each contributes ``devices / process_count`` of its local devices.
+    """
+    available = jax.device_count()
+    n = available if devices is None else devices
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"make_mesh: expected devices a positive int or None, got {devices!r}")
+    if n > available:
+        raise ValueError(
+            f"make_mesh: asked for {n} devices but only {available} are available "
+            f"({jax.default_backend()}: {jax.devices()[:4]}{'...' if available > 4 else ''}); "
+            f"pass --devices {available} or fewer, or {FORCE_HINT}")
+    procs = jax.process_count()
+    if n % procs:
+        raise ValueError(f"make_mesh: {n} devices do not split evenly over {procs} processes; "
+                         f"pass a multiple of {procs}")
+    per = n // procs
+    chosen = [d for p in range(procs)
+              for d in sorted((d for d in jax.devices() if d.process_index == p),
+                              key=lambda d: d.id)[:per]]
+    return Mesh(np.array(chosen), (AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole value (``P()``)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Split along the first dimension over the mesh (``P("batch")``)."""
+    return NamedSharding(mesh, P(AXIS))
+
+
+def check_divides(batch_size: int, mesh: Mesh | None, where="make_trainer"):
+    """Raise a ``ValueError`` saying what to change when ``batch_size`` does not split evenly."""
+    n = 1 if mesh is None else mesh.size
+    if batch_size % n:
+        divisors = [d for d in range(1, n + 1) if batch_size % d == 0]
+        raise ValueError(
+            f"{where}: the global batch size {batch_size} does not divide evenly over {n} "
+            f"devices (the batch is split along its first dimension). Use --devices "
+            f"{' or '.join(map(str, divisors[-3:]))} (devices=...), or a batch size that is a "
+            f"multiple of {n}, e.g. --batch-size {-(-batch_size // n) * n}")
+
+
+def _is_key(x) -> bool:
+    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def replicate(tree, mesh: Mesh | None):
+    """``tree`` with every array replicated over ``mesh`` (a no-op for arrays already there, and
+    for ``mesh=None``). With several processes every process must pass the same values: each
+    supplies its own addressable copy (:func:`jax.make_array_from_process_local_data`)."""
+    if mesh is None:
+        return tree
+    target = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == target:
+            return x
+        if jax.process_count() == 1:
+            return jax.device_put(x, target)
+        if _is_key(x):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x)),
+                                            impl=jax.random.key_impl(x))
+        local = np.asarray(x)
+        return jax.make_array_from_process_local_data(target, local, local.shape)
+
+    return jax.tree.map(put, tree)
+
+
+def constrain_batch(mesh: Mesh | None, *arrays):
+    """Inside jit: shard ``arrays`` along their first dimension over ``mesh`` when it divides
+    evenly, else keep them replicated (every device computes the whole, e.g. ragged last batch).
+    Either way the computation is the global batch's, so results do not depend on the mesh."""
+    if mesh is None:
+        return arrays
+    even = arrays[0].shape[0] % mesh.size == 0
+    sharding = batch_sharded(mesh) if even else replicated(mesh)
+    return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in arrays)
+
+
+def is_main_process() -> bool:
+    """Process 0 writes files and shows progress; the others compute silently."""
+    return jax.process_index() == 0
