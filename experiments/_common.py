@@ -5,6 +5,12 @@ scaling, optimizer, epochs); :func:`main` does the rest with :mod:`functional_cn
 Flags: ``--data-dir --epochs --seed --json PATH --plot PATH --checkpoint DIR --resume
 --vjp custom|autodiff --optimizer NAME``; for quick runs ``--train-range START STOP`` and
 ``--eval-limit N`` shrink the data, ``--no-progress`` silences the bars.
+
+Scaling out (:mod:`functional_cnn.dataparallel`): ``--devices N`` splits each (global) batch over
+N devices (default: all; ``--batch-size`` overrides the protocol's global batch, which must
+divide by N); ``--coordinator HOST:PORT --num-processes P --process-id I`` (or
+``$FUNCTIONAL_CNN_COORDINATOR``, ``$FUNCTIONAL_CNN_NUM_PROCESSES``, ``$FUNCTIONAL_CNN_PROCESS_ID``)
+join a multi-host run; only process 0 writes the JSON, plot and checkpoints.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 
-from functional_cnn import data, train
+from functional_cnn import data, dataparallel, train
 
 
 class Protocol(NamedTuple):
@@ -62,13 +68,38 @@ def parse_args(p: Protocol, argv=None):
     ap.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                     help="stop after this epoch, as an interruption would (to test --resume)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--devices", type=int, default=None, metavar="N",
+                    help="split each batch over N devices (default: all devices of the run)")
+    ap.add_argument("--batch-size", type=int, default=None, metavar="B",
+                    help=f"global batch size (default {p.batch_size}); must divide by --devices")
+    ap.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help=f"multi-host: process 0's address (or ${dataparallel.ENV_COORDINATOR})")
+    ap.add_argument("--num-processes", type=int, default=None, metavar="P",
+                    help=f"multi-host: number of processes (or ${dataparallel.ENV_NUM_PROCESSES})")
+    ap.add_argument("--process-id", type=int, default=None, metavar="I",
+                    help=f"multi-host: this process, 0..P-1 (or ${dataparallel.ENV_PROCESS_ID})")
     args = ap.parse_args(argv)
     if args.epochs < 0 or (args.stop_after is not None and args.stop_after < 1):
         ap.error(f"expected --epochs >= 0 and --stop-after >= 1, got {args.epochs}, "
                  f"{args.stop_after}")
     if args.resume and not args.checkpoint:
         ap.error("--resume needs --checkpoint DIR")
+    if args.batch_size is not None and args.batch_size < 1:
+        ap.error(f"expected --batch-size >= 1, got {args.batch_size}")
     return args
+
+
+def _mesh(p: Protocol, args):
+    """Join the multi-host run if asked, then the device mesh; exits saying what to change."""
+    try:
+        dataparallel.initialize_distributed(args.coordinator, args.num_processes,
+                                            args.process_id)
+        mesh = dataparallel.make_mesh(args.devices)
+        dataparallel.check_divides(args.batch_size or p.batch_size, mesh,
+                                   where=f"experiments.{p.name}")
+    except ValueError as err:
+        raise SystemExit(f"python -m experiments.{p.name}: error: {err}") from None
+    return mesh
 
 
 def _ranges(p: Protocol, args):
@@ -99,16 +130,19 @@ def _load(args, ranges):
 def run(p: Protocol, argv=None) -> dict:
     """Train and evaluate ``p`` as the command line says; returns (and writes) the results."""
     args = parse_args(p, argv)
+    mesh = _mesh(p, args)  # before anything touches a device (jax.distributed needs that)
+    main = dataparallel.is_main_process()
+    batch_size = args.batch_size or p.batch_size
     ranges = _ranges(p, args)
     train_set, eval_sets = _load(args, ranges)
-    steps = math.ceil(len(train_set) / p.batch_size)
+    steps = math.ceil(len(train_set) / batch_size)
     optimizer = p.optimizers[args.optimizer](steps * max(args.epochs, 1))
     make = functools.partial(
-        train.make_trainer, p.net(), optimizer, batch_size=p.batch_size, reduction=p.reduction,
+        train.make_trainer, p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
         label_smoothing=p.label_smoothing,
         preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
-        augment=p.augment, vjp=args.vjp, scan=p.scan)
-    if args.no_progress:
+        augment=p.augment, vjp=args.vjp, scan=p.scan, mesh=mesh)
+    if args.no_progress or not main:
         trainer, bar = make(), None
     else:
         trainer, bar = train.progress_trainer(make, steps)
@@ -123,7 +157,9 @@ def run(p: Protocol, argv=None) -> dict:
                                  "dataset": args.dataset, "epochs": args.epochs},
                     log=lambda m: print(m, file=sys.stderr), stop_after=args.stop_after)
     evals = {k: train.evaluate(trainer, fit.train_state, d) for k, d in eval_sets.items()}
-    result = _record(p, args, ranges, fit, evals, primary)
+    result = _record(p, args, ranges, fit, evals, primary, batch_size, mesh)
+    if not main:  # one writer and one summary in a multi-host run
+        return result
     _summary(p, result)
     if args.json:
         _write_json(args.json, result)
@@ -135,14 +171,16 @@ def run(p: Protocol, argv=None) -> dict:
     return result
 
 
-def _record(p, args, ranges, fit, evals, primary) -> dict:
+def _record(p, args, ranges, fit, evals, primary, batch_size, mesh) -> dict:
     return {
         "experiment": p.name, "test_accuracy": evals[primary].accuracy,
         "test_set": primary, "accuracies": {k: e.accuracy for k, e in evals.items()},
         "test_loss": evals[primary].loss,
         "final_train_loss": fit.history[-1]["train_loss"] if fit.history else None,
         "train_seconds": fit.train_seconds, "epochs": len(fit.history), "vjp": args.vjp,
-        "optimizer": args.optimizer, "seed": args.seed, "batch_size": p.batch_size,
+        "optimizer": args.optimizer, "seed": args.seed, "batch_size": batch_size,
+        "devices": int(mesh.size), "processes": jax.process_count(),
+        "device_kind": mesh.devices.flat[0].device_kind,
         "train_range": list(ranges[0]), "eval_ranges": {k: list(v) for k, v in ranges[1].items()},
         "resumed_from_epoch": fit.resumed_from_epoch, "history": fit.history,
         "article": p.article, "jax_backend": jax.default_backend(),
@@ -155,7 +193,7 @@ def _summary(p, r):
     loss = r["final_train_loss"]
     print(f"{p.name}: {accs} | final train loss {'-' if loss is None else f'{loss:.4f}'} | "
           f"{r['epochs']} epochs in {r['train_seconds']:.1f} s | vjp={r['vjp']} "
-          f"optimizer={r['optimizer']}")
+          f"optimizer={r['optimizer']} devices={r['devices']}")
 
 
 def _write_json(path, result):

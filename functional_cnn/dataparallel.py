@@ -88,7 +88,7 @@ def make_mesh(devices: int | None = None) -> Mesh:
         raise ValueError(f"make_mesh: expected devices a positive int or None, got {devices!r}")
     if n > available:
         raise ValueError(
-            f"make_mesh: asked for {n} devices but only {available} are available "
+            f"make_mesh: asked for {n} devices but this run has {available} "
             f"({jax.default_backend()}: {jax.devices()[:4]}{'...' if available > 4 else ''}); "
             f"pass --devices {available} or fewer, or {FORCE_HINT}")
     procs = jax.process_count()
@@ -116,12 +116,14 @@ def check_divides(batch_size: int, mesh: Mesh | None, where="make_trainer"):
     """Raise a ``ValueError`` saying what to change when ``batch_size`` does not split evenly."""
     n = 1 if mesh is None else mesh.size
     if batch_size % n:
-        divisors = [d for d in range(1, n + 1) if batch_size % d == 0]
+        divisors = [d for d in range(n, 0, -1) if batch_size % d == 0][:3]
         raise ValueError(
             f"{where}: the global batch size {batch_size} does not divide evenly over {n} "
-            f"devices (the batch is split along its first dimension). Use --devices "
-            f"{' or '.join(map(str, divisors[-3:]))} (devices=...), or a batch size that is a "
-            f"multiple of {n}, e.g. --batch-size {-(-batch_size // n) * n}")
+            f"devices (each device takes an equal slice of every batch). Use fewer devices, "
+            f"--devices {' or '.join(map(str, divisors))} (divisors of {batch_size}), or a "
+            f"batch size that is a multiple of {n}, e.g. --batch-size "
+            f"{-(-batch_size // n) * n} (in code: make_mesh(devices=...), "
+            f"make_trainer(batch_size=...))")
 
 
 def _is_key(x) -> bool:
