@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 
+import jax
 import pytest
 
 from functional_cnn import data
@@ -31,8 +32,10 @@ def test_one_epoch_smoke(name, tmp_path):
         argv += ["--plot", str(tmp_path / "r.png")]
     result = module.run(module.PROTOCOL, argv)
     saved = json.loads(out.read_text())
-    for field in ("test_accuracy", "final_train_loss", "train_seconds", "epochs", "vjp"):
+    for field in ("test_accuracy", "final_train_loss", "train_seconds", "epochs", "vjp",
+                  "devices", "processes"):
         assert field in saved
+    assert saved["devices"] == jax.device_count()  # default: every device of the run
     assert saved["epochs"] == 1 and saved["vjp"] == "custom"
     assert 0.0 <= saved["test_accuracy"] <= 1.0 and saved["final_train_loss"] > 0
     assert saved["train_range"] == ["train", start, stop]
