@@ -10,10 +10,11 @@ from .. import _checks
 from ._registry import check_vjp, register, two_gradients
 from ._windows import Axis, make_axis
 
-# PyTorch layouts: activations NCHW, weights OIHW.
-_NCHW = ("NCHW", "OIHW", "NCHW")
-# For the weight gradient the roles swap: x's channels act as the batch, its samples as features.
-_WEIGHT_GRAD = ("CNHW", "IOHW", "CNHW")
+# XLA:CPU runs a convolution on its fast (Eigen) path only in the canonical layout: input
+# NHWC, kernel HWIO, output NHWC. Outside loops its layout pass rewrites other layouts, but inside
+# a while loop (lax.scan) it does not, and an NCHW convolution there runs 5-15x slower. So every
+# convolution below is written canonically, with explicit transposes from and to PyTorch's NCHW.
+_CANONICAL = ("NHWC", "HWIO", "NHWC")
 
 
 class ConvConfig(NamedTuple):
@@ -29,12 +30,25 @@ def _dilations(cfg):
     return tuple(a.dilation for a in cfg.axes)
 
 
+def _nhwc(x):
+    return x.transpose(0, 2, 3, 1)
+
+
+def _nchw(x):
+    return x.transpose(0, 3, 1, 2)
+
+
+def _hwio(weight):
+    return weight.transpose(2, 3, 1, 0)
+
+
 def _forward(cfg, x, weight, bias):
     y = lax.conv_general_dilated(
-        x, weight, window_strides=_strides(cfg),
+        _nhwc(x), _hwio(weight), window_strides=_strides(cfg),
         padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
-        rhs_dilation=_dilations(cfg), dimension_numbers=_NCHW,
+        rhs_dilation=_dilations(cfg), dimension_numbers=_CANONICAL,
         feature_group_count=cfg.groups)
+    y = _nchw(y)
     return y if bias is None else y + bias[None, :, None, None]
 
 
@@ -53,21 +67,25 @@ def _flipped_transposed_kernel(weight, groups):
 def _input_grad(cfg, g, weight):
     # Full correlation of the stride-dilated cotangent with the flipped kernel. The padding
     # d(k-1) - pad on each side is exact because pad_hi reaches exactly the last window.
-    return lax.conv_general_dilated(
-        g, _flipped_transposed_kernel(weight, cfg.groups), window_strides=(1, 1),
+    dx = lax.conv_general_dilated(
+        _nhwc(g), _hwio(_flipped_transposed_kernel(weight, cfg.groups)), window_strides=(1, 1),
         padding=[(a.span - 1 - a.pad_lo, a.span - 1 - a.pad_hi) for a in cfg.axes],
         lhs_dilation=_strides(cfg), rhs_dilation=_dilations(cfg),
-        dimension_numbers=_NCHW, feature_group_count=cfg.groups)
+        dimension_numbers=_CANONICAL, feature_group_count=cfg.groups)
+    return _nchw(dx)
 
 
 def _weight_grad(cfg, x, g):
     # Correlate the padded input with the cotangent used as a kernel dilated by the stride,
-    # stepping by the dilation; samples are summed as features, groups split the batch axis.
-    return lax.conv_general_dilated(
-        x, g, window_strides=_dilations(cfg),
+    # stepping by the dilation. The roles swap: x's channels act as the batch and its samples
+    # as the features summed over, so x goes in as (C, H, W, N), g as the kernel (Ho, Wo, N, O),
+    # and the result (C, kh, kw, O) is the weight transposed. Groups split x's channel axis.
+    dw = lax.conv_general_dilated(
+        x.transpose(1, 2, 3, 0), g.transpose(2, 3, 0, 1), window_strides=_dilations(cfg),
         padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
-        rhs_dilation=_strides(cfg), dimension_numbers=_WEIGHT_GRAD,
+        rhs_dilation=_strides(cfg), dimension_numbers=_CANONICAL,
         batch_group_count=cfg.groups)
+    return dw.transpose(3, 0, 1, 2)
 
 
 def _bwd(cfg, residuals, g):
