@@ -192,6 +192,12 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
 
     jit_step = jit(step_row, donate_argnums=(0, 1))
 
+    # XLA:CPU with several (forced host) devices can deadlock when several steps with
+    # all-reduces are in flight at once (the devices' rendezvous of different steps interleave
+    # on a small thread pool): wait for each step there. One program (scan) is not affected.
+    serialize = (mesh is not None and mesh.size > 1
+                 and mesh.devices.flat[0].platform == "cpu")
+
     def loop_epoch(ts: TrainState, images, labels):
         # The same steps, each a jitted call from Python: XLA:CPU runs NCHW convolutions inside
         # a while loop (lax.scan) several times slower than outside one (jax issue #12868).
@@ -199,6 +205,8 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
         totals = zeros()
         for i in range(full.shape[0]):
             ts, totals = jit_step(ts, totals, images, labels, full, i, i, step_key)
+            if serialize:
+                jax.block_until_ready(totals)
             if on_step is not None and i % report_every == 0:
                 on_step(i, *totals, (i + 1) * batch_size)
         if tail.shape[0]:
@@ -213,8 +221,12 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
 
     def predict(params, state, images):
         # Chunks from Python rather than lax.map: convolutions are slow inside XLA:CPU loops.
-        return jnp.concatenate([logits_of(params, state, images[i:i + eval_batch_size])
-                                for i in range(0, images.shape[0], eval_batch_size)])
+        chunks = []
+        for i in range(0, images.shape[0], eval_batch_size):
+            chunks.append(logits_of(params, state, images[i:i + eval_batch_size]))
+            if serialize:  # see loop_epoch
+                jax.block_until_ready(chunks[-1])
+        return jnp.concatenate(chunks)
 
     config = {"batch_size": batch_size, "reduction": reduction, "vjp": vjp,
               "label_smoothing": label_smoothing, "shuffle": shuffle,
