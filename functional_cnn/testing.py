@@ -241,7 +241,10 @@ SPACES: dict[str, OpSpace] = {
         ({"kernel": 2, "stride": 3}, {"padding": "same", "dilation": 2},
          {"padding": "same", "kernel": 2}, {"groups": 3, "stride": 2, "padding": 1},
          {"batch": 1, "size": (5, 5), "kernel": 3, "padding": 2, "stride": 2},
-         {"dilation": (1, 2), "stride": (2, 1), "kernel": (3, 2)})),
+         {"dilation": (1, 2), "stride": (2, 1), "kernel": (3, 2)},
+         {"in_per_group": 1, "groups": 1},  # the single-channel (im2col) fast path
+         {"in_per_group": 1, "groups": 1, "stride": 2, "padding": 1, "dilation": 2,
+          "kernel": (3, 2), "batch": 1})),
     "max_pool2d": OpSpace(
         dict(_POOL, dilation=(1, 2, (2, 1)), ties=(False, True)), _max_pool2d,
         ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "size": (6, 9)},

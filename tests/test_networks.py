@@ -6,24 +6,12 @@ import pytest
 from jax import numpy as jnp
 
 import functional_cnn as fcn
+from benchmarks.torch_twins import TWINS
 from tests.conftest import assert_close
 
 
 def torch_models(torch):
-    nn = torch.nn
-    return {
-        "mytorch_net": nn.Sequential(
-            nn.Conv2d(1, 32, 3, stride=2, padding=1), nn.MaxPool2d(3, stride=2),
-            nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64),
-                          nn.ReLU()),
-            nn.AvgPool2d(3), nn.Flatten(), nn.Linear(64, 10)),
-        "lenet": nn.Sequential(nn.Conv2d(1, 10, 5), nn.ReLU(), nn.MaxPool2d(2),
-                               nn.Conv2d(10, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                               nn.Linear(320, 10)),
-        "mlp": nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 256),
-                             nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64),
-                             nn.ReLU(), nn.Linear(64, 10)),
-    }
+    return {name: twin(torch.nn) for name, twin in TWINS.items()}
 
 
 def mnist_like_batch(n=16, seed=0):

@@ -8,7 +8,7 @@ from jax import numpy as jnp
 
 from .. import _checks
 from ._registry import check_vjp, register, two_gradients
-from ._windows import Axis, make_axis
+from ._windows import Axis, make_axis, pad_spatial, window_views
 
 # XLA:CPU runs a convolution on its fast (Eigen) path only in the canonical layout: input
 # NHWC, kernel HWIO, output NHWC. Outside loops its layout pass rewrites other layouts, but inside
@@ -42,13 +42,37 @@ def _hwio(weight):
     return weight.transpose(2, 3, 1, 0)
 
 
+def _single_channel(cfg, x) -> bool:
+    """The fast path: one input channel (first layers on images like MNIST), no groups.
+
+    There a convolution is a tiny contraction (kh*kw terms), which XLA:CPU's convolution handles
+    poorly; as a batched matrix product over im2col patches it runs about twice as fast (measured
+    in ``experiments.bench``: LeNet's first layer, forward + weight gradient, 1.8-2.2x).
+    """
+    return cfg.groups == 1 and x.shape[1] == 1
+
+
+def _patches(cfg, x):
+    """im2col: ``(N, C*kh*kw, H_out*W_out)``, rows in the weight's (c, a, b) order."""
+    views = jnp.stack(window_views(pad_spatial(x, cfg.axes, 0), cfg.axes), axis=2)
+    return views.reshape(x.shape[0], -1, cfg.axes[0].out_size * cfg.axes[1].out_size)
+
+
+def _batched(w2, n):
+    return jnp.broadcast_to(w2, (n,) + w2.shape)
+
+
 def _forward(cfg, x, weight, bias):
-    y = lax.conv_general_dilated(
-        _nhwc(x), _hwio(weight), window_strides=_strides(cfg),
-        padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
-        rhs_dilation=_dilations(cfg), dimension_numbers=_CANONICAL,
-        feature_group_count=cfg.groups)
-    y = _nchw(y)
+    if _single_channel(cfg, x):  # y[n] = W (O, kh*kw) @ patches[n]: NCHW out, no transposes
+        y = lax.dot_general(_batched(weight.reshape(weight.shape[0], -1), x.shape[0]),
+                            _patches(cfg, x), (((2,), (1,)), ((0,), (0,))))
+        y = y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
+    else:
+        y = _nchw(lax.conv_general_dilated(
+            _nhwc(x), _hwio(weight), window_strides=_strides(cfg),
+            padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
+            rhs_dilation=_dilations(cfg), dimension_numbers=_CANONICAL,
+            feature_group_count=cfg.groups))
     return y if bias is None else y + bias[None, :, None, None]
 
 
@@ -76,6 +100,10 @@ def _input_grad(cfg, g, weight):
 
 
 def _weight_grad(cfg, x, g):
+    if _single_channel(cfg, x):  # dW = sum_n g[n] (O, HW) @ patches[n]^T (HW, kh*kw)
+        g2 = g.reshape(g.shape[0], g.shape[1], -1)
+        dw = lax.dot_general(g2, _patches(cfg, x), (((2,), (2,)), ((0,), (0,)))).sum(axis=0)
+        return dw.reshape(g.shape[1], 1, *(a.kernel for a in cfg.axes))
     # Correlate the padded input with the cotangent used as a kernel dilated by the stride,
     # stepping by the dilation. The roles swap: x's channels act as the batch and its samples
     # as the features summed over, so x goes in as (C, H, W, N), g as the kernel (Ho, Wo, N, O),
@@ -171,6 +199,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
         dW[o, c, a, b'] = sum_{n,i,j} g[n, o, i, j] xp[n, c, i s + a d, j s + b' d]
                         = conv over samples of xp with g as a kernel dilated by s, stride d
         db[o] = sum_{n,i,j} g[n, o, i, j]
+
+    With a single input channel (and no groups) the forward and ``dW`` run as batched matrix
+    products over im2col patches ``P[n] (kh*kw, H_out*W_out)``: ``y[n] = W P[n]``,
+    ``dW = sum_n g[n] P[n]^T`` -- the same sums, in a form XLA:CPU runs faster.
     """
     check_vjp("conv2d", vjp)
     _checks.check_floating("conv2d", x)

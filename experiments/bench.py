@@ -1,0 +1,317 @@
+"""Benchmark one AdamW training step: hand-written VJPs vs JAX autodiff vs PyTorch eager.
+
+    python -m experiments.bench [--models lenet,mytorch_net,mlp] [--batch 64,256,1024]
+                                [--rounds 9] [--json PATH] [--report docs/BENCHMARKS.md]
+
+For every model and batch size, three implementations of the same step (same network, same
+weights, cross-entropy, AdamW with torch's defaults) run in one process, in alternating rounds,
+so that load on the machine hits all three alike; each round times several steps, and the table
+gives the median over rounds with the spread (min-max). Also: compile time of each jitted step,
+XLA's temporary memory for it, per-op forward+backward times at the networks' layer shapes,
+and (with the MNIST files present) one full LeNet training epoch through the engine.
+
+The tables go into ``--report`` between the markers ``<!-- bench:begin -->`` and
+``<!-- bench:end -->`` (other sections of that file are left alone), with a PNG chart beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+import optax
+from jax import numpy as jnp
+from tqdm import tqdm
+
+import functional_cnn as fcn
+import functional_cnn.functional as F
+from functional_cnn import train
+
+MARKERS = ("<!-- bench:begin -->", "<!-- bench:end -->")
+
+
+# --------------------------------------------------------------------------- the three steps
+
+def jax_step(net, vjp):
+    """A jitted, buffer-donating AdamW step of ``net`` under ``vjp``."""
+    optimizer = train.adamw()
+
+    def step(params, state, opt_state, x, y):
+        def loss(p):
+            logits, new_state = net.apply(p, state, x, train=True, vjp=vjp)
+            return fcn.cross_entropy(logits, y, vjp=vjp), new_state
+
+        (value, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_state, opt_state, value
+
+    return jax.jit(step, donate_argnums=(0, 1, 2)), optimizer
+
+
+class JaxRunner:
+    def __init__(self, model, batch, vjp, x, y):
+        net = getattr(fcn.models, model)()
+        _, self.params, self.state = net.init(jax.random.key(0), (batch, 1, 28, 28))
+        step, optimizer = jax_step(net, vjp)
+        self.opt_state = optimizer.init(self.params)
+        self.x, self.y = jnp.asarray(x), jnp.asarray(y)
+        start = time.perf_counter()
+        compiled = step.lower(self.params, self.state, self.opt_state, self.x, self.y).compile()
+        self.compile_s = time.perf_counter() - start
+        memory = compiled.memory_analysis()
+        self.temp_mb = None if memory is None else memory.temp_size_in_bytes / 2**20
+        self.step = compiled
+
+    def __call__(self, n):
+        for _ in range(n):
+            self.params, self.state, self.opt_state, loss = self.step(
+                self.params, self.state, self.opt_state, self.x, self.y)
+        jax.block_until_ready(loss)
+
+
+class TorchRunner:
+    def __init__(self, torch, model, x, y):
+        from benchmarks.torch_twins import TWINS
+        self.torch = torch
+        self.net = TWINS[model](torch.nn)
+        self.opt = torch.optim.AdamW(self.net.parameters(), 1e-3, weight_decay=1e-2)
+        self.x, self.y = torch.as_tensor(np.array(x)), torch.as_tensor(np.array(y)).long()
+        self.compile_s, self.temp_mb = None, None
+
+    def __call__(self, n):
+        F_ = self.torch.nn.functional
+        for _ in range(n):
+            self.opt.zero_grad(set_to_none=True)
+            F_.cross_entropy(self.net(self.x), self.y).backward()
+            self.opt.step()
+
+
+def race(runners: dict, rounds: int, target_s: float = 0.15) -> dict:
+    """Median and min/max ms per step over alternating rounds of ``runners``."""
+    reps = {}
+    for name, run in runners.items():  # warm up, then pick steps per round (~target_s each)
+        run(2)
+        start = time.perf_counter()
+        run(3)
+        reps[name] = max(1, int(target_s / ((time.perf_counter() - start) / 3)))
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(reps[name])
+            times[name].append(1e3 * (time.perf_counter() - start) / reps[name])
+    return {name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)),
+                   "max_ms": float(np.max(t))} for name, t in times.items()}
+
+
+def bench_step(model, batch, rounds, torch):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, batch).astype(np.int32)
+    runners = {vjp: JaxRunner(model, batch, vjp, x, y) for vjp in fcn.VJP_MODES}
+    if torch is not None:
+        runners["torch"] = TorchRunner(torch, model, x, y)
+    timing = race(runners, rounds)
+    record = {"model": model, "batch": batch}
+    for name, t in timing.items():
+        record[name] = {**t, "images_per_s": batch / t["median_ms"] * 1e3,
+                        "compile_s": runners[name].compile_s, "temp_mb": runners[name].temp_mb}
+    return record
+
+
+# --------------------------------------------------------------------------- per-op times
+
+def layer_cases(batch):
+    """``(name, fn(x, *params, vjp), shapes)`` for the article networks' conv/pool/dense layers."""
+    return [
+        ("lenet conv1 1->10 k5", lambda x, w, b, vjp: F.conv2d(x, w, b, vjp=vjp),
+         [(batch, 1, 28, 28), (10, 1, 5, 5), (10,)]),
+        ("lenet conv2 10->20 k5", lambda x, w, b, vjp: F.conv2d(x, w, b, vjp=vjp),
+         [(batch, 10, 12, 12), (20, 10, 5, 5), (20,)]),
+        ("lenet maxpool 2", lambda x, vjp: F.max_pool2d(x, 2, vjp=vjp), [(batch, 10, 24, 24)]),
+        ("net001 conv1 1->32 k3 s2", lambda x, w, b, vjp: F.conv2d(x, w, b, 2, 1, vjp=vjp),
+         [(batch, 1, 28, 28), (32, 1, 3, 3), (32,)]),
+        ("net001 maxpool 3 s2", lambda x, vjp: F.max_pool2d(x, 3, 2, vjp=vjp),
+         [(batch, 32, 14, 14)]),
+        ("net001 conv2 32->64 k3 s2", lambda x, w, b, vjp: F.conv2d(x, w, b, 2, 1, vjp=vjp),
+         [(batch, 32, 6, 6), (64, 32, 3, 3), (64,)]),
+        ("net001 batchnorm 64", lambda x, w, b, vjp: F.batch_norm(
+            x, None, None, w, b, training=True, vjp=vjp)[0], [(batch, 64, 3, 3), (64,), (64,)]),
+        ("mlp linear 784->512", lambda x, w, b, vjp: F.linear(x, w, b, vjp=vjp),
+         [(batch, 784), (512, 784), (512,)]),
+    ]
+
+
+def bench_ops(batch, rounds):
+    records = []
+    for name, fn, shapes in layer_cases(batch):
+        keys = jax.random.split(jax.random.key(0), len(shapes))
+        args = [jax.random.normal(k, s) for k, s in zip(keys, shapes)]
+        runners = {}
+        for vjp in fcn.VJP_MODES:
+            grad = jax.jit(jax.grad(lambda *a, vjp=vjp: jnp.sum(fn(*a, vjp=vjp) ** 2),
+                                    argnums=tuple(range(len(args)))))
+
+            def run(n, grad=grad):
+                for _ in range(n):
+                    out = grad(*args)
+                jax.block_until_ready(out)
+
+            runners[vjp] = run
+        timing = race(runners, rounds, target_s=0.05)
+        records.append({"op": name, "batch": batch,
+                        **{f"{v}_ms": timing[v]["median_ms"] for v in fcn.VJP_MODES}})
+    return records
+
+
+# --------------------------------------------------------------------------- one MNIST epoch
+
+def bench_epoch(vjp, scan):
+    from functional_cnn import data
+    try:
+        train_set = data.load("MNIST", "train")
+    except (data.DataFileError, data.CorruptDataError):
+        return None
+    trainer = train.make_trainer(fcn.models.lenet(), batch_size=64, vjp=vjp, scan=scan,
+                                 preprocess=lambda u8: data.normalize(u8, 0.1307, 0.3081))
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    start = time.perf_counter()
+    ts, metrics = trainer.epoch(ts, train_set.images, train_set.labels)
+    jax.block_until_ready(ts)
+    return {"vjp": vjp, "scan": scan, "seconds_incl_compile": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------- report
+
+def _versions(torch):
+    import jaxlib
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "optax": optax.__version__,
+            "torch": None if torch is None else torch.__version__,
+            "torch_threads": None if torch is None else torch.get_num_threads(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}"}
+
+
+def _fmt(t):
+    return f"{t['median_ms']:.2f} ({t['min_ms']:.2f}-{t['max_ms']:.2f})"
+
+
+def markdown(result, command):
+    lines = [MARKERS[0], "", f"Generated by `{command}`.", "",
+             "Machine and versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+             "", "### One AdamW training step (ms per step: median over alternating rounds, "
+             "min-max in brackets)", "",
+             "| model | batch | custom | autodiff | torch eager | torch / custom | "
+             "autodiff / custom | compile custom / autodiff (s) | XLA temp custom / autodiff (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["steps"]:
+        c, a, t = r["custom"], r["autodiff"], r.get("torch")
+        torch_cells = (f"{_fmt(t)} | {t['median_ms'] / c['median_ms']:.2f}x" if t
+                       else "n/a | n/a")
+        lines.append(f"| {r['model']} | {r['batch']} | {_fmt(c)} | {_fmt(a)} | {torch_cells} | "
+                     f"{a['median_ms'] / c['median_ms']:.2f}x | {c['compile_s']:.2f} / "
+                     f"{a['compile_s']:.2f} | {c['temp_mb']:.1f} / {a['temp_mb']:.1f} |")
+    lines += ["", "Ratios above 1 mean the hand-written rules are faster.", "",
+              "### Forward + backward per op at the networks' layer shapes (ms, median)", "",
+              "| op | batch | custom | autodiff | autodiff / custom |", "|---|---|---|---|---|"]
+    for r in result["ops"]:
+        lines.append(f"| {r['op']} | {r['batch']} | {r['custom_ms']:.3f} | "
+                     f"{r['autodiff_ms']:.3f} | {r['autodiff_ms'] / r['custom_ms']:.2f}x |")
+    if result["epochs"]:
+        lines += ["", "### One full MNIST epoch of LeNet (batch 64, 938 steps, compile included)",
+                  "", "| vjp | epoch as | seconds |", "|---|---|---|"]
+        for r in result["epochs"]:
+            lines.append(f"| {r['vjp']} | {'one lax.scan' if r['scan'] else 'a call per step'}"
+                         f" | {r['seconds_incl_compile']:.1f} |")
+    lines += ["", "![step time](figures/bench_steps.png)", "", MARKERS[1]]
+    return "\n".join(lines)
+
+
+def write_report(path, section):
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n\n"
+    if MARKERS[0] in text and MARKERS[1] in text:
+        before, rest = text.split(MARKERS[0], 1)
+        after = rest.split(MARKERS[1], 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def chart(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = result["steps"]
+    labels = [f"{r['model']}\nB{r['batch']}" for r in steps]
+    names = [n for n in ("custom", "autodiff", "torch") if n in steps[0]]
+    fig, ax = plt.subplots(figsize=(1.6 * len(steps) + 2, 3.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar(np.arange(len(steps)) + i * width,
+               [r[name]["images_per_s"] for r in steps], width, label=name)
+    ax.set_xticks(np.arange(len(steps)) + width * (len(names) - 1) / 2, labels)
+    ax.set_ylabel("images / s (higher is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="lenet,mytorch_net,mlp")
+    parser.add_argument("--batch", default="64,256,1024")
+    parser.add_argument("--op-batch", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-epoch", action="store_true")
+    parser.add_argument("--json")
+    parser.add_argument("--report", default="docs/BENCHMARKS.md", help="'none' to skip")
+    args = parser.parse_args(argv)
+    torch = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+    models = [m for m in args.models.split(",") if m]
+    batches = [int(b) for b in args.batch.split(",") if b]
+    result = {"versions": _versions(torch), "steps": [], "ops": [], "epochs": []}
+    jobs = [(m, b) for m in models for b in batches]
+    for model, batch in tqdm(jobs, desc="training steps", file=__import__("sys").stderr):
+        result["steps"].append(bench_step(model, batch, args.rounds, torch))
+    result["ops"] = bench_ops(args.op_batch, args.rounds)
+    if not args.no_epoch:
+        for vjp, scan in (("custom", True), ("custom", False), ("autodiff", False)):
+            record = bench_epoch(vjp, scan)
+            if record:
+                result["epochs"].append(record)
+    for r in result["steps"]:
+        line = f"{r['model']:<12} B{r['batch']:<5}" + "".join(
+            f"  {n} {r[n]['median_ms']:8.2f} ms" for n in ("custom", "autodiff", "torch") if n in r)
+        print(line)
+    for r in result["ops"]:
+        print(f"{r['op']:<28} custom {r['custom_ms']:.3f} ms  autodiff {r['autodiff_ms']:.3f} ms")
+    for r in result["epochs"]:
+        print(f"lenet epoch vjp={r['vjp']} scan={r['scan']}: {r['seconds_incl_compile']:.1f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.report != "none":
+        command = "python -m experiments.bench " + " ".join(argv or [])
+        figures = os.path.join(os.path.dirname(args.report), "figures")
+        os.makedirs(figures, exist_ok=True)
+        chart(result, os.path.join(figures, "bench_steps.png"))
+        write_report(args.report, markdown(result, command.strip()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
