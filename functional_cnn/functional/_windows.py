@@ -23,6 +23,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 from jax import lax
+from jax import numpy as jnp
 
 
 class Axis(NamedTuple):
@@ -106,12 +107,21 @@ def window_views(xp, axes: Sequence[Axis]):
     return views
 
 
+def tiles(axes: Sequence[Axis]) -> bool:
+    """Whether the windows tile the padded input: no overlap, no gaps (stride == kernel,
+    dilation 1), as in ``MaxPool2d(2)``."""
+    return all(a.stride == a.kernel and a.dilation == 1 for a in axes)
+
+
 def add_window_views(view_cotangents, axes: Sequence[Axis]):
     """Transpose of :func:`window_views`: scatter-add per-offset cotangents onto the padded input.
 
     Each cotangent is placed back on its strided grid by ``lax.pad`` with interior padding
-    ``stride - 1``, shifted by its offset; overlapping windows simply add.
+    ``stride - 1``, shifted by its offset; overlapping windows simply add. When the windows tile
+    the input (:func:`tiles`) nothing overlaps and the scatter is a pure interleave instead.
     """
+    if len(axes) == 2 and tiles(axes):
+        return _interleave(view_cotangents, axes)
     total = None
     for offset, ct in zip(kernel_offsets(axes), view_cotangents):
         lead = ct.ndim - len(axes)
@@ -123,3 +133,14 @@ def add_window_views(view_cotangents, axes: Sequence[Axis]):
         placed = lax.pad(ct, np.array(0, ct.dtype), config)
         total = placed if total is None else total + placed
     return total
+
+
+def _interleave(view_cotangents, axes):
+    """Tiling windows: element ``(i, a), (j, b)`` of the padded input is offset ``(a, b)`` of
+    window ``(i, j)``, so stacking the offsets and reshaping puts every value in place."""
+    (kh, kw), (ho, wo) = ((a.kernel for a in axes), (a.out_size for a in axes))
+    lead = view_cotangents[0].shape[:-2]
+    stacked = jnp.stack(view_cotangents, axis=-1).reshape(*lead, ho, wo, kh, kw)
+    n = len(lead)
+    order = tuple(range(n)) + (n, n + 2, n + 1, n + 3)
+    return stacked.transpose(order).reshape(*lead, ho * kh, wo * kw)

@@ -47,3 +47,22 @@ def test_floor_mode_crops_rows_no_window_reaches():
     assert (a.out_size, a.pad_hi) == (2, -2)
     c = make_axis(8, 3, 3, 1, 0, 0, True)  # ceil mode keeps a third window reaching row 8
     assert (c.out_size, c.pad_hi) == (3, 1)
+
+
+@given(kernel=st.tuples(st.integers(1, 3), st.integers(1, 3)),
+       out=st.tuples(st.integers(1, 4), st.integers(1, 4)), pad=st.booleans(),
+       crop=st.tuples(st.integers(0, 2), st.integers(0, 2)), seed=st.integers(0, 2**16))
+def test_tiling_windows_interleave_is_the_transpose_too(kernel, out, pad, crop, seed):
+    # stride == kernel: add_window_views takes its interleave case; ceil-mode overhang and
+    # floor-mode cropping both appear through the input size
+    sizes = [o * k - c if c < k else o * k for o, k, c in zip(out, kernel, crop)]
+    pads = [min(int(pad), k // 2) for k in kernel]
+    axes = tuple(make_axis(n, k, k, 1, p, p, True) for n, k, p in zip(sizes, kernel, pads))
+    assume(all(a.out_size >= 1 for a in axes))
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((2, 3, *sizes)))
+    views = window_views(pad_spatial(x, axes, 0), axes)
+    cts = [jnp.asarray(rng.standard_normal(v.shape)) for v in views]
+    lhs = sum(float(jnp.vdot(v, c)) for v, c in zip(views, cts))
+    rhs = float(jnp.vdot(x, unpad_spatial(add_window_views(cts, axes), axes)))
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5, atol=1e-5)
