@@ -32,18 +32,20 @@ import functional_cnn.functional as F
 from functional_cnn import train
 
 MARKERS = ("<!-- bench:begin -->", "<!-- bench:end -->")
+# this library's two gradient paths, and the straightforward network in plain JAX (autodiff)
+IMPLEMENTATIONS = ("custom", "autodiff", "plain")
 
 
 # --------------------------------------------------------------------------- the three steps
 
-def jax_step(net, vjp):
-    """A jitted, buffer-donating AdamW step of ``net`` under ``vjp``."""
+def jax_step(apply, loss_fn):
+    """A jitted, buffer-donating AdamW step of ``apply(params, state, x) -> (logits, state)``."""
     optimizer = train.adamw()
 
     def step(params, state, opt_state, x, y):
         def loss(p):
-            logits, new_state = net.apply(p, state, x, train=True, vjp=vjp)
-            return fcn.cross_entropy(logits, y, vjp=vjp), new_state
+            logits, new_state = apply(p, state, x)
+            return loss_fn(logits, y), new_state
 
         (value, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -52,11 +54,21 @@ def jax_step(net, vjp):
     return jax.jit(step, donate_argnums=(0, 1, 2)), optimizer
 
 
+def implementation(model, impl):
+    """``(apply, loss)`` of ``model`` as this library (``impl`` a vjp mode) or plain JAX."""
+    if impl == "plain":
+        from benchmarks import plain_jax
+        return plain_jax.APPLY[model], plain_jax.loss
+    net = getattr(fcn.models, model)()
+    return (lambda p, s, x: net.apply(p, s, x, train=True, vjp=impl),
+            lambda logits, y: fcn.cross_entropy(logits, y, vjp=impl))
+
+
 class JaxRunner:
-    def __init__(self, model, batch, vjp, x, y):
-        net = getattr(fcn.models, model)()
-        _, self.params, self.state = net.init(jax.random.key(0), (batch, 1, 28, 28))
-        step, optimizer = jax_step(net, vjp)
+    def __init__(self, model, batch, impl, x, y):
+        _, self.params, self.state = getattr(fcn.models, model)().init(
+            jax.random.key(0), (batch, 1, 28, 28))
+        step, optimizer = jax_step(*implementation(model, impl))
         self.opt_state = optimizer.init(self.params)
         self.x, self.y = jnp.asarray(x), jnp.asarray(y)
         start = time.perf_counter()
@@ -112,7 +124,7 @@ def bench_step(model, batch, rounds, torch):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
-    runners = {vjp: JaxRunner(model, batch, vjp, x, y) for vjp in fcn.VJP_MODES}
+    runners = {impl: JaxRunner(model, batch, impl, x, y) for impl in IMPLEMENTATIONS}
     if torch is not None:
         runners["torch"] = TorchRunner(torch, model, x, y)
     timing = race(runners, rounds)
@@ -205,16 +217,19 @@ def markdown(result, command):
              "Machine and versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
              "", "### One AdamW training step (ms per step: median over alternating rounds, "
              "min-max in brackets)", "",
-             "| model | batch | custom | autodiff | torch eager | torch / custom | "
-             "autodiff / custom | compile custom / autodiff (s) | XLA temp custom / autodiff (MB) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | custom | autodiff | plain JAX | torch eager | torch / custom | "
+             "autodiff / custom | plain / custom | compile s (custom, autodiff, plain) | "
+             "XLA temp MB (custom, autodiff, plain) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["steps"]:
-        c, a, t = r["custom"], r["autodiff"], r.get("torch")
-        torch_cells = (f"{_fmt(t)} | {t['median_ms'] / c['median_ms']:.2f}x" if t
-                       else "n/a | n/a")
-        lines.append(f"| {r['model']} | {r['batch']} | {_fmt(c)} | {_fmt(a)} | {torch_cells} | "
-                     f"{a['median_ms'] / c['median_ms']:.2f}x | {c['compile_s']:.2f} / "
-                     f"{a['compile_s']:.2f} | {c['temp_mb']:.1f} / {a['temp_mb']:.1f} |")
+        c, t = r["custom"], r.get("torch")
+        cells = [r["model"], str(r["batch"])] + [_fmt(r[n]) for n in IMPLEMENTATIONS]
+        cells.append(_fmt(t) if t else "n/a")
+        cells += [f"{r[n]['median_ms'] / c['median_ms']:.2f}x" if r.get(n) else "n/a"
+                  for n in ("torch", "autodiff", "plain")]
+        cells.append(", ".join(f"{r[n]['compile_s']:.2f}" for n in IMPLEMENTATIONS))
+        cells.append(", ".join(f"{r[n]['temp_mb']:.1f}" for n in IMPLEMENTATIONS))
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Ratios above 1 mean the hand-written rules are faster.", "",
               "### Forward + backward per op at the networks' layer shapes (ms, median)", "",
               "| op | batch | custom | autodiff | autodiff / custom |", "|---|---|---|---|---|"]
@@ -251,7 +266,7 @@ def chart(result, path):
     import matplotlib.pyplot as plt
     steps = result["steps"]
     labels = [f"{r['model']}\nB{r['batch']}" for r in steps]
-    names = [n for n in ("custom", "autodiff", "torch") if n in steps[0]]
+    names = [n for n in IMPLEMENTATIONS + ("torch",) if n in steps[0]]
     fig, ax = plt.subplots(figsize=(1.6 * len(steps) + 2, 3.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
@@ -295,7 +310,7 @@ def main(argv=None):
                 result["epochs"].append(record)
     for r in result["steps"]:
         line = f"{r['model']:<12} B{r['batch']:<5}" + "".join(
-            f"  {n} {r[n]['median_ms']:8.2f} ms" for n in ("custom", "autodiff", "torch") if n in r)
+            f"  {n} {r[n]['median_ms']:8.2f} ms" for n in IMPLEMENTATIONS + ("torch",) if n in r)
         print(line)
     for r in result["ops"]:
         print(f"{r['op']:<28} custom {r['custom_ms']:.3f} ms  autodiff {r['autodiff_ms']:.3f} ms")
