@@ -43,7 +43,9 @@ class Protocol(NamedTuple):
     reduction: str = "mean"
     label_smoothing: float = 0.0
     augment: Callable | None = None
-    scan: bool = True  # False for conv nets: XLA:CPU convs are slow in loops (jax #12868)
+    scan: bool = True  # False for conv nets: a call per step is as fast for the custom
+    # rules (canonical NHWC convs) and much faster for vjp=autodiff, whose NCHW conv
+    # transposes take XLA:CPU's slow path inside loops (jax #12868)
     article: dict = {}  # the article's figures, copied into the JSON
     eval_each_epoch: bool = True  # False where the evaluation set dwarfs the training set
 
