@@ -43,6 +43,7 @@ class Protocol(NamedTuple):
     reduction: str = "mean"
     label_smoothing: float = 0.0
     augment: Callable | None = None
+    shuffle: bool = True  # reshuffle the training range every epoch (False: a fixed order)
     scan: bool = True  # False for conv nets: a call per step is as fast for the custom
     # rules (canonical NHWC convs) and much faster for vjp=autodiff, whose NCHW conv
     # transposes take XLA:CPU's slow path inside loops (jax #12868)
@@ -143,7 +144,7 @@ def run(p: Protocol, argv=None) -> dict:
         train.make_trainer, p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
         label_smoothing=p.label_smoothing,
         preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
-        augment=p.augment, vjp=args.vjp, scan=p.scan, mesh=mesh)
+        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=p.scan, mesh=mesh)
     if args.no_progress or not main:
         trainer, bar = make(), None
     else:
