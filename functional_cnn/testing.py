@@ -90,20 +90,16 @@ def _pool_input(rng, c, dtype):
     return _ties(x) if c.get("ties") else x
 
 
-def _max_pool2d(rng, c, dtype):
-    kw = dict(kernel_size=c["kernel"], stride=c["stride"], padding=c["padding"],
-              dilation=c["dilation"], ceil_mode=c["ceil_mode"])
-    return Case("max_pool2d", c, {"x": _pool_input(rng, c, dtype)},
-                lambda x, vjp="custom": F.max_pool2d(x, vjp=vjp, **kw),
-                lambda torch, x: torch.nn.functional.max_pool2d(x, **kw))
-
-
-def _avg_pool2d(rng, c, dtype):
-    kw = dict(kernel_size=c["kernel"], stride=c["stride"], padding=c["padding"],
-              ceil_mode=c["ceil_mode"], count_include_pad=c["count_include_pad"])
-    return Case("avg_pool2d", c, {"x": _pool_input(rng, c, dtype)},
-                lambda x, vjp="custom": F.avg_pool2d(x, vjp=vjp, **kw),
-                lambda torch, x: torch.nn.functional.avg_pool2d(x, **kw))
+def _pool(name, extra):
+    """Builder for a pooling op: the shared hyperparameters plus its own (``extra``)."""
+    def build(rng, c, dtype):
+        kw = dict(kernel_size=c["kernel"], stride=c["stride"], padding=c["padding"],
+                  ceil_mode=c["ceil_mode"], **{k: c[k] for k in extra})
+        fn = getattr(F, name)
+        return Case(name, c, {"x": _pool_input(rng, c, dtype)},
+                    lambda x, vjp="custom": fn(x, vjp=vjp, **kw),
+                    lambda torch, x: getattr(torch.nn.functional, name)(x, **kw))
+    return build
 
 
 def _batch_norm(rng, c, dtype):
@@ -246,13 +242,15 @@ SPACES: dict[str, OpSpace] = {
          {"in_per_group": 1, "groups": 1, "stride": 2, "padding": 1, "dilation": 2,
           "kernel": (3, 2), "batch": 1})),
     "max_pool2d": OpSpace(
-        dict(_POOL, dilation=(1, 2, (2, 1)), ties=(False, True)), _max_pool2d,
+        dict(_POOL, dilation=(1, 2, (2, 1)), ties=(False, True)),
+        _pool("max_pool2d", ["dilation"]),
         ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "size": (6, 9)},
          {"ties": True}, {"ties": True, "stride": 1, "padding": 1}, {"dilation": 2},
          {"kernel": 3, "stride": 2, "size": (28, 28), "batch": 1},
          {"batch": 1, "kernel": (2, 3), "ceil_mode": True, "padding": 1, "stride": 2})),
     "avg_pool2d": OpSpace(
-        dict(_POOL, count_include_pad=(True, False)), _avg_pool2d,
+        dict(_POOL, count_include_pad=(True, False)),
+        _pool("avg_pool2d", ["count_include_pad"]),
         ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "padding": 1},
          {"ceil_mode": True, "stride": 2, "padding": 1, "count_include_pad": False},
          {"padding": 1, "count_include_pad": False}, {"batch": 1, "size": (5, 5)})),

@@ -66,7 +66,10 @@ _leaky_relu = two_gradients(_leaky_forward, _leaky_fwd, _leaky_bwd)
 
 @register()
 def leaky_relu(x, negative_slope: float = 0.01, *, vjp: str = "custom"):
-    """``x`` if ``x > 0`` else ``slope x``. Backward rule: ``dx = g`` where ``x > 0``, else ``slope g``."""
+    """``x`` if ``x > 0`` else ``slope x``.
+
+    Backward rule: ``dx = g`` where ``x > 0``, else ``slope g`` (at 0 too, as PyTorch).
+    """
     _checked("leaky_relu", x, vjp)
     return _leaky_relu(vjp, float(negative_slope), x)
 

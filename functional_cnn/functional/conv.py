@@ -63,7 +63,8 @@ def _batched(w2, n):
 
 
 def _forward(cfg, x, weight, bias):
-    if _single_channel(cfg, x.shape[1]):  # y[n] = W (O, kh*kw) @ patches[n]: NCHW out, no transposes
+    if _single_channel(cfg, x.shape[1]):
+        # y[n] = W (O, kh*kw) @ patches[n]: already NCHW, no transposes
         y = lax.dot_general(_batched(weight.reshape(weight.shape[0], -1), x.shape[0]),
                             _patches(cfg, x), (((2,), (1,)), ((0,), (0,))))
         y = y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
@@ -200,7 +201,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
 
     Forward, with padded input ``xp``, stride ``s`` and dilation ``d``::
 
-        y[n, o, i, j] = b[o] + sum_{c in group(o), a, b'} W[o, c, a, b'] xp[n, c, i s + a d, j s + b' d]
+        y[n, o, i, j] = b[o] + sum_{c in group(o), a, b'}
+                               W[o, c, a, b'] xp[n, c, i s + a d, j s + b' d]
 
     Backward rule (each a convolution again, so it is itself differentiable)::
 
