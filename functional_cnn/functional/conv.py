@@ -58,15 +58,16 @@ def _patches(cfg, x):
     return views.reshape(x.shape[0], -1, cfg.axes[0].out_size * cfg.axes[1].out_size)
 
 
-def _batched(w2, n):
-    return jnp.broadcast_to(w2, (n,) + w2.shape)
+def _matmul_per_sample(w2, m):
+    """``w2 @ m[n]`` for every sample ``n``: ``(r, k) x (N, k, c) -> (N, r, c)``."""
+    return lax.dot_general(jnp.broadcast_to(w2, (m.shape[0],) + w2.shape), m,
+                           (((2,), (1,)), ((0,), (0,))))
 
 
 def _forward(cfg, x, weight, bias):
     if _single_channel(cfg, x.shape[1]):
         # y[n] = W (O, kh*kw) @ patches[n]: already NCHW, no transposes
-        y = lax.dot_general(_batched(weight.reshape(weight.shape[0], -1), x.shape[0]),
-                            _patches(cfg, x), (((2,), (1,)), ((0,), (0,))))
+        y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
         y = y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
     else:
         y = _nchw(lax.conv_general_dilated(
@@ -94,8 +95,7 @@ def _input_grad(cfg, g, weight):
         # col2im: dP[n] = W^T (kh*kw, O) @ g[n], each patch row scattered back to its window offset
         n = g.shape[0]
         w2 = weight.reshape(weight.shape[0], -1)
-        d_patches = lax.dot_general(_batched(w2.T, n), g.reshape(n, g.shape[1], -1),
-                                    (((2,), (1,)), ((0,), (0,))))
+        d_patches = _matmul_per_sample(w2.T, g.reshape(n, g.shape[1], -1))
         d_patches = d_patches.reshape(n, 1, -1, *g.shape[2:])
         views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
         return unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
