@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from functional_cnn import data
@@ -67,3 +68,43 @@ def test_missing_data_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lenet.run(lenet.PROTOCOL, ["--resume"])  # --resume without --checkpoint
     assert "--resume needs --checkpoint" in capsys.readouterr().err
+
+
+def _article_adamw_steps(w, grads, lr=0.01, betas=(0.9, 0.999), eps=1e-8):
+    """Article 001's ``mytorch.AdamW._block_step``, line for line, on one numpy array."""
+    beta1, beta2 = betas
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t, gt in enumerate(grads, start=1):
+        mt, vt = m, v
+        w = w - lr * gt
+        m = beta1 * mt + (1 - beta1) * gt
+        v = beta2 * vt + (1 - beta2) * (gt * gt)
+        mt = mt / (1 - np.power(beta1, t))
+        vt = vt / (1 - np.power(beta2, t))
+        w = w - lr * mt / (np.sqrt(vt) + eps)
+    return w
+
+
+def test_mytorch_adamw_is_the_articles_optimizer():
+    import optax
+    from experiments.mytorch_net import mytorch_adamw
+
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(3, 4))
+    grads = [rng.normal(size=(3, 4)) * 10 for _ in range(4)]  # sums over a batch of 10
+    expected = _article_adamw_steps(w0, [g / 10 for g in grads])  # its backward: the mean's
+    opt = mytorch_adamw(0.01, grad_scale=1 / 10)
+    params = {"w": jax.numpy.asarray(w0, jax.numpy.float32)}
+    opt_state = opt.init(params)
+    for g in grads:
+        updates, opt_state = opt.update({"w": jax.numpy.asarray(g, jax.numpy.float32)},
+                                        opt_state, params)
+        params = optax.apply_updates(params, updates)
+    np.testing.assert_allclose(np.asarray(params["w"]), expected, rtol=1e-5, atol=1e-6)
+    # and it is not torch's AdamW: no decay, an extra SGD step, moments one step late
+    torch_like = optax.adamw(0.01, weight_decay=1e-2)
+    p, s = {"w": jax.numpy.asarray(w0, jax.numpy.float32)}, torch_like.init(params)
+    for g in grads:
+        u, s = torch_like.update({"w": jax.numpy.asarray(g / 10, jax.numpy.float32)}, s, p)
+        p = optax.apply_updates(p, u)
+    assert np.max(np.abs(np.asarray(p["w"]) - expected)) > 1e-3
