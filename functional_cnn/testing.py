@@ -232,7 +232,7 @@ SPACES: dict[str, OpSpace] = {
         dict(batch=(2, 1), in_per_group=(3, 1, 2), out_per_group=(2, 1), groups=(1, 2, 3),
              size=((8, 7), (5, 5), (9, 6)), kernel=(3, 1, 2, (3, 2)),
              stride=(1, 2, 3, (2, 1)), padding=(0, 1, 2, (1, 0), "same", "valid"),
-             dilation=(1, 2, (1, 2)), bias=(True, False)),
+             dilation=(1, 2, (1, 2), (2, 1)), bias=(True, False)),
         _conv2d,
         ({"kernel": 2, "stride": 3}, {"padding": "same", "dilation": 2},
          {"padding": "same", "kernel": 2}, {"groups": 3, "stride": 2, "padding": 1},
@@ -240,7 +240,15 @@ SPACES: dict[str, OpSpace] = {
          {"dilation": (1, 2), "stride": (2, 1), "kernel": (3, 2)},
          {"in_per_group": 1, "groups": 1},  # the single-channel (im2col) fast path
          {"in_per_group": 1, "groups": 1, "stride": 2, "padding": 1, "dilation": 2,
-          "kernel": (3, 2), "batch": 1})),
+          "kernel": (3, 2), "batch": 1},
+         # the banded fast path (several channels, narrow): stride and dilation on the height,
+         # stride on the width, "same" padding
+         {"in_per_group": 3, "groups": 1, "kernel": 3, "size": (9, 6), "stride": (2, 1),
+          "dilation": (2, 1), "padding": (1, 0)},
+         {"in_per_group": 2, "groups": 1, "kernel": (3, 2), "size": (5, 5), "stride": (1, 2),
+          "padding": 0, "dilation": 1},
+         {"in_per_group": 2, "groups": 1, "kernel": 3, "size": (5, 5), "padding": "same",
+          "stride": 1, "dilation": 1})),
     "max_pool2d": OpSpace(
         dict(_POOL, dilation=(1, 2, (2, 1)), ties=(False, True)),
         _pool("max_pool2d", ["dilation"]),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 from jax import lax
 from jax import numpy as jnp
 
@@ -64,11 +65,103 @@ def _matmul_per_sample(w2, m):
                            (((2,), (1,)), ((0,), (0,))))
 
 
+def _banded(cfg, x_shape) -> bool:
+    """The second fast path: narrow inputs with a few channels (no groups, no dilation along
+    the width), like LeNet's second convolution.
+
+    An output row ``i`` is then one matrix product of the ``kh`` padded input rows it reads
+    with a *banded* weight matrix (:func:`_band`), so the whole convolution is a single large
+    matmul with no im2col copy. The band costs ``W_pad / kw`` times the multiplies of a direct
+    convolution, which pays while that ratio is small: XLA:CPU runs matmuls several times
+    faster than its convolutions at these shapes (``experiments.bench``).
+    """
+    width = cfg.axes[1]
+    return (cfg.groups == 1 and 1 < x_shape[1] <= _BAND_MAX_CHANNELS and width.dilation == 1
+            and width.padded_size <= _BAND_MAX_RATIO * width.kernel)
+
+
+# Where the band wins, measured forward + backward at batch 64-256 (experiments.bench and
+# tests/functional/test_conv.py's shapes): LeNet's 10->20 k5 on 12x12 (W_pad/kw = 2.4) runs
+# 1.5-2x faster, 8->16 k5 likewise; with 32 input channels XLA's convolution is efficient and
+# the band loses 2-4x (article 001's 32->64 k3 s2 on 6x6; 32->32 k3 on 7x7 and 14x14).
+_BAND_MAX_RATIO = 2.5
+_BAND_MAX_CHANNELS = 16
+
+
+def _whole_width(cfg) -> tuple[Axis, Axis]:
+    """The height axis as it is; the padded width as one tap read at every column. With these
+    axes :func:`window_views` reads, for each kernel row ``a``, the whole input rows that row
+    sees, and :func:`add_window_views` adds their cotangents back."""
+    width = cfg.axes[1].padded_size
+    return cfg.axes[0], Axis(width, width, 1, 1, 1, 0, 0)
+
+
+def _rows(cfg, xp):
+    """``R[n, i, a, c, w] = xp[n, c, i s_h + a d_h, w]``: the input rows output row ``i`` reads."""
+    views = window_views(xp, _whole_width(cfg))  # kh x (N, C, H_out, W_pad)
+    return jnp.stack(views, axis=1).transpose(0, 3, 1, 2, 4)
+
+
+def _unrows(cfg, d_rows):
+    """Transpose of :func:`_rows`: add each row's cotangent back where it was read."""
+    views = [d_rows[:, :, a].transpose(0, 2, 1, 3) for a in range(d_rows.shape[2])]
+    return add_window_views(views, _whole_width(cfg))
+
+
+def _band_selector(cfg, dtype):
+    """``S[b, w, j] = 1`` where padded column ``w`` is tap ``b`` of output column ``j``."""
+    a = cfg.axes[1]
+    s = np.zeros((a.kernel, a.padded_size, a.out_size), dtype)
+    for b in range(a.kernel):
+        for j in range(a.out_size):
+            s[b, j * a.stride + b, j] = 1
+    return s
+
+
+def _band(cfg, weight):
+    """The weight as a banded matrix ``T[a, c, w, o, j] = sum_b S[b, w, j] W[o, c, a, b]``."""
+    return jnp.einsum("bwj,ocab->acwoj", _band_selector(cfg, weight.dtype), weight)
+
+
+def _unband(cfg, d_band):
+    """Transpose of :func:`_band`: ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[a, c, w, o, j]``."""
+    return jnp.einsum("bwj,acwoj->ocab", _band_selector(cfg, d_band.dtype), d_band)
+
+
+def _banded_forward(cfg, x, weight):
+    """``y[n, o, i, j] = sum_{a,c,w} R[n, i, a, c, w] T[a, c, w, o, j]``."""
+    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
+    y = lax.dot_general(rows, _band(cfg, weight), (((2, 3, 4), (0, 1, 2)), ((), ())))
+    return y.transpose(0, 2, 1, 3)  # (N, H_out, O, W_out) -> NCHW
+
+
+def _banded_grads(cfg, x, weight, g):
+    """``dR = G T^T`` scattered back by :func:`_unrows`; ``dT = R^T G`` folded back by
+    :func:`_unband` (the band's entries are shared, so their cotangents add)."""
+    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
+    g_rows = g.transpose(0, 2, 1, 3)  # (N, H_out, O, W_out)
+    d_rows = lax.dot_general(g_rows, _band(cfg, weight), (((2, 3), (3, 4)), ((), ())))
+    d_band = lax.dot_general(rows, g_rows, (((0, 1), (0, 1)), ((), ())))
+    return unpad_spatial(_unrows(cfg, d_rows), cfg.axes), _unband(cfg, d_band)
+
+
+def _path(cfg, x_shape) -> str:
+    """Which formulation of the same sums runs, by shape: ``"im2col"`` (one input channel,
+    :func:`_single_channel`), ``"banded"`` (narrow, several channels, :func:`_banded`) or
+    ``"lax"`` (XLA's convolution: the general rule)."""
+    if _single_channel(cfg, x_shape[1]):
+        return "im2col"
+    return "banded" if _banded(cfg, x_shape) else "lax"
+
+
 def _forward(cfg, x, weight, bias):
-    if _single_channel(cfg, x.shape[1]):
+    path = _path(cfg, x.shape)
+    if path == "im2col":
         # y[n] = W (O, kh*kw) @ patches[n]: already NCHW, no transposes
         y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
         y = y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
+    elif path == "banded":
+        y = _banded_forward(cfg, x, weight)
     else:
         y = _nchw(lax.conv_general_dilated(
             _nhwc(x), _hwio(weight), window_strides=_strides(cfg),
@@ -96,7 +189,7 @@ def _input_grad(cfg, g, weight):
         n = g.shape[0]
         w2 = weight.reshape(weight.shape[0], -1)
         d_patches = _matmul_per_sample(w2.T, g.reshape(n, g.shape[1], -1))
-        d_patches = d_patches.reshape(n, 1, -1, *g.shape[2:])
+        d_patches = d_patches.reshape(n, weight.shape[1], -1, *g.shape[2:])
         views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
         return unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
     # Full correlation of the stride-dilated cotangent with the flipped kernel. The padding
@@ -113,7 +206,7 @@ def _weight_grad(cfg, x, g):
     if _single_channel(cfg, x.shape[1]):  # dW = sum_n g[n] (O, HW) @ patches[n]^T (HW, kh*kw)
         g2 = g.reshape(g.shape[0], g.shape[1], -1)
         dw = lax.dot_general(g2, _patches(cfg, x), (((2,), (2,)), ((0,), (0,)))).sum(axis=0)
-        return dw.reshape(g.shape[1], 1, *(a.kernel for a in cfg.axes))
+        return dw.reshape(g.shape[1], x.shape[1], *(a.kernel for a in cfg.axes))
     # Correlate the padded input with the cotangent used as a kernel dilated by the stride,
     # stepping by the dilation. The roles swap: x's channels act as the batch and its samples
     # as the features summed over, so x goes in as (C, H, W, N), g as the kernel (Ho, Wo, N, O),
@@ -129,6 +222,8 @@ def _weight_grad(cfg, x, g):
 def _bwd(cfg, residuals, g):
     x, weight, no_bias = residuals
     dbias = None if no_bias else g.sum(axis=(0, 2, 3))
+    if _path(cfg, x.shape) == "banded":
+        return (*_banded_grads(cfg, x, weight, g), dbias)
     return _input_grad(cfg, g, weight), _weight_grad(cfg, x, g), dbias
 
 
@@ -214,6 +309,13 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     With a single input channel (and no groups) all three run as batched matrix products over
     im2col patches ``P[n] (kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
     ``dx = col2im(W^T g[n])`` -- the same sums, in a form XLA:CPU runs about twice as fast.
+
+    On narrow inputs with a few channels (``W_pad <= 2.5 kw``, 2-16 channels, no groups, no
+    dilation along the width) they run as single matrix products with the weight laid out as
+    a banded matrix ``T[a, c, w, o, j] = W[o, c, a, w - j s]`` (zero off the band) over the input rows
+    ``R[n, i, a, c, w] = xp[n, c, i s_h + a d_h, w]``: ``y = R T``, ``dR = g T^T`` added back
+    row by row, and ``dW`` the band of ``R^T g`` summed along each diagonal (see ``_band``).
+    ``_path`` says which formulation a shape takes.
     """
     check_vjp("conv2d", vjp)
     _checks.check_floating("conv2d", x)
