@@ -65,47 +65,54 @@ def _matmul_per_sample(w2, m):
                            (((2,), (1,)), ((0,), (0,))))
 
 
-def _banded(cfg, x_shape) -> bool:
-    """The second fast path: narrow inputs with a few channels (no groups, no dilation along
-    the width), like LeNet's second convolution.
+def _banded(cfg, x_shape, weight_shape) -> bool:
+    """The banded fast path: few input channels, narrow enough rows (no groups, no dilation
+    along the width), like both convolutions of LeNet.
 
     An output row ``i`` is then one matrix product of the ``kh`` padded input rows it reads
-    with a *banded* weight matrix (:func:`_band`), so the whole convolution is a single large
-    matmul with no im2col copy. The band costs ``W_pad / kw`` times the multiplies of a direct
-    convolution, which pays while that ratio is small: XLA:CPU runs matmuls several times
-    faster than its convolutions at these shapes (``experiments.bench``).
+    with a *banded* weight matrix (:func:`_band`), so the whole convolution is one large
+    matmul over row blocks copied whole, not an im2col of ``kh*kw`` small windows. The band
+    costs ``W_pad / kw`` times the multiplies of a direct convolution; XLA:CPU's matmul is fast
+    enough to pay for that up to about 6x, where its convolution handles few channels poorly.
     """
-    width = cfg.axes[1]
-    return (cfg.groups == 1 and 1 < x_shape[1] <= _BAND_MAX_CHANNELS and width.dilation == 1
-            and width.padded_size <= _BAND_MAX_RATIO * width.kernel)
+    width, c = cfg.axes[1], x_shape[1]
+    band_size = cfg.axes[0].kernel * c * width.padded_size * weight_shape[0] * width.out_size
+    return (cfg.groups == 1 and width.dilation == 1 and c <= _BAND_MAX_CHANNELS
+            and width.padded_size <= _BAND_MAX_RATIO * width.kernel
+            and band_size <= _BAND_MAX_ELEMENTS)
 
 
-# Where the band wins, measured forward + backward at batch 64-256 (experiments.bench and
-# tests/functional/test_conv.py's shapes): LeNet's 10->20 k5 on 12x12 (W_pad/kw = 2.4) runs
-# 1.5-2x faster, 8->16 k5 likewise; with 32 input channels XLA's convolution is efficient and
-# the band loses 2-4x (article 001's 32->64 k3 s2 on 6x6; 32->32 k3 on 7x7 and 14x14).
-_BAND_MAX_RATIO = 2.5
-_BAND_MAX_CHANNELS = 16
+# Where the band wins, forward + backward at batch 128 (the shapes in tests/functional/
+# test_conv.py and more): 1.3-2x faster than the next best on LeNet's 1->10 k5 on 28x28
+# (W_pad/kw 5.6) and 10->20 k5 on 12x12 (2.4), 8->16 k5 on 24x24 (4.8); slower from 16 input
+# channels with 3x3 kernels (16->32 on 14x14: 2.3x; 32->64 s2 on 6x6: 1.7x) and on article
+# 001's 1->32 k3 s2 on 28x28 (W_pad/kw 10: 2x slower than im2col).
+_BAND_MAX_CHANNELS = 12
+_BAND_MAX_RATIO = 6
+_BAND_MAX_ELEMENTS = 1 << 22  # the band's entries (16 MiB in float32): it is built every step
 
 
-def _whole_width(cfg) -> tuple[Axis, Axis]:
-    """The height axis as it is; the padded width as one tap read at every column. With these
-    axes :func:`window_views` reads, for each kernel row ``a``, the whole input rows that row
-    sees, and :func:`add_window_views` adds their cotangents back."""
-    width = cfg.axes[1].padded_size
-    return cfg.axes[0], Axis(width, width, 1, 1, 1, 0, 0)
+def _row_axes(cfg, row_length: int) -> tuple[Axis, Axis]:
+    """The height axis as it is, and a row of ``row_length`` values read whole (one tap at
+    every position): with these :func:`window_views` reads, for each kernel row ``a``, the
+    input rows it sees, and :func:`add_window_views` adds their cotangents back."""
+    return cfg.axes[0], Axis(row_length, row_length, 1, 1, 1, 0, 0)
 
 
 def _rows(cfg, xp):
-    """``R[n, i, a, c, w] = xp[n, c, i s_h + a d_h, w]``: the input rows output row ``i`` reads."""
-    views = window_views(xp, _whole_width(cfg))  # kh x (N, C, H_out, W_pad)
-    return jnp.stack(views, axis=1).transpose(0, 3, 1, 2, 4)
+    """``R[n, i, a, (c, w)] = xp[n, c, i s_h + a d_h, w]``: the ``kh`` input rows output row
+    ``i`` reads, each with its channels side by side, so every row is one contiguous block."""
+    n, c, hp, wp = xp.shape
+    rows = xp.transpose(0, 2, 1, 3).reshape(n, hp, c * wp)
+    return jnp.stack(window_views(rows, _row_axes(cfg, c * wp)), axis=2)
 
 
-def _unrows(cfg, d_rows):
-    """Transpose of :func:`_rows`: add each row's cotangent back where it was read."""
-    views = [d_rows[:, :, a].transpose(0, 2, 1, 3) for a in range(d_rows.shape[2])]
-    return add_window_views(views, _whole_width(cfg))
+def _unrows(cfg, d_rows, padded_shape):
+    """Transpose of :func:`_rows`: each row's cotangent added back where it was read."""
+    n, c, hp, wp = padded_shape
+    views = [d_rows[:, :, a] for a in range(d_rows.shape[2])]
+    d_xp = add_window_views(views, _row_axes(cfg, c * wp))
+    return d_xp.reshape(n, hp, c, wp).transpose(0, 2, 1, 3)
 
 
 def _band_selector(cfg, dtype):
@@ -119,43 +126,48 @@ def _band_selector(cfg, dtype):
 
 
 def _band(cfg, weight):
-    """The weight as a banded matrix ``T[a, c, w, o, j] = sum_b S[b, w, j] W[o, c, a, b]``."""
-    return jnp.einsum("bwj,ocab->acwoj", _band_selector(cfg, weight.dtype), weight)
+    """The weight as a banded matrix ``T[a, (c, w), o, j] = sum_b S[b, w, j] W[o, c, a, b]``."""
+    t = jnp.einsum("bwj,ocab->acwoj", _band_selector(cfg, weight.dtype), weight)
+    kh, c, wp, o, wo = t.shape
+    return t.reshape(kh, c * wp, o, wo)
 
 
 def _unband(cfg, d_band):
-    """Transpose of :func:`_band`: ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[a, c, w, o, j]``."""
-    return jnp.einsum("bwj,acwoj->ocab", _band_selector(cfg, d_band.dtype), d_band)
+    """Transpose of :func:`_band`: ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[a, (c, w), o, j]``
+    (every weight sits on the band once per output column, so its cotangents add)."""
+    s = _band_selector(cfg, d_band.dtype)
+    kh, cw, o, wo = d_band.shape
+    d_band = d_band.reshape(kh, cw // s.shape[1], s.shape[1], o, wo)
+    return jnp.einsum("bwj,acwoj->ocab", s, d_band)
 
 
 def _banded_forward(cfg, x, weight):
-    """``y[n, o, i, j] = sum_{a,c,w} R[n, i, a, c, w] T[a, c, w, o, j]``."""
+    """``y[n, o, i, j] = sum_{a,(c,w)} R[n, i, a, (c, w)] T[a, (c, w), o, j]``."""
     rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
-    y = lax.dot_general(rows, _band(cfg, weight), (((2, 3, 4), (0, 1, 2)), ((), ())))
+    y = lax.dot_general(rows, _band(cfg, weight), (((2, 3), (0, 1)), ((), ())))
     return y.transpose(0, 2, 1, 3)  # (N, H_out, O, W_out) -> NCHW
 
 
 def _banded_grads(cfg, x, weight, g):
-    """``dR = G T^T`` scattered back by :func:`_unrows`; ``dT = R^T G`` folded back by
-    :func:`_unband` (the band's entries are shared, so their cotangents add)."""
-    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
-    g_rows = g.transpose(0, 2, 1, 3)  # (N, H_out, O, W_out)
-    d_rows = lax.dot_general(g_rows, _band(cfg, weight), (((2, 3), (3, 4)), ((), ())))
+    """``dR = G T^T`` added back by :func:`_unrows`; ``dT = R^T G`` folded by :func:`_unband`."""
+    xp = pad_spatial(x, cfg.axes, 0)
+    rows, g_rows = _rows(cfg, xp), g.transpose(0, 2, 1, 3)  # g as (N, H_out, O, W_out)
+    d_rows = lax.dot_general(g_rows, _band(cfg, weight), (((2, 3), (2, 3)), ((), ())))
     d_band = lax.dot_general(rows, g_rows, (((0, 1), (0, 1)), ((), ())))
-    return unpad_spatial(_unrows(cfg, d_rows), cfg.axes), _unband(cfg, d_band)
+    return unpad_spatial(_unrows(cfg, d_rows, xp.shape), cfg.axes), _unband(cfg, d_band)
 
 
-def _path(cfg, x_shape) -> str:
-    """Which formulation of the same sums runs, by shape: ``"im2col"`` (one input channel,
-    :func:`_single_channel`), ``"banded"`` (narrow, several channels, :func:`_banded`) or
-    ``"lax"`` (XLA's convolution: the general rule)."""
-    if _single_channel(cfg, x_shape[1]):
-        return "im2col"
-    return "banded" if _banded(cfg, x_shape) else "lax"
+def _path(cfg, x_shape, weight_shape) -> str:
+    """Which formulation of the same sums runs, by shape: ``"banded"`` (few channels, narrow
+    rows: :func:`_banded`), else ``"im2col"`` (one input channel: :func:`_single_channel`),
+    else ``"lax"`` (XLA's convolution: the general rule)."""
+    if _banded(cfg, x_shape, weight_shape):
+        return "banded"
+    return "im2col" if _single_channel(cfg, x_shape[1]) else "lax"
 
 
 def _forward(cfg, x, weight, bias):
-    path = _path(cfg, x.shape)
+    path = _path(cfg, x.shape, weight.shape)
     if path == "im2col":
         # y[n] = W (O, kh*kw) @ patches[n]: already NCHW, no transposes
         y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
@@ -222,7 +234,7 @@ def _weight_grad(cfg, x, g):
 def _bwd(cfg, residuals, g):
     x, weight, no_bias = residuals
     dbias = None if no_bias else g.sum(axis=(0, 2, 3))
-    if _path(cfg, x.shape) == "banded":
+    if _path(cfg, x.shape, weight.shape) == "banded":
         return (*_banded_grads(cfg, x, weight, g), dbias)
     return _input_grad(cfg, g, weight), _weight_grad(cfg, x, g), dbias
 

@@ -15,7 +15,7 @@ def _path_of(config):
     x, w = case.inputs["x"], case.inputs["weight"]
     cfg = conv.conv_config("test", x.shape, w.shape, config["stride"], config["padding"],
                            config["dilation"], config["groups"])
-    return conv._path(cfg, x.shape)
+    return conv._path(cfg, x.shape, w.shape)
 
 
 def test_edge_cases_run_every_conv_formulation():
@@ -25,14 +25,15 @@ def test_edge_cases_run_every_conv_formulation():
 
 @pytest.mark.parametrize("shape, weight, stride, padding, path", [
     ((8, 10, 12, 12), (20, 10, 5, 5), 1, 0, "banded"),   # LeNet's second conv
-    ((8, 1, 28, 28), (10, 1, 5, 5), 1, 0, "im2col"),     # LeNet's first conv
+    ((8, 1, 28, 28), (10, 1, 5, 5), 1, 0, "banded"),     # LeNet's first conv
+    ((8, 1, 28, 28), (32, 1, 3, 3), 2, 1, "im2col"),     # article 001's first conv
     ((8, 32, 6, 6), (64, 32, 3, 3), 2, 1, "lax"),        # article 001's second conv
 ])
 def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, path):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, w = jax.random.normal(kx, shape), jax.random.normal(kw, weight)
     cfg = conv.conv_config("test", shape, weight, stride, padding, 1, 1)
-    assert conv._path(cfg, shape) == path
+    assert conv._path(cfg, shape, weight) == path
 
     def xla(x, w):  # XLA's convolution in PyTorch's layout, differentiated by JAX
         return jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2)
