@@ -1,8 +1,10 @@
 """2-D pooling: ``max_pool2d`` and ``avg_pool2d``, sharing one window geometry."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
+import jax
 import numpy as np
 from jax import lax
 from jax import numpy as jnp
@@ -47,25 +49,55 @@ def _unbatched(op, x, *args, **kwargs):
 
 # ----------------------------------------------------------------------------- max pooling
 
-def _max_select(cfg, x):
-    """Each window's first maximum (row-major window order; NaN wins, as in PyTorch) and its
-    offset ``first``: the window views are stacked, ``argmax`` picks the first of tied maxima and
-    the value is *gathered* from the input, so JAX autodiff routes its gradient to exactly that
-    element, like the rule. (JAX's own reduce_max rule splits ties, and it cannot differentiate a
-    dilated reduce_window max at all.) A fused running-maximum pass was tried instead and was
-    1.8x slower inside LeNet's step: XLA fuses it with the convolution and ReLU that feed it."""
-    views = window_views(pad_spatial(x, cfg.axes, -jnp.inf), cfg.axes)
-    stacked = jnp.stack(views, axis=-1)
-    first = jnp.argmax(stacked, axis=-1)
-    return jnp.take_along_axis(stacked, first[..., None], axis=-1)[..., 0], first
+def _at_offset(views, first):
+    """``views[first]`` elementwise: the value of each window at offset ``first``, as a sum of
+    one-hot selects (linear in ``views``, so it is also how tangents and gradients route)."""
+    zero = jnp.zeros((), views[0].dtype)
+    return sum(jnp.where(first == k, view, zero) for k, view in enumerate(views))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _window_maxima(cfg, x):
+    """Each window's maximum and the offset ``first`` of its first maximum (row-major window
+    order; NaN wins, as in PyTorch), both from one variadic reduce over the stacked window
+    views: neither is recomputed where XLA fuses the pool into its consumer (the custom
+    rule's forward; 1.2-1.5x faster steps than gathering the value at ``first``)."""
+    stacked = jnp.stack(window_views(pad_spatial(x, cfg.axes, -jnp.inf), cfg.axes), axis=-1)
+    offsets = lax.broadcasted_iota(jnp.int32, stacked.shape, stacked.ndim - 1)
+    return lax.reduce((stacked, offsets), (np.array(-np.inf, x.dtype), np.int32(0)),
+                      _first_max, (stacked.ndim - 1,))
+
+
+@_window_maxima.defjvp
+def _window_maxima_jvp(cfg, primals, tangents):
+    """The maximum moves with its element: ``dvalue = dx[first]`` (so rules built on this stay
+    differentiable, e.g. for Hessian-vector products); ``first`` is piecewise constant."""
+    (x,), (dx,) = primals, tangents
+    value, first = _window_maxima(cfg, x)
+    d_value = _at_offset(window_views(pad_spatial(dx, cfg.axes, 0), cfg.axes), first)
+    return (value, first), (d_value, np.zeros(first.shape, jax.dtypes.float0))
+
+
+def _first_max(candidate, best):
+    """The reducer: the larger value (NaN beats anything); on a tie, the earlier offset."""
+    (value, offset), (best_value, best_offset) = candidate, best
+    take = (value > best_value) | (value != value)
+    take_offset = take | ((value == best_value) & (offset < best_offset))
+    return lax.select(take, value, best_value), lax.select(take_offset, offset, best_offset)
 
 
 def _max_forward(cfg, x):
-    return _max_select(cfg, x)[0]
+    """The forward JAX differentiates (``vjp="autodiff"``, and the plain call): every window
+    at the offset of its first maximum, so autodiff routes each window's gradient to exactly
+    that element, like the rule. (JAX's reduce_max rule splits ties, and it cannot
+    differentiate a dilated reduce_window max at all.) The selects fuse into the pool's
+    consumers, which XLA:CPU runs faster than a gather (LeNet's step and evaluation)."""
+    views = window_views(pad_spatial(x, cfg.axes, -jnp.inf), cfg.axes)
+    return _at_offset(views, jnp.argmax(jnp.stack(views, axis=-1), axis=-1))
 
 
 def _max_fwd(cfg, x):
-    return _max_select(cfg, x)
+    return _window_maxima(cfg, x)
 
 
 def _max_bwd(cfg, first, g):
