@@ -23,7 +23,8 @@ import subprocess
 import sys
 import time
 
-BEGIN, END = "<!-- scaling:begin -->", "<!-- scaling:end -->"
+from experiments._report import write_section
+
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
                    "BENCHMARKS.md")
 # name -> (network, global batch size, scan, normalization); batch sizes divide by 1, 2, 4, 8
@@ -133,20 +134,6 @@ def table(medians, devices, info, images, rounds):
     return "\n".join(rows), setup
 
 
-def write_section(text: str, path: str = DOC):
-    """Replace what lies between the scaling markers (appending the section if absent)."""
-    old = open(path).read() if os.path.exists(path) else ""
-    block = f"{BEGIN}\n{text.strip()}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old + ("\n\n" if old.strip() else "") + block + "\n"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(new)
-    os.replace(path + ".tmp", path)
-
-
 def section(rows, setup, platform_name, command):
     if platform_name == "cpu":
         note = (
@@ -187,7 +174,7 @@ def main(argv=None):
     command = "FUNCTIONAL_CNN_DATA=../shared/datasets python -m experiments.bench_devices" + \
         "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
     if not args.no_write:
-        write_section(section(rows, setup, args.platform, command))
+        write_section(DOC, "scaling", section(rows, setup, args.platform, command))
         print(f"wrote the scaling section of {DOC}")
     if args.json:
         with open(args.json, "w") as f:

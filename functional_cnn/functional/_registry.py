@@ -62,9 +62,15 @@ def check_vjp(where: str, vjp: str) -> None:
         raise ValueError(f"{where}: vjp must be one of {VJP_MODES}, got {vjp!r}")
 
 
-def two_gradients(forward: Callable, fwd: Callable, bwd: Callable) -> Callable:
-    """Bundle an op's forward and its hand-written rule into ``op(vjp, config, *args)``."""
-    custom = jax.custom_vjp(forward, nondiff_argnums=(0,))
+def two_gradients(forward: Callable, fwd: Callable, bwd: Callable,
+                  primal: Callable | None = None) -> Callable:
+    """Bundle an op's forward and its hand-written rule into ``op(vjp, config, *args)``.
+
+    ``primal``, if given, is what ``vjp="custom"`` runs when nothing differentiates it (as in
+    evaluation): the same values as ``forward``, in a formulation that need not be
+    differentiable by JAX (``fwd`` is the custom path's forward under differentiation).
+    """
+    custom = jax.custom_vjp(primal or forward, nondiff_argnums=(0,))
     custom.defvjp(fwd, bwd)
 
     def op(vjp: str, config, *args):

@@ -127,7 +127,11 @@ def _scatter_to_first(cfg, first, g):
     return dxp.reshape(n, c, height.padded_size, width.padded_size)
 
 
-_max_pool2d = two_gradients(_max_forward, _max_fwd, _max_bwd)
+def _max_primal(cfg, x):
+    return _window_maxima(cfg, x)[0]
+
+
+_max_pool2d = two_gradients(_max_forward, _max_fwd, _max_bwd, primal=_max_primal)
 
 
 @register()
