@@ -43,12 +43,14 @@ def _hwio(weight):
     return weight.transpose(2, 3, 1, 0)
 
 
+# ----------------------------------------- im2col: one input channel, rows too wide for a band
+
 def _single_channel(cfg, in_channels: int) -> bool:
-    """The fast path: one input channel (first layers on images like MNIST), no groups.
+    """The im2col path: one input channel (first layers on images like MNIST), no groups.
 
     There a convolution is a tiny contraction (kh*kw terms), which XLA:CPU's convolution handles
-    poorly; as a batched matrix product over im2col patches it runs about twice as fast (measured
-    in ``experiments.bench``: LeNet's first layer, forward + weight gradient, 1.8-2.2x).
+    poorly; as a batched matrix product over im2col patches it runs about twice as fast (article
+    001's first layer, 1->32 k3 s2, forward + weight gradient).
     """
     return cfg.groups == 1 and in_channels == 1
 
@@ -63,6 +65,28 @@ def _matmul_per_sample(w2, m):
     """``w2 @ m[n]`` for every sample ``n``: ``(r, k) x (N, k, c) -> (N, r, c)``."""
     return lax.dot_general(jnp.broadcast_to(w2, (m.shape[0],) + w2.shape), m,
                            (((2,), (1,)), ((0,), (0,))))
+
+
+def _im2col_forward(cfg, x, weight):
+    """``y[n] = W (O, C*kh*kw) @ P[n]``: already NCHW, no transposes."""
+    y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
+    return y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
+
+
+def _im2col_grads(cfg, x, weight, g):
+    """``dx = col2im(W^T g[n])`` (each patch row added back at its window offset);
+    ``dW = sum_n g[n] P[n]^T``."""
+    n, c = g.shape[0], weight.shape[1]
+    g2 = g.reshape(n, g.shape[1], -1)
+    d_patches = _matmul_per_sample(weight.reshape(weight.shape[0], -1).T, g2)
+    d_patches = d_patches.reshape(n, c, -1, *g.shape[2:])
+    views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
+    dx = unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
+    dw = lax.dot_general(g2, _patches(cfg, x), (((2,), (2,)), ((0,), (0,)))).sum(axis=0)
+    return dx, dw.reshape(g.shape[1], c, *(a.kernel for a in cfg.axes))
+
+
+# ------------------------------------------------------- banded: few channels, narrow rows
 
 
 def _banded(cfg, x_shape, weight_shape) -> bool:
@@ -157,34 +181,14 @@ def _banded_grads(cfg, x, weight, g):
     return unpad_spatial(_unrows(cfg, d_rows, xp.shape), cfg.axes), _unband(cfg, d_band)
 
 
-def _path(cfg, x_shape, weight_shape) -> str:
-    """Which formulation of the same sums runs, by shape: ``"banded"`` (few channels, narrow
-    rows: :func:`_banded`), else ``"im2col"`` (one input channel: :func:`_single_channel`),
-    else ``"lax"`` (XLA's convolution: the general rule)."""
-    if _banded(cfg, x_shape, weight_shape):
-        return "banded"
-    return "im2col" if _single_channel(cfg, x_shape[1]) else "lax"
+# ------------------------------------------- lax: XLA's convolution, the general rule
 
-
-def _forward(cfg, x, weight, bias):
-    path = _path(cfg, x.shape, weight.shape)
-    if path == "im2col":
-        # y[n] = W (O, kh*kw) @ patches[n]: already NCHW, no transposes
-        y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
-        y = y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
-    elif path == "banded":
-        y = _banded_forward(cfg, x, weight)
-    else:
-        y = _nchw(lax.conv_general_dilated(
-            _nhwc(x), _hwio(weight), window_strides=_strides(cfg),
-            padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
-            rhs_dilation=_dilations(cfg), dimension_numbers=_CANONICAL,
-            feature_group_count=cfg.groups))
-    return y if bias is None else y + bias[None, :, None, None]
-
-
-def _fwd(cfg, x, weight, bias):
-    return _forward(cfg, x, weight, bias), (x, weight, bias is None)
+def _lax_forward(cfg, x, weight):
+    return _nchw(lax.conv_general_dilated(
+        _nhwc(x), _hwio(weight), window_strides=_strides(cfg),
+        padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
+        rhs_dilation=_dilations(cfg), dimension_numbers=_CANONICAL,
+        feature_group_count=cfg.groups))
 
 
 def _flipped_transposed_kernel(weight, groups):
@@ -195,48 +199,59 @@ def _flipped_transposed_kernel(weight, groups):
     return jnp.flip(w, (2, 3))
 
 
-def _input_grad(cfg, g, weight):
-    if _single_channel(cfg, weight.shape[1]):
-        # col2im: dP[n] = W^T (kh*kw, O) @ g[n], each patch row scattered back to its window offset
-        n = g.shape[0]
-        w2 = weight.reshape(weight.shape[0], -1)
-        d_patches = _matmul_per_sample(w2.T, g.reshape(n, g.shape[1], -1))
-        d_patches = d_patches.reshape(n, weight.shape[1], -1, *g.shape[2:])
-        views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
-        return unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
-    # Full correlation of the stride-dilated cotangent with the flipped kernel. The padding
+def _lax_grads(cfg, x, weight, g):
+    # dx: full correlation of the stride-dilated cotangent with the flipped kernel. The padding
     # d(k-1) - pad on each side is exact because pad_hi reaches exactly the last window.
-    dx = lax.conv_general_dilated(
+    dx = _nchw(lax.conv_general_dilated(
         _nhwc(g), _hwio(_flipped_transposed_kernel(weight, cfg.groups)), window_strides=(1, 1),
         padding=[(a.span - 1 - a.pad_lo, a.span - 1 - a.pad_hi) for a in cfg.axes],
         lhs_dilation=_strides(cfg), rhs_dilation=_dilations(cfg),
-        dimension_numbers=_CANONICAL, feature_group_count=cfg.groups)
-    return _nchw(dx)
-
-
-def _weight_grad(cfg, x, g):
-    if _single_channel(cfg, x.shape[1]):  # dW = sum_n g[n] (O, HW) @ patches[n]^T (HW, kh*kw)
-        g2 = g.reshape(g.shape[0], g.shape[1], -1)
-        dw = lax.dot_general(g2, _patches(cfg, x), (((2,), (2,)), ((0,), (0,)))).sum(axis=0)
-        return dw.reshape(g.shape[1], x.shape[1], *(a.kernel for a in cfg.axes))
-    # Correlate the padded input with the cotangent used as a kernel dilated by the stride,
-    # stepping by the dilation. The roles swap: x's channels act as the batch and its samples
-    # as the features summed over, so x goes in as (C, H, W, N), g as the kernel (Ho, Wo, N, O),
-    # and the result (C, kh, kw, O) is the weight transposed. Groups split x's channel axis.
+        dimension_numbers=_CANONICAL, feature_group_count=cfg.groups))
+    # dW: correlate the padded input with the cotangent used as a kernel dilated by the
+    # stride, stepping by the dilation. The roles swap: x's channels act as the batch and its
+    # samples as the features summed over, so x goes in as (C, H, W, N), g as the kernel
+    # (Ho, Wo, N, O), and the result (C, kh, kw, O) is the weight transposed. Groups split
+    # x's channel axis.
     dw = lax.conv_general_dilated(
         x.transpose(1, 2, 3, 0), g.transpose(2, 3, 0, 1), window_strides=_dilations(cfg),
         padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
         rhs_dilation=_strides(cfg), dimension_numbers=_CANONICAL,
         batch_group_count=cfg.groups)
-    return dw.transpose(3, 0, 1, 2)
+    return dx, dw.transpose(3, 0, 1, 2)
+
+
+# --------------------------------------------------------------- one op, three formulations
+
+# path -> (forward(cfg, x, weight) without bias, grads(cfg, x, weight, g) -> (dx, dW))
+_FORMULATIONS = {"banded": (_banded_forward, _banded_grads),
+                 "im2col": (_im2col_forward, _im2col_grads),
+                 "lax": (_lax_forward, _lax_grads)}
+
+
+def _path(cfg, x_shape, weight_shape) -> str:
+    """Which formulation of the same sums runs, by shape: ``"banded"`` (few channels, narrow
+    rows: :func:`_banded`), else ``"im2col"`` (one input channel: :func:`_single_channel`),
+    else ``"lax"`` (XLA's convolution: the general rule)."""
+    if _banded(cfg, x_shape, weight_shape):
+        return "banded"
+    return "im2col" if _single_channel(cfg, x_shape[1]) else "lax"
+
+
+def _forward(cfg, x, weight, bias):
+    forward, _ = _FORMULATIONS[_path(cfg, x.shape, weight.shape)]
+    y = forward(cfg, x, weight)
+    return y if bias is None else y + bias[None, :, None, None]
+
+
+def _fwd(cfg, x, weight, bias):
+    return _forward(cfg, x, weight, bias), (x, weight, bias is None)
 
 
 def _bwd(cfg, residuals, g):
     x, weight, no_bias = residuals
-    dbias = None if no_bias else g.sum(axis=(0, 2, 3))
-    if _path(cfg, x.shape, weight.shape) == "banded":
-        return (*_banded_grads(cfg, x, weight, g), dbias)
-    return _input_grad(cfg, g, weight), _weight_grad(cfg, x, g), dbias
+    _, grads = _FORMULATIONS[_path(cfg, x.shape, weight.shape)]
+    dx, dw = grads(cfg, x, weight, g)
+    return dx, dw, None if no_bias else g.sum(axis=(0, 2, 3))
 
 
 _conv2d = two_gradients(_forward, _fwd, _bwd)
@@ -318,16 +333,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                         = conv over samples of xp with g as a kernel dilated by s, stride d
         db[o] = sum_{n,i,j} g[n, o, i, j]
 
-    With a single input channel (and no groups) all three run as batched matrix products over
-    im2col patches ``P[n] (kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
-    ``dx = col2im(W^T g[n])`` -- the same sums, in a form XLA:CPU runs about twice as fast.
+    Two shape-aware formulations compute the same sums faster on XLA:CPU (``_path`` says which
+    a shape takes; ``_FORMULATIONS`` holds each one's forward and gradients):
 
-    On narrow inputs with a few channels (``W_pad <= 2.5 kw``, 2-16 channels, no groups, no
-    dilation along the width) they run as single matrix products with the weight laid out as
-    a banded matrix ``T[a, c, w, o, j] = W[o, c, a, w - j s]`` (zero off the band) over the input rows
-    ``R[n, i, a, c, w] = xp[n, c, i s_h + a d_h, w]``: ``y = R T``, ``dR = g T^T`` added back
-    row by row, and ``dW`` the band of ``R^T g`` summed along each diagonal (see ``_band``).
-    ``_path`` says which formulation a shape takes.
+    * *banded* (at most 12 input channels, ``W_pad <= 6 kw``, no groups, no dilation along the
+      width): the weight laid out as a banded matrix ``T[a, (c, w), o, j] = W[o, c, a, w - j s]``
+      (zero off the band) over the input rows ``R[n, i, a, (c, w)] = xp[n, c, i s_h + a d_h, w]``:
+      ``y = R T``, ``dR = g T^T`` added back row by row, and ``dW`` the band of ``R^T g`` summed
+      along each diagonal;
+    * *im2col* (one input channel, rows too wide for the band): batched matrix products over the
+      patches ``P[n] (kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
+      ``dx = col2im(W^T g[n])``.
     """
     check_vjp("conv2d", vjp)
     _checks.check_floating("conv2d", x)
