@@ -51,3 +51,18 @@ def test_unbatched_input_like_torch():
     np.testing.assert_array_equal(F.avg_pool2d(x, 2), F.avg_pool2d(x[None], 2)[0])
     w = jnp.ones((4, 3, 3, 3))
     np.testing.assert_array_equal(F.conv2d(x, w), F.conv2d(x[None], w)[0])
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_max_pool_nan_wins_its_window_and_takes_the_gradient(vjp):
+    # PyTorch propagates NaN through max pooling; the rule sends the window's gradient to it
+    x = jnp.array([[[[1.0, jnp.nan, 0.0, 2.0],
+                     [5.0, 3.0, 1.0, 0.5]]]])
+    y = F.max_pool2d(x, 2, vjp=vjp)  # the primal (no differentiation)
+    assert np.isnan(y[0, 0, 0, 0]) and y[0, 0, 0, 1] == 2.0
+    value, pullback = jax.vjp(lambda x: F.max_pool2d(x, 2, vjp=vjp), x)
+    np.testing.assert_array_equal(value, y)  # the rule's own forward (the variadic reduce)
+    grad, = pullback(jnp.ones_like(value))
+    expected = np.zeros((2, 4))
+    expected[0, 1] = expected[0, 3] = 1
+    np.testing.assert_array_equal(np.asarray(grad[0, 0]), expected)
