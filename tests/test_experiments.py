@@ -108,3 +108,17 @@ def test_mytorch_adamw_is_the_articles_optimizer():
         u, s = torch_like.update({"w": jax.numpy.asarray(g / 10, jax.numpy.float32)}, s, p)
         p = optax.apply_updates(p, u)
     assert np.max(np.abs(np.asarray(p["w"]) - expected)) > 1e-3
+
+
+@needs_mnist
+def test_time_to_accuracy_runs_and_reports(tmp_path):
+    from experiments import time_to_accuracy
+
+    out = tmp_path / "tta.json"
+    code = time_to_accuracy.main(["--epochs", "1", "--max-epochs", "1", "--target", "0.9",
+                                  "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["reached"]  # one epoch of the recipe is far above 90%
+    assert [h["epoch"] for h in result["history"]] == [1]
+    assert 0.9 <= result["history"][0]["test_accuracy"] <= 1.0
+    assert 0 < result["seconds"] == result["history"][-1]["seconds"]
