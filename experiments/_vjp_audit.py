@@ -17,7 +17,6 @@ the tests: ``|exact_i - fd_i| / (|fd_i| + atol / rtol) <= rtol``.
 from __future__ import annotations
 
 import inspect
-import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -27,6 +26,7 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from functional_cnn import testing as T
 from functional_cnn.functional import REGISTRY
+from experiments._timing import calls, race
 
 
 class Tol(NamedTuple):
@@ -160,29 +160,10 @@ def worst(rows: list[dict]) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------------ timing
 
-def _calibrate(fn, args, target_s=1e-3, cap=256) -> int:
-    """Calls per measurement so that one measurement lasts at least ``target_s``."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = time.perf_counter() - start
-    return int(min(cap, max(1, np.ceil(target_s / max(once, 1e-7)))))
-
-
 def time_pair(fns: dict, args, repeats: int) -> dict:
-    """Median ms per call of each jitted (already compiled) function, rounds alternating order
-    so that a burst of load from another process hits both paths alike."""
-    names = list(fns)
-    number = max(_calibrate(fns[n], args) for n in names)
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            fn = fns[n]
-            start = time.perf_counter()
-            for _ in range(number):
-                out = fn(*args)
-            jax.block_until_ready(out)
-            times[n].append((time.perf_counter() - start) / number)
-    return {n: 1e3 * float(np.median(t)) for n, t in times.items()}
+    """Median ms per call of each jitted (already compiled) function, in alternating rounds."""
+    timing = race({n: calls(fn, *args) for n, fn in fns.items()}, repeats, target_s=1e-3)
+    return {n: t["median_ms"] for n, t in timing.items()}
 
 
 # ------------------------------------------------------------------------------------ op cases

@@ -31,6 +31,7 @@ import functional_cnn as fcn
 import functional_cnn.functional as F
 from functional_cnn import train
 from experiments._report import write_section
+from experiments._timing import calls, race
 
 # this library's two gradient paths, and the straightforward network in plain JAX (autodiff)
 IMPLEMENTATIONS = ("custom", "autodiff", "plain")
@@ -102,24 +103,6 @@ class TorchRunner:
             self.opt.step()
 
 
-def race(runners: dict, rounds: int, target_s: float = 0.15) -> dict:
-    """Median and min/max ms per step over alternating rounds of ``runners``."""
-    reps = {}
-    for name, run in runners.items():  # warm up, then pick steps per round (~target_s each)
-        run(2)
-        start = time.perf_counter()
-        run(3)
-        reps[name] = max(1, int(target_s / ((time.perf_counter() - start) / 3)))
-    times = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run(reps[name])
-            times[name].append(1e3 * (time.perf_counter() - start) / reps[name])
-    return {name: {"median_ms": float(np.median(t)), "min_ms": float(np.min(t)),
-                   "max_ms": float(np.max(t))} for name, t in times.items()}
-
-
 def bench_step(model, batch, rounds, torch):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
@@ -167,13 +150,7 @@ def bench_ops(batch, rounds):
         for vjp in fcn.VJP_MODES:
             grad = jax.jit(jax.grad(lambda *a, vjp=vjp: jnp.sum(fn(*a, vjp=vjp) ** 2),
                                     argnums=tuple(range(len(args)))))
-
-            def run(n, grad=grad):
-                for _ in range(n):
-                    out = grad(*args)
-                jax.block_until_ready(out)
-
-            runners[vjp] = run
+            runners[vjp] = calls(grad, *args)
         timing = race(runners, rounds, target_s=0.05)
         records.append({"op": name, "batch": batch,
                         **{f"{v}_ms": timing[v]["median_ms"] for v in fcn.VJP_MODES}})
