@@ -7,7 +7,6 @@ import jax
 import numpy as np
 import optax
 from jax import lax
-from jax import numpy as jnp
 
 
 def conv(p, x, stride=1, padding=0):

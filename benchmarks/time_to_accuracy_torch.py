@@ -38,7 +38,6 @@ START = time.perf_counter()  # first statement: imports below count
 
 import argparse  # noqa: E402
 import gzip  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
@@ -48,6 +47,7 @@ import torchvision  # noqa: E402
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.torch_twins import time_to_accuracy as twin  # noqa: E402
+from benchmarks.tta_record import Record  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 ENV_VAR = "FUNCTIONAL_CNN_DATA"
@@ -138,7 +138,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.peak_lr, weight_decay=5e-4)
     scheduler = onecycle(optimizer, args.peak_lr, steps)
     loss_fn = torch.nn.CrossEntropyLoss()
-    history = []
+    record = Record(START, args.target)
     for epoch in range(1, args.max_epochs + 1):
         perm = torch.randperm(n, generator=generator)
         for i in range(0, n, args.batch_size):
@@ -149,24 +149,10 @@ def main(argv=None):
             optimizer.step()
             if scheduler.last_epoch < steps:  # past the plan: hold the final value, as optax
                 scheduler.step()
-        if epoch < (args.epochs if args.eval_from is None else args.eval_from):
-            continue
-        accuracy = evaluate(model, test_x, test_labels)
-        history.append({"epoch": epoch, "test_accuracy": accuracy,
-                        "seconds": time.perf_counter() - START})
-        print(f"epoch {epoch}: test accuracy {accuracy:.4f} at {history[-1]['seconds']:.1f} s",
-              flush=True)
-        if accuracy >= args.target:
+        if (epoch >= (args.epochs if args.eval_from is None else args.eval_from)
+                and record.epoch(epoch, evaluate(model, test_x, test_labels))):
             break
-    reached = history[-1]["test_accuracy"] >= args.target
-    result = {"framework": "torch", "threads": torch.get_num_threads(), "target": args.target,
-              "reached": reached, "seconds": history[-1]["seconds"], "history": history}
-    print(f"{'reached' if reached else 'did NOT reach'} {args.target:.1%} in "
-          f"{result['seconds']:.1f} s from process start")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0 if reached else 1
+    return record.finish(args.json, framework="torch", threads=torch.get_num_threads())
 
 
 if __name__ == "__main__":

@@ -17,13 +17,13 @@ import time
 START = time.perf_counter()  # first statement: imports below count
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import jax  # noqa: E402
 import optax  # noqa: E402
 
 import functional_cnn as fcn  # noqa: E402
+from benchmarks.tta_record import Record  # noqa: E402
 from functional_cnn import data, train  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
@@ -79,28 +79,15 @@ def main(argv=None):
     train_set, test_set = loading.result()
     if len(train_set) != TRAIN_SIZE:
         raise SystemExit(f"expected {TRAIN_SIZE} MNIST training images, got {len(train_set)}")
-    history = []
+    record = Record(START, args.target)
     for epoch in range(1, args.max_epochs + 1):
         ts, _ = trainer.epoch(ts, train_set.images, train_set.labels)
         if epoch < eval_from:
             continue
-        accuracy = train.evaluate(trainer, ts, test_set).accuracy
-        history.append({"epoch": epoch, "test_accuracy": accuracy,
-                        "seconds": time.perf_counter() - START})
-        print(f"epoch {epoch}: test accuracy {accuracy:.4f} at {history[-1]['seconds']:.1f} s",
-              flush=True)
-        if accuracy >= args.target:
+        if record.epoch(epoch, train.evaluate(trainer, ts, test_set).accuracy):
             break
-    reached = history[-1]["test_accuracy"] >= args.target
-    result = {"framework": "functional_cnn", "vjp": args.vjp, "target": args.target,
-              "compile_cache": bool(args.compile_cache),
-              "reached": reached, "seconds": history[-1]["seconds"], "history": history}
-    print(f"{'reached' if reached else 'did NOT reach'} {args.target:.1%} in "
-          f"{result['seconds']:.1f} s from process start")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0 if reached else 1
+    return record.finish(args.json, framework="functional_cnn", vjp=args.vjp,
+                         compile_cache=bool(args.compile_cache))
 
 
 if __name__ == "__main__":

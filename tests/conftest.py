@@ -1,4 +1,4 @@
-"""Shared fixtures: a single-threaded torch oracle and hypothesis profiles."""
+"""Shared fixtures: a single-threaded torch oracle, hypothesis profiles, ``needs_mnist``."""
 import os
 
 import numpy as np
@@ -11,6 +11,18 @@ settings.register_profile(
 # CI: the same examples on every run, so a red build is reproducible.
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def _have_mnist() -> bool:
+    from functional_cnn import data
+    root = os.environ.get(data.ENV_VAR)
+    return bool(root) and all(data._find(data.raw_dir("MNIST", root), stem)
+                              for stem in sum(data._FILES.values(), ()))
+
+
+needs_mnist = pytest.mark.skipif(
+    not _have_mnist(), reason="MNIST raw files not found under $FUNCTIONAL_CNN_DATA/MNIST/raw "
+                              "(set FUNCTIONAL_CNN_DATA, as .ci/run does)")
 
 
 @pytest.fixture(scope="session")

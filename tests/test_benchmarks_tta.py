@@ -1,7 +1,6 @@
 """``benchmarks/time_to_accuracy_torch.py``, the PyTorch twin of ``experiments.time_to_accuracy``:
 its network matches the JAX one, its schedule matches optax's, and a short run on a few images."""
 import json
-import os
 
 import jax
 import numpy as np
@@ -12,15 +11,8 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from benchmarks.torch_twins import TWINS
 from experiments.time_to_accuracy import net
-from functional_cnn import data
-from tests.conftest import assert_close
+from tests.conftest import assert_close, needs_mnist
 
-ROOT = os.environ.get(data.ENV_VAR)
-HAVE_MNIST = bool(ROOT) and all(
-    data._find(data.raw_dir("MNIST", ROOT), stem) for stem in sum(data._FILES.values(), ()))
-needs_mnist = pytest.mark.skipif(
-    not HAVE_MNIST, reason=f"MNIST raw files not found under ${data.ENV_VAR}/MNIST/raw "
-                           f"(set {data.ENV_VAR}, as .ci/run does)")
 
 
 def test_twin_gives_the_same_logits_as_the_jax_net(torch):

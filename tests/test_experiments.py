@@ -1,20 +1,14 @@
 """One-epoch smoke runs of every experiment on a few images of the shared MNIST, and the CLI."""
 import importlib
 import json
-import os
 
 import jax
 import numpy as np
 import pytest
 
 from functional_cnn import data
+from tests.conftest import needs_mnist
 
-ROOT = os.environ.get(data.ENV_VAR)
-HAVE_MNIST = bool(ROOT) and all(
-    data._find(data.raw_dir("MNIST", ROOT), stem) for stem in sum(data._FILES.values(), ()))
-needs_mnist = pytest.mark.skipif(
-    not HAVE_MNIST, reason=f"MNIST raw files not found under ${data.ENV_VAR}/MNIST/raw "
-                           f"(set {data.ENV_VAR}, as .ci/run does)")
 
 SMOKE = {  # experiment -> train range (conv3x3 is batch size 1: keep it short)
     "conv3x3": (0, 20), "mytorch_net": (0, 64), "lenet": (0, 64), "mlp": (0, 64),

@@ -10,12 +10,14 @@ import jax
 import pytest
 
 from functional_cnn import dataparallel, train
+from tests.conftest import needs_mnist
 from tests.test_train import small_net
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # float32: the sharded reductions add in another order
 
 
+@needs_mnist  # its CLI part trains on the shared MNIST
 def test_four_devices_match_one_device(tmp_path):
     """One subprocess (XLA_FLAGS must be set before jax is imported) runs every 4-vs-1 case."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
