@@ -47,7 +47,7 @@ import torchvision  # noqa: E402
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.torch_twins import time_to_accuracy as twin  # noqa: E402
-from benchmarks.tta_record import Record  # noqa: E402
+from benchmarks.tta_common import Record, first_evaluated_epoch, recipe_parser  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 ENV_VAR = "FUNCTIONAL_CNN_DATA"
@@ -104,17 +104,7 @@ def evaluate(model, images, labels, batch_size=1000):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=float, default=0.99)
-    parser.add_argument("--epochs", type=int, default=2, help="the schedule's length")
-    parser.add_argument("--max-epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--peak-lr", type=float, default=3e-2)
-    parser.add_argument("--eval-from", type=int, default=None,
-                        help="first epoch to evaluate after (default: --epochs)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--json")
+    parser = recipe_parser(__doc__.splitlines()[0])
     # tests only: train on the first N training images
     parser.add_argument("--train-limit", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -149,7 +139,7 @@ def main(argv=None):
             optimizer.step()
             if scheduler.last_epoch < steps:  # past the plan: hold the final value, as optax
                 scheduler.step()
-        if (epoch >= (args.epochs if args.eval_from is None else args.eval_from)
+        if (epoch >= first_evaluated_epoch(args)
                 and record.epoch(epoch, evaluate(model, test_x, test_labels))):
             break
     return record.finish(args.json, framework="torch", threads=torch.get_num_threads())

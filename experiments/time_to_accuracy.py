@@ -16,14 +16,13 @@ import time
 
 START = time.perf_counter()  # first statement: imports below count
 
-import argparse  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import jax  # noqa: E402
 import optax  # noqa: E402
 
 import functional_cnn as fcn  # noqa: E402
-from benchmarks.tta_record import Record  # noqa: E402
+from benchmarks.tta_common import Record, first_evaluated_epoch, recipe_parser  # noqa: E402
 from functional_cnn import data, train  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
@@ -47,25 +46,15 @@ def _background(fn, *args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", type=float, default=0.99)
-    parser.add_argument("--epochs", type=int, default=2, help="the schedule's length")
-    parser.add_argument("--max-epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--peak-lr", type=float, default=3e-2)
-    parser.add_argument("--eval-from", type=int, default=None,
-                        help="first epoch to evaluate after (default: --epochs)")
+    parser = recipe_parser(__doc__.splitlines()[0])
     parser.add_argument("--compile-cache", metavar="DIR",
                         help="JAX's persistent compilation cache (a warm start on the next run)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vjp", default="custom", choices=fcn.VJP_MODES)
-    parser.add_argument("--data-dir")
-    parser.add_argument("--json")
     args = parser.parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    eval_from = args.epochs if args.eval_from is None else args.eval_from
+    eval_from = first_evaluated_epoch(args)
 
     # The data sets load on a thread (gzip releases the GIL) while the initial state compiles.
     loading = _background(lambda: (data.load("MNIST", "train", args.data_dir),

@@ -1,10 +1,32 @@
-"""What both time-to-accuracy scripts (``experiments/time_to_accuracy.py`` and its PyTorch twin
-``benchmarks/time_to_accuracy_torch.py``) record, print and write. Plain Python: importing it
-adds nothing to either side's start-up time."""
+"""What the two time-to-accuracy scripts (``experiments/time_to_accuracy.py`` and its PyTorch
+twin ``benchmarks/time_to_accuracy_torch.py``) share: the recipe's command line, so both run
+the same hyperparameters, and the record they print and write. Plain Python: importing it adds
+nothing to either side's start-up time."""
 from __future__ import annotations
 
+import argparse
 import json
 import time
+
+
+def recipe_parser(description: str) -> argparse.ArgumentParser:
+    """The flags both scripts take, with the recipe's defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--target", type=float, default=0.99)
+    parser.add_argument("--epochs", type=int, default=2, help="the schedule's length")
+    parser.add_argument("--max-epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--peak-lr", type=float, default=3e-2)
+    parser.add_argument("--eval-from", type=int, default=None,
+                        help="first epoch to evaluate after (default: --epochs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir")
+    parser.add_argument("--json")
+    return parser
+
+
+def first_evaluated_epoch(args) -> int:
+    return args.epochs if args.eval_from is None else args.eval_from
 
 
 class Record:
