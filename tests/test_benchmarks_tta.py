@@ -14,7 +14,6 @@ from experiments.time_to_accuracy import net
 from tests.conftest import assert_close, needs_mnist
 
 
-
 def test_twin_gives_the_same_logits_as_the_jax_net(torch):
     jax_net = net()
     _, params, state = jax_net.init(jax.random.key(0), (-1, 1, 28, 28))

@@ -9,7 +9,6 @@ import pytest
 from functional_cnn import data
 from tests.conftest import needs_mnist
 
-
 SMOKE = {  # experiment -> train range (conv3x3 is batch size 1: keep it short)
     "conv3x3": (0, 20), "mytorch_net": (0, 64), "lenet": (0, 64), "mlp": (0, 64),
     "best": (0, 64)}
