@@ -10,23 +10,17 @@ import time
 import jax
 import numpy as np
 import optax
-from jax import numpy as jnp
 
 from functional_cnn import data, dataparallel, models, train
+from functional_cnn import testing as T
 
 
-def dataset(n):
-    """MNIST training images [0, n) when $FUNCTIONAL_CNN_DATA has them, else random bytes."""
-    try:
-        return data.load("MNIST", "train", download=False).range(0, n), "mnist"
-    except FileNotFoundError:
-        rng = np.random.default_rng(0)
-        return data.Dataset(jnp.asarray(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
-                            jnp.asarray(rng.integers(0, 10, n), jnp.int32)), "synthetic"
+# the shared MNIST, read once (tests/test_parallel.py runs this only when it is there)
+TRAIN = data.load("MNIST", "train", download=False)
 
 
 def one_epoch(net, n_images, batch_size, devices, scan, optimizer):
-    ds, source = dataset(n_images)
+    ds = TRAIN.range(0, n_images)
     mesh = dataparallel.make_mesh(devices)
     trainer = train.make_trainer(net(), optimizer, batch_size=batch_size, scan=scan,
                                  mesh=mesh, preprocess=lambda x: data.normalize(x, 0.5, 0.5))
@@ -35,19 +29,14 @@ def one_epoch(net, n_images, batch_size, devices, scan, optimizer):
     ev = train.evaluate(trainer, ts, ds)
     sharding = jax.tree.leaves(ts.params)[0].sharding
     leaves = [np.asarray(x) for x in jax.tree.leaves((ts.params, ts.state))]
-    return leaves, float(metrics["loss"]), ev.loss, source, len(sharding.device_set)
-
-
-def rel_err(a, b):
-    return max(float(np.max(np.abs(x - y)) / max(float(np.max(np.abs(y))), 1e-12))
-               for x, y in zip(a, b))
+    return leaves, float(metrics["loss"]), ev.loss, len(sharding.device_set)
 
 
 def compare(name, **kw):
     t0 = time.perf_counter()
-    (p4, l4, e4, source, spread), (p1, l1, e1, _, _) = (one_epoch(devices=d, **kw) for d in (4, 1))
-    return {"case": name, "params_rel_err": rel_err(p4, p1), "loss4": l4, "loss1": l1,
-            "eval_loss4": e4, "eval_loss1": e1, "source": source, "spread": spread,
+    (p4, l4, e4, spread), (p1, l1, e1, _) = (one_epoch(devices=d, **kw) for d in (4, 1))
+    return {"case": name, "params_rel_err": T.max_errors(p4, p1)[1], "loss4": l4, "loss1": l1,
+            "eval_loss4": e4, "eval_loss1": e1, "spread": spread,
             "seconds": time.perf_counter() - t0}
 
 

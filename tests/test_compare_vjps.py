@@ -64,10 +64,14 @@ def test_ops_come_from_the_registry(monkeypatch):
     assert set(A.networks()) >= {"mytorch_net", "lenet", "mlp"}
 
 
-def test_default_configs_cover_every_edge_case():
+def test_configs_are_the_edge_cases_then_distinct_valid_grid_points():
     for op in A.op_names():
-        configs = A.configs(op, 0)
-        assert configs == T.edge_cases(op)
+        edges = T.edge_cases(op)
+        assert A.configs(op, 0) == edges
+        configs = A.configs(op, 2)
+        assert configs[:len(edges)] == edges and len(configs) == len(edges) + 2, op
+        assert len({A._key(c) for c in configs}) == len(configs), op
+        assert all(T.is_valid(T.build(op, c)) for c in configs[len(edges):]), op
 
 
 def test_a_wrong_rule_is_reported_and_exits_1(monkeypatch, tmp_path, capsys):

@@ -8,10 +8,6 @@ import functional_cnn as fcn
 from tests.conftest import assert_close
 
 
-def torch_twin(torch, name, *args, **kwargs):
-    return getattr(torch.nn, name)(*args, **kwargs).double()
-
-
 # (our layer, torch module factory given input channels, input shape)
 LAYERS = {
     "linear": (lambda: fcn.Linear(7), lambda t, c: t.nn.Linear(c, 7), (3, 5)),

@@ -10,10 +10,6 @@ from benchmarks.torch_twins import TWINS
 from tests.conftest import assert_close
 
 
-def torch_models(torch):
-    return {name: twin(torch.nn) for name, twin in TWINS.items()}
-
-
 def mnist_like_batch(n=16, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (n, 1, 28, 28)).astype(np.float32)
@@ -26,7 +22,7 @@ def mnist_like_batch(n=16, seed=0):
 def test_article_network_loss_and_gradients_match_torch(name, reduction, vjp, torch):
     net = getattr(fcn.models, name)()
     _, params, state = net.init(jax.random.key(0), (-1, 1, 28, 28))
-    module = torch_models(torch)[name]
+    module = TWINS[name](torch.nn)
     params, state = fcn.load_state_dict(params, state, module.state_dict())
     x, y = mnist_like_batch()
 

@@ -29,7 +29,7 @@ def test_four_devices_match_one_device(tmp_path):
     report = json.loads(out.read_text())
     assert report["device_count"] == 4
     for case in report["cases"]:
-        what = f"{case['case']} ({case['source']} data)"
+        what = case["case"]
         assert case["spread"] == 4, what  # the params really live on the 4-device mesh
         assert case["params_rel_err"] < RTOL, (what, case)  # params and BatchNorm statistics
         assert case["loss4"] == pytest.approx(case["loss1"], rel=RTOL), (what, case)
