@@ -159,7 +159,8 @@ def run(p: Protocol, argv=None) -> dict:
                                  "optimizer": args.optimizer, "train_range": ranges[0],
                                  "dataset": args.dataset, "epochs": args.epochs},
                     log=lambda m: print(m, file=sys.stderr), stop_after=args.stop_after)
-    evals = {k: train.evaluate(trainer, fit.train_state, d) for k, d in eval_sets.items()}
+    evals = {k: fit.evaluation if k == primary and fit.evaluation is not None
+             else train.evaluate(trainer, fit.train_state, d) for k, d in eval_sets.items()}
     result = _record(p, args, ranges, fit, evals, primary, batch_size, mesh)
     if not main:  # one writer and one summary in a multi-host run
         return result

@@ -277,6 +277,7 @@ class FitResult(NamedTuple):
     history: list  # one dict per epoch: train_loss, train_accuracy, [eval_accuracy], seconds
     train_seconds: float
     resumed_from_epoch: int
+    evaluation: Evaluation | None = None  # eval_data's, of train_state, if the last epoch had one
 
 
 def _restore(path, ts, fingerprint, log):
@@ -345,6 +346,7 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
         eval_data = trainer.place(eval_data)
     steps = math.ceil(len(train_data) / trainer.config["batch_size"])
     train_seconds = sum(h["seconds"] for h in history)
+    evaluation = None
     for e in range(start, min(epochs, stop_after or epochs)):
         if bar is not None:
             from tqdm import tqdm
@@ -356,8 +358,10 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
                   "train_accuracy": float(metrics["accuracy"])}
         record["seconds"] = time.perf_counter() - t0
         train_seconds += record["seconds"]
+        evaluation = None
         if eval_data is not None and (eval_each_epoch or e == epochs - 1):
-            record["eval_accuracy"] = evaluate(trainer, ts, eval_data).accuracy
+            evaluation = evaluate(trainer, ts, eval_data)
+            record["eval_accuracy"] = evaluation.accuracy
         if bar is not None and bar.bar is not None:
             bar.bar.n = steps
             bar.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
@@ -368,7 +372,7 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
         if checkpoint_path and dataparallel.is_main_process():  # one writer in a multi-host run
             ckpt.save(checkpoint_path, ts, {"epoch": e + 1, "history": history,
                                             "fingerprint": fingerprint})
-    return FitResult(ts, history, train_seconds, start)
+    return FitResult(ts, history, train_seconds, start, evaluation)
 
 
 def _jsonable(d: dict) -> dict:

@@ -81,6 +81,11 @@ def test_resume_is_bitwise_identical(tmp_path, scan):
         np.testing.assert_array_equal(x, y)
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
     assert strip(full.history) == strip(resumed.history)
+    # the last epoch's evaluation comes back with the result: the final state's, on eval_data
+    again = train.evaluate(trainer, resumed.train_state, ev)
+    assert resumed.evaluation.accuracy == again.accuracy == full.history[-1]["eval_accuracy"]
+    assert resumed.evaluation.loss == again.loss
+    np.testing.assert_array_equal(resumed.evaluation.predictions, again.predictions)
 
 
 def test_resume_refuses_another_configuration(tmp_path):
