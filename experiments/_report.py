@@ -1,8 +1,18 @@
-"""The benchmark tools' shared writer: each owns a section of a Markdown file, between
-``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``, and rewrites only that (atomically)."""
+"""The benchmark tools' shared writer: each owns a section of a Markdown file (by default
+``docs/BENCHMARKS.md``), between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``, and rewrites
+only that (atomically), saying the command that produced it."""
 from __future__ import annotations
 
 import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "docs", "BENCHMARKS.md")
+
+
+def command(module: str, argv=None) -> str:
+    """The command line that ran ``module`` with ``argv`` (default: this process's arguments)."""
+    return " ".join(["python -m " + module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_section(path: str, name: str, body: str) -> None:

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 import functional_cnn as fcn
 import functional_cnn.functional as F
-from functional_cnn import train
-from experiments._report import write_section
+from functional_cnn import data, train
+from experiments._report import BENCHMARKS, command, write_section
 from experiments._timing import calls, race
 
 # this library's two gradient paths, and the straightforward network in plain JAX (autodiff)
@@ -159,12 +159,7 @@ def bench_ops(batch, rounds):
 
 # --------------------------------------------------------------------------- one MNIST epoch
 
-def bench_epoch(vjp, scan):
-    from functional_cnn import data
-    try:
-        train_set = data.load("MNIST", "train")
-    except (data.DataFileError, data.CorruptDataError):
-        return None
+def bench_epoch(vjp, scan, train_set):
     trainer = train.make_trainer(fcn.models.lenet(), batch_size=64, vjp=vjp, scan=scan,
                                  preprocess=lambda u8: data.normalize(u8, 0.1307, 0.3081))
     ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
@@ -172,6 +167,14 @@ def bench_epoch(vjp, scan):
     ts, metrics = trainer.epoch(ts, train_set.images, train_set.labels)
     jax.block_until_ready(ts)
     return {"vjp": vjp, "scan": scan, "seconds_incl_compile": time.perf_counter() - start}
+
+
+def _mnist_train():
+    """The MNIST training set, or None (the epoch rows are skipped) when it is not there."""
+    try:
+        return data.load("MNIST", "train")
+    except (data.DataFileError, data.CorruptDataError):
+        return None
 
 
 # --------------------------------------------------------------------------- report
@@ -251,7 +254,7 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-epoch", action="store_true")
     parser.add_argument("--json")
-    parser.add_argument("--report", default="docs/BENCHMARKS.md", help="'none' to skip")
+    parser.add_argument("--report", default=BENCHMARKS, help="'none' to skip")
     args = parser.parse_args(argv)
     torch = None
     if not args.no_torch:
@@ -266,11 +269,10 @@ def main(argv=None):
     for model, batch in tqdm(jobs, desc="training steps", file=__import__("sys").stderr):
         result["steps"].append(bench_step(model, batch, args.rounds, torch))
     result["ops"] = bench_ops(args.op_batch, args.rounds)
-    if not args.no_epoch:
+    train_set = None if args.no_epoch else _mnist_train()
+    if train_set is not None:
         for vjp, scan in (("custom", True), ("custom", False), ("autodiff", False)):
-            record = bench_epoch(vjp, scan)
-            if record:
-                result["epochs"].append(record)
+            result["epochs"].append(bench_epoch(vjp, scan, train_set))
     for r in result["steps"]:
         line = f"{r['model']:<12} B{r['batch']:<5}" + "".join(
             f"  {n} {r[n]['median_ms']:8.2f} ms" for n in IMPLEMENTATIONS + ("torch",) if n in r)
@@ -283,11 +285,10 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.report != "none":
-        command = "python -m experiments.bench " + " ".join(argv or [])
         figures = os.path.join(os.path.dirname(args.report), "figures")
         os.makedirs(figures, exist_ok=True)
         chart(result, os.path.join(figures, "bench_steps.png"))
-        write_section(args.report, "bench", markdown(result, command.strip()))
+        write_section(args.report, "bench", markdown(result, command("experiments.bench", argv)))
     return 0
 
 

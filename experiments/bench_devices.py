@@ -23,11 +23,9 @@ import subprocess
 import sys
 import time
 
-from experiments._report import write_section
+from experiments._report import BENCHMARKS, ROOT, command, write_section
 
-DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                   "BENCHMARKS.md")
-# name -> (network, global batch size, scan, normalization); batch sizes divide by 1, 2, 4, 8
+# name -> (network, global batch size, scan); batch sizes divide by 1, 2, 4, 8
 CASES = {"lenet": ("lenet", 64, False), "mytorch_net (BatchNorm)": ("mytorch_net", 40, False),
          "mlp": ("mlp", 64, True)}
 
@@ -78,11 +76,10 @@ def start(n: int, images: int, platform_name: str):
         env["JAX_PLATFORMS"] = "cpu"
     else:  # real accelerators: the first n of them
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(n)))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen([sys.executable, "-m", "experiments.bench_devices", "--worker",
                              "--images", str(images)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     return proc
 
 
@@ -171,11 +168,11 @@ def main(argv=None):
     rows, setup = table(medians, args.devices, info, args.images, args.rounds)
     print(setup)
     print(rows)
-    command = "FUNCTIONAL_CNN_DATA=../shared/datasets python -m experiments.bench_devices" + \
-        "".join(" " + a for a in (argv if argv is not None else sys.argv[1:]))
+    reproduce = ("FUNCTIONAL_CNN_DATA=../shared/datasets "
+                 + command("experiments.bench_devices", argv))
     if not args.no_write:
-        write_section(DOC, "scaling", section(rows, setup, args.platform, command))
-        print(f"wrote the scaling section of {DOC}")
+        write_section(BENCHMARKS, "scaling", section(rows, setup, args.platform, reproduce))
+        print(f"wrote the scaling section of {BENCHMARKS}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": setup, "images_per_s": {f"{c}|{n}": v for (c, n), v in

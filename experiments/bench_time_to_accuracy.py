@@ -19,9 +19,8 @@ import subprocess
 import sys
 import tempfile
 
-from experiments._report import write_section
+from experiments._report import BENCHMARKS, ROOT, command, write_section
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {  # name -> command (the JSON path is appended)
     "functional_cnn, cold start": [sys.executable, "-m", "experiments.time_to_accuracy"],
     "functional_cnn, compile cache": [sys.executable, "-m", "experiments.time_to_accuracy",
@@ -30,9 +29,9 @@ RUNS = {  # name -> command (the JSON path is appended)
 }
 
 
-def run_once(command, workdir) -> dict:
+def run_once(template, workdir) -> dict:
     out = os.path.join(workdir, "run.json")
-    argv = [a.replace("{cache}", os.path.join(workdir, "cache")) for a in command]
+    argv = [a.replace("{cache}", os.path.join(workdir, "cache")) for a in template]
     done = subprocess.run(argv + ["--json", out], cwd=ROOT, capture_output=True, text=True)
     if done.returncode not in (0, 1) or not os.path.exists(out):  # 1: ran, missed the target
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
@@ -47,8 +46,8 @@ def race(rounds: int) -> dict:
         run_once(RUNS["functional_cnn, compile cache"], workdir)  # primes the cache
         results = {name: [] for name in RUNS}
         for _ in range(rounds):
-            for name, command in RUNS.items():
-                results[name].append(run_once(command, workdir))
+            for name, run in RUNS.items():
+                results[name].append(run_once(run, workdir))
                 r = results[name][-1]
                 print(f"{name:30s} {'reached' if r['reached'] else 'MISSED '} "
                       f"{r['history'][-1]['test_accuracy']:.4f} in {r['seconds']:.1f} s",
@@ -80,8 +79,7 @@ def section(results: dict, rounds: int, command: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--report", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"),
-                        help="'none' to skip")
+    parser.add_argument("--report", default=BENCHMARKS, help="'none' to skip")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     results = race(args.rounds)
@@ -89,8 +87,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     if args.report != "none":
-        command = "python -m experiments.bench_time_to_accuracy " + " ".join(argv or sys.argv[1:])
-        write_section(args.report, "tta", section(results, args.rounds, command.strip()))
+        write_section(args.report, "tta", section(
+            results, args.rounds, command("experiments.bench_time_to_accuracy", argv)))
     return 0
 
 

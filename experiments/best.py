@@ -9,6 +9,7 @@ import optax
 from jax import numpy as jnp
 
 import functional_cnn as fcn
+from functional_cnn import train
 from experiments._common import Protocol, run
 
 SHIFT = 2
@@ -38,7 +39,7 @@ def net():
 
 def one_cycle_adamw(steps):
     schedule = optax.cosine_onecycle_schedule(steps, peak_value=3e-3, pct_start=0.25)
-    return optax.adamw(schedule, weight_decay=5e-4)
+    return train.adamw(schedule, weight_decay=5e-4)
 
 
 PROTOCOL = Protocol(

@@ -293,10 +293,9 @@ def chart(results, path):
 
 
 def write_report(results, args, seconds, path, chart_path):
-    from . import _vjp_audit as audit
     dtype = args.dtype
-    tol = audit.TOLERANCES[dtype]
-    fd = audit.TOLERANCES["fd"]
+    tol = A.TOLERANCES[dtype]
+    fd = A.TOLERANCES["fd"]
     summary = per_op_summary(results)
     failed = [r for r in results if not r["passed"]]
     rel_chart = os.path.relpath(chart_path, os.path.dirname(path)) if chart_path else None
@@ -345,7 +344,7 @@ def write_report(results, args, seconds, path, chart_path):
         "when `rel err <= rtol`, which is exactly `max|diff| <= atol + rtol * max|ref|`, the "
         "criterion of the test suite (`tests/conftest.py: assert_close`).",
         "- **fd err**: the custom rule in float64 against central differences "
-        f"`(f(x + e) - f(x - e)) / 2e`, `e = {audit.FD_EPS:g}`, at up to {audit.FD_ENTRIES} "
+        f"`(f(x + e) - f(x - e)) / 2e`, `e = {A.FD_EPS:g}`, at up to {A.FD_ENTRIES} "
         "sampled entries per input (the same positions as `testing.finite_difference_grads`, "
         "evaluated in one vmapped call), elementwise: `max |exact - fd| / (|fd| + atol/rtol)`. "
         "It is computed in float64 even in a float32 run (the case is rebuilt in float64 with "

@@ -62,7 +62,7 @@ def main(argv=None):
     steps = args.epochs * -(-TRAIN_SIZE // args.batch_size)
     schedule = optax.cosine_onecycle_schedule(steps, peak_value=args.peak_lr, pct_start=0.25)
     trainer = train.make_trainer(
-        net(), optax.adamw(schedule, weight_decay=5e-4), batch_size=args.batch_size,
+        net(), train.adamw(schedule, weight_decay=5e-4), batch_size=args.batch_size,
         vjp=args.vjp, preprocess=lambda u8: data.normalize(u8, MEAN, STD))
     ts = trainer.init(jax.random.key(args.seed), (-1, 1, 28, 28))
     train_set, test_set = loading.result()
