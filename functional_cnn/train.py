@@ -116,7 +116,7 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
 
     # One compiled program, not an eager op (and a compilation) per parameter and optimizer
     # slot; it runs once, so LLVM's optimization level 1 is plenty (its random bits compile
-    # 3x faster than at the default level, to the same values): 2.2 s -> 0.5 s at start-up.
+    # 3x faster than at the default level, to the same values): 2.2 s -> 0.6 s at start-up.
     @functools.partial(jax.jit, static_argnums=1,
                        compiler_options={"xla_backend_optimization_level": 1})
     def fresh_state(key, input_shape) -> TrainState:
