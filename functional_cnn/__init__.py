@@ -11,12 +11,14 @@ from .functional.losses import binary_cross_entropy_with_logits, cross_entropy, 
 from .interop import load_state_dict, named_leaves, state_dict
 from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Identity, Layer,
                      LeakyReLU, Linear, LogSoftmax, MaxPool2d, ReLU, Sigmoid, Softmax, Tanh)
+from .layers import AdaptiveAvgPool2d, AdaptiveMaxPool2d, ConvTranspose2d, Upsample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Layer", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "ReLU", "LeakyReLU",
     "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Flatten", "Dropout", "Identity",
+    "ConvTranspose2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Upsample",
     "serial", "parallel", "fan_out", "fan_in_sum", "fan_in_concat", "residual",
     "cross_entropy", "binary_cross_entropy_with_logits", "mse_loss",
     "functional", "models", "interop", "data", "train", "checkpoint", "REGISTRY", "VJP_MODES",

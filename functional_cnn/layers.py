@@ -22,8 +22,9 @@ from jax import numpy as jnp
 from . import _checks
 from . import functional as F
 from .functional._registry import check_vjp
-from .functional.conv import conv_config
-from .functional.pooling import pool_axes
+from .functional.conv import conv_config, conv_transpose_config
+from .functional.pooling import adaptive_config, pool_axes
+from .functional.upsampling import interp_config, interp_options
 
 
 class Layer(NamedTuple):
@@ -150,26 +151,75 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
     return Layer(init, apply)
 
 
-def _pool(where: str, fn: Callable, kernel_size, stride, padding, dilation, ceil_mode) -> Layer:
-    def geometry(shape):
-        _checks.check_rank(where, shape, (4,), "(N, C, H, W)")
-        return pool_axes(where, shape, kernel_size, stride, padding, dilation, ceil_mode)
+def ConvTranspose2d(out_channels: int, kernel_size, stride=1, padding=0, output_padding=0,
+                    groups: int = 1, bias: bool = True, dilation=1) -> Layer:
+    """Transposed 2-D convolution on NCHW input (PyTorch's argument order); params
+    ``weight (C_in, C_out/groups, kh, kw)`` (PyTorch's layout), ``bias (C_out,)``.
+
+    The output is ``(H - 1) s - 2 p + d (k - 1) + 1 + output_padding`` high (and wide).
+    """
+    where = "ConvTranspose2d"
+    kernel = _checks.int_pair(where, "kernel_size", kernel_size)
 
     def init(key, input_shape):
-        axes = geometry(input_shape)
-        return tuple(input_shape[:2]) + tuple(a.out_size for a in axes), {}, {}
+        _checks.check_rank(where, input_shape, (4,), "(N, C, H, W)")
+        in_channels = input_shape[1]
+        if not isinstance(groups, int) or groups < 1 or in_channels % groups or \
+                out_channels % groups:
+            raise ValueError(f"{where}: groups={groups!r} must be a positive int dividing "
+                             f"in_channels={in_channels} and out_channels={out_channels}")
+        w_shape = (in_channels, out_channels // groups) + kernel
+        cfg = conv_transpose_config(where, input_shape, w_shape, stride, padding, output_padding,
+                                    groups, dilation)
+        # PyTorch's fan_in for a transposed convolution: weight.size(1) * kh * kw
+        fan_in = (out_channels // groups) * kernel[0] * kernel[1]
+        w_key, b_key = jax.random.split(key)
+        params = {"weight": _uniform(w_key, w_shape, fan_in)}
+        if bias:
+            params["bias"] = _uniform(b_key, (out_channels,), fan_in)
+        out_shape = (input_shape[0], out_channels) + tuple(a.in_size for a in cfg.axes)
+        return out_shape, params, {}
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
         _checked_input(where, x, vjp, (4,), "(N, C, H, W)")
-        geometry(jnp.shape(x))
+        w = params["weight"]
+        _checks.check_channels(where, jnp.shape(x), w.shape[0], context="(as at init)")
+        conv_transpose_config(where, jnp.shape(x), w.shape, stride, padding, output_padding,
+                              groups, dilation)
+        return F.conv_transpose2d(x, w, params.get("bias"), stride, padding, output_padding,
+                                  groups, dilation, vjp=vjp), state
+
+    return Layer(init, apply)
+
+
+def _pool(where: str, fn: Callable, out_hw: Callable) -> Layer:
+    """A parameter-free layer on NCHW input; ``out_hw(shape)`` validates an input shape (as
+    PyTorch would) and returns the output's spatial size."""
+
+    def init(key, input_shape):
+        _checks.check_rank(where, input_shape, (4,), "(N, C, H, W)")
+        return tuple(input_shape[:2]) + tuple(out_hw(tuple(input_shape))), {}, {}
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _checked_input(where, x, vjp, (4,), "(N, C, H, W)")
+        out_hw(jnp.shape(x))
         return fn(x, vjp), state
 
     return Layer(init, apply)
 
 
+def _window_pool(where: str, fn: Callable, kernel_size, stride, padding, dilation,
+                 ceil_mode) -> Layer:
+    def out_hw(shape):
+        axes = pool_axes(where, shape, kernel_size, stride, padding, dilation, ceil_mode)
+        return tuple(a.out_size for a in axes)
+
+    return _pool(where, fn, out_hw)
+
+
 def MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Layer:
     """Max pooling on NCHW input; the gradient goes to the first maximum of each window."""
-    return _pool("MaxPool2d",
+    return _window_pool("MaxPool2d",
                  lambda x, vjp: F.max_pool2d(x, kernel_size, stride, padding, dilation,
                                              ceil_mode, vjp=vjp),
                  kernel_size, stride, padding, dilation, ceil_mode)
@@ -178,10 +228,42 @@ def MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool =
 def AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode: bool = False,
               count_include_pad: bool = True) -> Layer:
     """Average pooling on NCHW input."""
-    return _pool("AvgPool2d",
+    return _window_pool("AvgPool2d",
                  lambda x, vjp: F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode,
                                              count_include_pad, vjp=vjp),
                  kernel_size, stride, padding, 1, ceil_mode)
+
+
+def _adaptive_pool(where: str, fn: Callable, output_size) -> Layer:
+    return _pool(where, lambda x, vjp: fn(x, output_size, vjp=vjp),
+                 lambda shape: adaptive_config(where, shape, output_size).out_size)
+
+
+def AdaptiveAvgPool2d(output_size) -> Layer:
+    """Average pooling to a fixed output size (an int or a pair; ``None`` keeps that input
+    size), PyTorch's windows ``[floor(i H / H_out), ceil((i + 1) H / H_out))``."""
+    return _adaptive_pool("AdaptiveAvgPool2d", F.adaptive_avg_pool2d, output_size)
+
+
+def AdaptiveMaxPool2d(output_size) -> Layer:
+    """Max pooling to a fixed output size, PyTorch's windows; the gradient goes to the first
+    maximum of each window."""
+    return _adaptive_pool("AdaptiveMaxPool2d", F.adaptive_max_pool2d, output_size)
+
+
+def Upsample(size=None, scale_factor=None, mode: str = "nearest", align_corners=None) -> Layer:
+    """Resize NCHW input (``torch.nn.Upsample``): exactly one of ``size`` and
+    ``scale_factor``; ``mode`` ``"nearest"`` or ``"bilinear"`` (``align_corners`` only with
+    bilinear)."""
+    where = "Upsample"
+    interp_options(where, size, scale_factor, mode, align_corners)
+
+    def out_hw(shape):
+        return interp_config(where, shape, jnp.float32, size, scale_factor, mode,
+                             align_corners).out_size
+
+    return _pool(where, lambda x, vjp: F.interpolate(x, size, scale_factor, mode, align_corners,
+                                                     vjp=vjp), out_hw)
 
 
 def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,

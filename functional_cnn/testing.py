@@ -85,6 +85,21 @@ def _conv2d(rng, c, dtype):
                 lambda torch, x, w, b=None: torch.nn.functional.conv2d(x, w, b, **kw))
 
 
+def _conv_transpose2d(rng, c, dtype):
+    g = c["groups"]
+    x = _normal(rng, (c["batch"], c["in_per_group"] * g) + tuple(c["size"]), dtype)
+    kernel = c["kernel"] if isinstance(c["kernel"], tuple) else (c["kernel"],) * 2
+    w = _normal(rng, (c["in_per_group"] * g, c["out_per_group"]) + kernel, dtype)
+    inputs = {"x": x, "weight": w}
+    if c["bias"]:
+        inputs["bias"] = _normal(rng, (c["out_per_group"] * g,), dtype)
+    kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
+              groups=g, dilation=c["dilation"])
+    return Case("conv_transpose2d", c, inputs,
+                lambda x, w, b=None, vjp="custom": F.conv_transpose2d(x, w, b, vjp=vjp, **kw),
+                lambda torch, x, w, b=None: torch.nn.functional.conv_transpose2d(x, w, b, **kw))
+
+
 def _pool_input(rng, c, dtype):
     x = _normal(rng, (c["batch"], c["channels"]) + tuple(c["size"]), dtype)
     return _ties(x) if c.get("ties") else x
@@ -100,6 +115,26 @@ def _pool(name, extra):
                     lambda x, vjp="custom": fn(x, vjp=vjp, **kw),
                     lambda torch, x: getattr(torch.nn.functional, name)(x, **kw))
     return build
+
+
+def _adaptive_pool(name):
+    def build(rng, c, dtype):
+        fn, size = getattr(F, name), c["output_size"]
+        return Case(name, c, {"x": _pool_input(rng, c, dtype)},
+                    lambda x, vjp="custom": fn(x, size, vjp=vjp),
+                    lambda torch, x: getattr(torch.nn.functional, name)(x, size))
+    return build
+
+
+def _interpolate(rng, c, dtype):
+    kind, value = c["target"]  # ("size", int or pair) or ("scale", number or pair)
+    kw = dict(size=value if kind == "size" else None,
+              scale_factor=value if kind == "scale" else None, mode=c["mode"],
+              align_corners=c["align_corners"])
+    x = _normal(rng, (c["batch"], c["channels"]) + tuple(c["size"]), dtype)
+    return Case("interpolate", c, {"x": x},
+                lambda x, vjp="custom": F.interpolate(x, vjp=vjp, **kw),
+                lambda torch, x: torch.nn.functional.interpolate(x, **kw))
 
 
 def _batch_norm(rng, c, dtype):
@@ -223,6 +258,14 @@ _POOL = dict(batch=(2, 1), channels=(3, 1), size=((7, 6), (5, 5), (9, 8), (6, 9)
              kernel=(3, 2, 1, (2, 3)), stride=(None, 1, 2, 3, (1, 2)), padding=(0, 1, (1, 0)),
              ceil_mode=(False, True))
 
+# adaptive pools: sizes that do not divide (7 -> 3: overlapping windows), that do (the
+# sliding-window path), outputs larger than the input, None keeping an input size
+_ADAPTIVE = dict(batch=(2, 1), channels=(3, 1), size=((7, 5), (6, 6), (4, 3), (1, 1)),
+                 output_size=((3, 2), 3, 1, (None, 2), (9, 4), (5, None)))
+_ADAPTIVE_EDGES = ({"size": (7, 7), "output_size": 3}, {"size": (6, 6), "output_size": (3, 2)},
+                   {"size": (4, 3), "output_size": (9, 4)}, {"output_size": 1},
+                   {"output_size": (5, None)}, {"batch": 1, "size": (1, 1)})
+
 SPACES: dict[str, OpSpace] = {
     "linear": OpSpace(
         dict(batch_shape=((4,), (1,), (2, 3)), in_features=(5, 1, 8), out_features=(4, 1),
@@ -262,6 +305,44 @@ SPACES: dict[str, OpSpace] = {
         ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "padding": 1},
          {"ceil_mode": True, "stride": 2, "padding": 1, "count_include_pad": False},
          {"padding": 1, "count_include_pad": False}, {"batch": 1, "size": (5, 5)})),
+    "conv_transpose2d": OpSpace(
+        dict(batch=(2, 1), in_per_group=(2, 1, 3), out_per_group=(3, 1, 2), groups=(1, 2),
+             size=((4, 3), (3, 3), (5, 4), (1, 1)), kernel=(3, 1, 2, (3, 2)),
+             stride=(1, 2, 3, (2, 1)), padding=(0, 1, 2, (1, 0)), output_padding=(0, 1, (1, 0)),
+             dilation=(1, 2, (1, 2)), bias=(True, False)),
+        _conv_transpose2d,
+        ({"stride": 2, "output_padding": 1, "padding": 1},
+         {"stride": 3, "kernel": 2},  # stride above kernel: rows no window writes
+         {"output_padding": 1, "dilation": 2},  # output_padding < dilation (stride 1)
+         {"padding": 2, "kernel": 1, "stride": 2},  # padding past the kernel's reach
+         {"groups": 2, "stride": 2, "padding": 1, "output_padding": (1, 0), "kernel": (3, 2)},
+         {"batch": 1, "size": (1, 1), "kernel": 3, "padding": 1},
+         # the rule's dx is a conv2d forward: its im2col path (one output channel, wide rows)
+         # and its lax path (wide rows, several channels)
+         {"out_per_group": 1, "size": (3, 9), "kernel": 1, "stride": 2},
+         {"out_per_group": 3, "size": (3, 9), "kernel": (2, 1), "stride": (1, 3)})),
+    "adaptive_avg_pool2d": OpSpace(
+        _ADAPTIVE, _adaptive_pool("adaptive_avg_pool2d"),
+        _ADAPTIVE_EDGES),
+    "adaptive_max_pool2d": OpSpace(
+        dict(_ADAPTIVE, ties=(False, True)), _adaptive_pool("adaptive_max_pool2d"),
+        _ADAPTIVE_EDGES + ({"ties": True}, {"ties": True, "size": (6, 6), "output_size": 2},
+                           {"ties": True, "size": (4, 3), "output_size": (9, 4)})),
+    "interpolate": OpSpace(
+        dict(batch=(2, 1), channels=(3, 1), size=((5, 4), (3, 7), (1, 1), (6, 6)),
+             target=(("scale", 2), ("size", (7, 9)), ("scale", 1.7), ("scale", (0.6, 2.5)),
+                     ("size", 2), ("scale", 1.1), ("size", (5, 4)), ("scale", (3, 1.5))),
+             mode=("nearest", "bilinear"), align_corners=(None, False, True)),
+        _interpolate,
+        ({"target": ("size", (7, 9))}, {"target": ("scale", 1.7)},
+         {"target": ("scale", (0.6, 2.5))}, {"target": ("scale", 1.1)},  # out == in, scaled
+         {"mode": "bilinear", "align_corners": False},
+         {"mode": "bilinear", "align_corners": True, "target": ("size", (7, 9))},
+         {"mode": "bilinear", "align_corners": False, "target": ("scale", (0.6, 2.5))},
+         {"mode": "bilinear", "align_corners": True, "target": ("size", (1, 3))},
+         {"mode": "bilinear", "align_corners": False, "target": ("scale", 1.1)},
+         {"batch": 1, "size": (1, 1), "mode": "bilinear", "align_corners": False,
+          "target": ("size", (3, 2))})),
     "batch_norm": OpSpace(
         dict(batch=(4, 1, 2), channels=(3, 1), size=((5, 4), (1, 2), (3, 3)),
              training=(True, False), affine=(True, False), momentum=(0.1, 0.5),

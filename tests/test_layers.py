@@ -23,6 +23,23 @@ LAYERS = {
     "avgpool": (lambda: fcn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
                 lambda t, c: t.nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
                 (2, 3, 8, 7)),
+    "conv_transpose": (lambda: fcn.ConvTranspose2d(4, 3, stride=2, padding=1, output_padding=1),
+                       lambda t, c: t.nn.ConvTranspose2d(c, 4, 3, stride=2, padding=1,
+                                                         output_padding=1), (2, 2, 5, 4)),
+    "conv_transpose_groups": (
+        lambda: fcn.ConvTranspose2d(6, (3, 2), (2, 1), 0, (0, 1), groups=2, bias=False,
+                                    dilation=2),
+        lambda t, c: t.nn.ConvTranspose2d(c, 6, (3, 2), (2, 1), 0, (0, 1), groups=2, bias=False,
+                                          dilation=2), (1, 4, 3, 3)),
+    "adaptive_avg": (lambda: fcn.AdaptiveAvgPool2d((3, None)),
+                     lambda t, c: t.nn.AdaptiveAvgPool2d((3, None)), (2, 3, 7, 5)),
+    "adaptive_max": (lambda: fcn.AdaptiveMaxPool2d(4), lambda t, c: t.nn.AdaptiveMaxPool2d(4),
+                     (2, 3, 7, 9)),
+    "upsample_bilinear": (lambda: fcn.Upsample(scale_factor=1.5, mode="bilinear"),
+                          lambda t, c: t.nn.Upsample(scale_factor=1.5, mode="bilinear"),
+                          (2, 3, 5, 4)),
+    "upsample_nearest": (lambda: fcn.Upsample(size=(7, 3)), lambda t, c: t.nn.Upsample((7, 3)),
+                         (2, 3, 5, 4)),
     "flatten": (lambda: fcn.Flatten(), lambda t, c: t.nn.Flatten(), (2, 3, 4, 5)),
     "flatten_range": (lambda: fcn.Flatten(0, 2), lambda t, c: t.nn.Flatten(0, 2), (2, 3, 4, 5)),
     "leaky": (lambda: fcn.LeakyReLU(0.2), lambda t, c: t.nn.LeakyReLU(0.2), (2, 5)),
@@ -69,6 +86,36 @@ def test_init_follows_torch_default_distribution():
     assert params["weight"].shape == (64, 8, 3, 3) and params["bias"].shape == (64,)
     _, params, _ = fcn.Linear(10, bias=False).init(jax.random.key(0), (-1, 64))
     assert set(params) == {"weight"} and params["weight"].shape == (10, 64)
+
+
+def test_conv_transpose_init_follows_torch_fan_in():
+    # PyTorch's fan_in for ConvTranspose2d is weight.size(1) * kh * kw = (out / groups) * kh * kw
+    _, params, _ = fcn.ConvTranspose2d(16, 3, groups=2).init(jax.random.key(0), (1, 4, 5, 5))
+    assert params["weight"].shape == (4, 8, 3, 3) and params["bias"].shape == (16,)
+    bound = 1 / np.sqrt(8 * 9)
+    for leaf in (params["weight"], params["bias"]):
+        assert 0.9 * bound < float(jnp.max(jnp.abs(leaf))) <= bound
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: fcn.ConvTranspose2d(3, 2, stride=2), (0, 2, 4, 4)),
+    (lambda: fcn.AdaptiveMaxPool2d(3), (0, 2, 7, 5)),
+    (lambda: fcn.AdaptiveAvgPool2d(3), (0, 2, 7, 5)),
+    (lambda: fcn.Upsample(scale_factor=2, mode="bilinear"), (0, 2, 3, 3)),
+])
+def test_new_layers_with_an_empty_batch(make, shape):
+    layer = make()
+    out_shape, params, state = layer.init(jax.random.key(0), (-1,) + shape[1:])
+    x = jnp.zeros(shape)
+
+    def loss(params, x):
+        return jnp.sum(layer.apply(params, state, x)[0] ** 2)
+
+    y, _ = layer.apply(params, state, x)
+    assert y.shape == (0,) + out_shape[1:]
+    grads = jax.grad(loss, argnums=(0, 1))(params, x)
+    assert grads[1].shape == shape
+    assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads[0]))
 
 
 def test_init_is_deterministic_and_key_dependent():
@@ -130,3 +177,69 @@ def test_dropout_layer_train_and_eval():
     y2, _ = layer.apply(params, state, x, train=True, key=jax.random.key(3))
     assert np.array_equal(y, y2)  # same key, same mask
     assert np.array_equal(layer.apply(params, state, x, train=False)[0], x)
+
+
+@pytest.mark.parametrize("make,init_shape,x_shape,error,message", [
+    (lambda: fcn.ConvTranspose2d(4, 3), (1, 3, 5, 5), (1, 2, 5, 5), ValueError,
+     r"ConvTranspose2d: expected 3 channels at axis 1 \(as at init\), got 2"),
+    (lambda: fcn.ConvTranspose2d(4, 3), (1, 3, 5, 5), (3, 5, 5), ValueError,
+     r"ConvTranspose2d: expected a 4-D input \(N, C, H, W\), got shape \(3, 5, 5\)"),
+    (lambda: fcn.ConvTranspose2d(4, 3, stride=2, output_padding=2), (1, 3, 5, 5), None,
+     ValueError, r"ConvTranspose2d: output_padding must be smaller than either stride or "
+                 r"dilation"),
+    (lambda: fcn.ConvTranspose2d(4, 3, groups=2), (1, 3, 5, 5), None, ValueError,
+     r"ConvTranspose2d: groups=2 must be a positive int dividing in_channels=3 and "
+     r"out_channels=4"),
+    (lambda: fcn.ConvTranspose2d(4, 3, padding=4), (1, 3, 2, 2), None, ValueError,
+     r"ConvTranspose2d: the output would be -4x-4"),
+    (lambda: fcn.AdaptiveAvgPool2d((2, 3, 4)), (1, 3, 5, 5), None, TypeError,
+     r"AdaptiveAvgPool2d: output_size must be an int or a pair of ints or None"),
+    (lambda: fcn.AdaptiveMaxPool2d(2), (1, 3, 5, 5), (1, 3, 0, 5), ValueError,
+     r"AdaptiveMaxPool2d: expected non-empty channel and spatial axes"),
+    (lambda: fcn.AdaptiveMaxPool2d(2), (1, 3, 5, 5), (3, 5, 5), ValueError,
+     r"AdaptiveMaxPool2d: expected a 4-D input"),
+    (lambda: fcn.Upsample(scale_factor=0.1), (1, 3, 5, 5), None, ValueError,
+     r"Upsample: scale_factor 0.1 makes the output 0x0 from 5x5"),
+    (lambda: fcn.Upsample(size=4), (1, 3, 5, 5), (3, 5, 5), ValueError,
+     r"Upsample: expected a 4-D input"),
+])
+def test_new_layers_bad_input(make, init_shape, x_shape, error, message):
+    with pytest.raises(error, match=message):
+        layer = make()
+        _, params, state = layer.init(jax.random.key(0), init_shape)
+        layer.apply(params, state, jnp.ones(x_shape))
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(), ValueError, r"Upsample: give exactly one of size and scale_factor"),
+    (dict(size=3, mode="bilinear", align_corners=None, scale_factor=2), ValueError,
+     r"Upsample: give exactly one"),
+    (dict(size=3, mode="area"), ValueError, r"Upsample: mode must be one of"),
+    (dict(size=3, align_corners=False), ValueError,
+     r"Upsample: align_corners can only be set with mode='bilinear'"),
+])
+def test_upsample_constructor_checks_its_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fcn.Upsample(**kwargs)
+
+
+def test_a_decoder_copies_weights_both_ways_with_an_nn_sequential(torch):
+    # the transposed weight layout (C_in, C_out/groups, kh, kw) is PyTorch's: state dicts copy
+    # in (load_state_dict) and out (state_dict -> module.load_state_dict) unchanged
+    net = fcn.serial(fcn.ConvTranspose2d(4, 3, stride=2, padding=1, output_padding=1),
+                     fcn.ReLU(), fcn.Upsample(scale_factor=2, mode="bilinear"),
+                     fcn.ConvTranspose2d(2, 2, groups=2), fcn.AdaptiveMaxPool2d((5, 3)))
+    module = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1),
+        torch.nn.ReLU(), torch.nn.Upsample(scale_factor=2, mode="bilinear"),
+        torch.nn.ConvTranspose2d(4, 2, 2, groups=2), torch.nn.AdaptiveMaxPool2d((5, 3)))
+    out_shape, params, state = net.init(jax.random.key(0), (-1, 6, 3, 4))
+    params, state = fcn.load_state_dict(params, state, module.state_dict())
+    x = np.random.default_rng(0).standard_normal((2, 6, 3, 4)).astype(np.float32)
+    y, _ = net.apply(params, state, jnp.asarray(x))
+    assert out_shape == (-1, 2, 5, 3)
+    assert_close(y, module(torch.tensor(x)).detach().numpy(), 1e-5, 1e-5, "decoder output")
+    _, ours, _ = net.init(jax.random.key(1), (-1, 6, 3, 4))
+    module.load_state_dict({k: torch.tensor(v) for k, v in fcn.state_dict(ours, {}).items()})
+    y, _ = net.apply(ours, state, jnp.asarray(x))
+    assert_close(y, module(torch.tensor(x)).detach().numpy(), 1e-5, 1e-5, "after copying out")

@@ -39,7 +39,8 @@ def test_registry_lists_every_public_op_and_loss():
                                                "mse_loss"}
     assert set(fcn.functional.ops("op")) == {
         "linear", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "relu", "leaky_relu",
-        "sigmoid", "tanh", "softmax", "log_softmax", "dropout"}
+        "sigmoid", "tanh", "softmax", "log_softmax", "dropout",
+        "conv_transpose2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "interpolate"}
     for name, info in REGISTRY.items():
         assert getattr(fcn.functional, name) is info.fn
     for name in fcn.functional.ops("loss"):

@@ -5,14 +5,16 @@ One module per op family; every public op takes ``vjp="custom"`` (the hand-writt
 """
 from ._registry import REGISTRY, VJP_MODES, OpInfo, ops
 from .activations import leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
-from .conv import conv2d
+from .conv import conv2d, conv_transpose2d
 from .dropout import dropout
 from .linear import linear
 from .losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss
 from .normalization import batch_norm
-from .pooling import avg_pool2d, max_pool2d
+from .pooling import adaptive_avg_pool2d, adaptive_max_pool2d, avg_pool2d, max_pool2d
+from .upsampling import interpolate
 
 __all__ = ["REGISTRY", "VJP_MODES", "OpInfo", "ops", "linear", "conv2d", "max_pool2d",
-           "avg_pool2d", "batch_norm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
+           "avg_pool2d", "conv_transpose2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+           "interpolate", "batch_norm", "relu", "leaky_relu", "sigmoid", "tanh", "softmax",
            "log_softmax", "dropout", "cross_entropy", "binary_cross_entropy_with_logits",
            "mse_loss"]

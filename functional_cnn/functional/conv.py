@@ -1,4 +1,5 @@
-"""2-D convolution (cross-correlation, as in PyTorch): ``conv2d``."""
+"""2-D convolution (cross-correlation, as in PyTorch): ``conv2d``, and its transpose
+``conv_transpose2d``."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -9,7 +10,8 @@ from jax import numpy as jnp
 
 from .. import _checks
 from ._registry import check_vjp, register, two_gradients
-from ._windows import Axis, add_window_views, make_axis, pad_spatial, unpad_spatial, window_views
+from ._windows import (Axis, add_window_views, make_axis, pad_spatial, transposed_axis,
+                       unpad_spatial, window_views)
 
 # XLA:CPU runs a convolution on its fast (Eigen) path only in the canonical layout: input
 # NHWC, kernel HWIO, output NHWC. Outside loops its layout pass rewrites other layouts, but inside
@@ -199,25 +201,33 @@ def _flipped_transposed_kernel(weight, groups):
     return jnp.flip(w, (2, 3))
 
 
-def _lax_grads(cfg, x, weight, g):
-    # dx: full correlation of the stride-dilated cotangent with the flipped kernel. The padding
-    # d(k-1) - pad on each side is exact because pad_hi reaches exactly the last window.
-    dx = _nchw(lax.conv_general_dilated(
+def _lax_input_grad(cfg, weight, g):
+    """``dx``: full correlation of the stride-dilated cotangent with the flipped kernel. The
+    padding ``d(k-1) - pad`` on each side is exact because pad_hi reaches exactly the last
+    window. (Also conv_transpose2d's forward: a transposed convolution *is* this map.)"""
+    return _nchw(lax.conv_general_dilated(
         _nhwc(g), _hwio(_flipped_transposed_kernel(weight, cfg.groups)), window_strides=(1, 1),
         padding=[(a.span - 1 - a.pad_lo, a.span - 1 - a.pad_hi) for a in cfg.axes],
         lhs_dilation=_strides(cfg), rhs_dilation=_dilations(cfg),
         dimension_numbers=_CANONICAL, feature_group_count=cfg.groups))
-    # dW: correlate the padded input with the cotangent used as a kernel dilated by the
-    # stride, stepping by the dilation. The roles swap: x's channels act as the batch and its
-    # samples as the features summed over, so x goes in as (C, H, W, N), g as the kernel
-    # (Ho, Wo, N, O), and the result (C, kh, kw, O) is the weight transposed. Groups split
-    # x's channel axis.
+
+
+def _lax_weight_grad(cfg, x, g):
+    """``dW``: correlate the padded input with the cotangent used as a kernel dilated by the
+    stride, stepping by the dilation. The roles swap: x's channels act as the batch and its
+    samples as the features summed over, so x goes in as (C, H, W, N), g as the kernel
+    (Ho, Wo, N, O), and the result (C, kh, kw, O) is the weight transposed. Groups split x's
+    channel axis."""
     dw = lax.conv_general_dilated(
         x.transpose(1, 2, 3, 0), g.transpose(2, 3, 0, 1), window_strides=_dilations(cfg),
         padding=[(a.pad_lo, a.pad_hi) for a in cfg.axes],
         rhs_dilation=_strides(cfg), dimension_numbers=_CANONICAL,
         batch_group_count=cfg.groups)
-    return dx, dw.transpose(3, 0, 1, 2)
+    return dw.transpose(3, 0, 1, 2)
+
+
+def _lax_grads(cfg, x, weight, g):
+    return _lax_input_grad(cfg, weight, g), _lax_weight_grad(cfg, x, g)
 
 
 # --------------------------------------------------------------- one op, three formulations
@@ -237,10 +247,13 @@ def _path(cfg, x_shape, weight_shape) -> str:
     return "im2col" if _single_channel(cfg, x_shape[1]) else "lax"
 
 
+def _with_bias(y, bias):
+    return y if bias is None else y + bias[None, :, None, None]
+
+
 def _forward(cfg, x, weight, bias):
     forward, _ = _FORMULATIONS[_path(cfg, x.shape, weight.shape)]
-    y = forward(cfg, x, weight)
-    return y if bias is None else y + bias[None, :, None, None]
+    return _with_bias(forward(cfg, x, weight), bias)
 
 
 def _fwd(cfg, x, weight, bias):
@@ -351,7 +364,103 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
         return conv2d(x[None], weight, bias, stride, padding, dilation, groups, vjp=vjp)[0]
     cfg = conv_config("conv2d", jnp.shape(x), jnp.shape(weight), stride, padding, dilation,
                       groups)
-    if bias is not None and tuple(jnp.shape(bias)) != (weight.shape[0],):
-        raise ValueError(f"conv2d: expected bias of shape ({weight.shape[0]},), "
-                         f"got {tuple(jnp.shape(bias))}")
+    _check_bias("conv2d", bias, weight.shape[0])
     return _conv2d(vjp, cfg, x, weight, bias)
+
+
+def _check_bias(where: str, bias, out_channels: int) -> None:
+    if bias is not None and tuple(jnp.shape(bias)) != (out_channels,):
+        raise ValueError(f"{where}: expected bias of shape ({out_channels},), "
+                         f"got {tuple(jnp.shape(bias))}")
+
+
+# ------------------------------------------------------------------- transposed convolution
+#
+# conv_transpose2d is the input gradient of the conv2d that maps its output back to its input
+# (same weight, stride, padding, dilation, groups; cfg describes *that* convolution, with the
+# transposed convolution's output as its input). So its forward is that convolution's dx, and
+# its rule uses the convolution's forward (for dx) and its weight gradient (for dW).
+
+def _transpose_forward(cfg, x, weight, bias):
+    return _with_bias(_lax_input_grad(cfg, weight, x), bias)
+
+
+def _transpose_fwd(cfg, x, weight, bias):
+    return _transpose_forward(cfg, x, weight, bias), (x, weight, bias is None)
+
+
+def _transpose_bwd(cfg, residuals, g):
+    x, weight, no_bias = residuals
+    conv_forward, _ = _FORMULATIONS[_path(cfg, g.shape, weight.shape)]
+    dw = _lax_weight_grad(cfg, g, x)  # the convolution's dW with input g and cotangent x
+    return conv_forward(cfg, g, weight), dw, None if no_bias else g.sum(axis=(0, 2, 3))
+
+
+_conv_transpose2d = two_gradients(_transpose_forward, _transpose_fwd, _transpose_bwd)
+
+
+def conv_transpose_config(where: str, in_shape, weight_shape, stride, padding, output_padding,
+                          groups, dilation) -> ConvConfig:
+    """Validate a transposed convolution as PyTorch does; the geometry of the convolution it
+    transposes (:func:`_windows.transposed_axis`)."""
+    _checks.check_rank(where, in_shape, (4,), "(N, C, H, W)")
+    if len(weight_shape) != 4:
+        raise ValueError(f"{where}: expected a 4-D weight (C_in, C_out/groups, kh, kw), "
+                         f"got shape {tuple(weight_shape)}")
+    if not isinstance(groups, int) or groups < 1 or in_shape[1] % groups:
+        raise ValueError(f"{where}: groups={groups!r} must be a positive int dividing "
+                         f"in_channels={in_shape[1]}")
+    _checks.check_channels(where, in_shape, weight_shape[0],
+                           context=f"(weight {tuple(weight_shape)}: C_in first)")
+    stride = _checks.int_pair(where, "stride", stride)
+    dilation = _checks.int_pair(where, "dilation", dilation)
+    pads = _checks.int_pair(where, "padding", padding, minimum=0)
+    out_pads = _checks.int_pair(where, "output_padding", output_padding, minimum=0)
+    if any(o >= s and o >= d for o, s, d in zip(out_pads, stride, dilation)):
+        raise ValueError(f"{where}: output_padding must be smaller than either stride or "
+                         f"dilation (as in PyTorch), got output_padding {out_pads} for stride "
+                         f"{stride} and dilation {dilation}")
+    axes = tuple(transposed_axis(n, k, s, d, p, o) for n, k, s, d, p, o
+                 in zip(in_shape[2:], weight_shape[2:], stride, dilation, pads, out_pads))
+    if any(a.in_size < 1 for a in axes):
+        raise ValueError(f"{where}: the output would be {axes[0].in_size}x{axes[1].in_size}: "
+                         f"padding {pads} crops more than the input {tuple(in_shape)} spreads "
+                         f"to (kernel {tuple(weight_shape[2:])}, stride {stride}, dilation "
+                         f"{dilation})")
+    return ConvConfig(axes, groups)
+
+
+@register()
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1, *, vjp: str = "custom"):
+    """2-D transposed convolution, ``torch.nn.functional.conv_transpose2d`` semantics and layouts.
+
+    ``x (N, C_in, H, W)`` (or unbatched), ``weight (C_in, C_out/groups, kh, kw)``,
+    ``bias (C_out,)``; the output is ``(H - 1) s - 2 p + d (k - 1) + 1 + output_padding`` high
+    (and wide), with ``output_padding`` smaller than the stride or the dilation.
+
+    Forward: every input scatters its kernel-weighted value over a window of the output,
+    ``y[n, o, i s + a d - p, j s + b d - p] += W[c, o', a, b] x[n, c, i, j]`` (``o`` the
+    ``o'``-th output channel of ``c``'s group): the input gradient of ``conv2d(., W)`` taken at
+    the cotangent ``x``. With ``C_W`` that convolution (``conv2d(z, W) = C_W z``),
+    ``y = C_W^T x + b``.
+
+    Backward rule, by the adjoint of ``C_W`` and the bilinearity of ``C_W z`` in ``(W, z)``::
+
+        dx = C_W g = conv2d(g, W, stride, padding, dilation, groups)         a forward conv
+        dW = conv2d's weight gradient at input g and cotangent x
+           : dW[c, o', a, b] = sum_{n,i,j} x[n, c, i, j] gp[n, o, i s + a d, j s + b d]
+        db[o] = sum_{n,i,j} g[n, o, i, j]
+
+    where ``gp`` is ``g`` padded by ``p`` (and cropped by ``output_padding``). Both are
+    correlations written like conv2d's forward, so the rule is differentiable again.
+    """
+    check_vjp("conv_transpose2d", vjp)
+    _checks.check_floating("conv_transpose2d", x)
+    if jnp.ndim(x) == 3:
+        return conv_transpose2d(x[None], weight, bias, stride, padding, output_padding, groups,
+                                dilation, vjp=vjp)[0]
+    cfg = conv_transpose_config("conv_transpose2d", jnp.shape(x), jnp.shape(weight), stride,
+                                padding, output_padding, groups, dilation)
+    _check_bias("conv_transpose2d", bias, weight.shape[1] * groups)
+    return _conv_transpose2d(vjp, cfg, x, weight, bias)

@@ -1,4 +1,7 @@
-"""2-D pooling: ``max_pool2d`` and ``avg_pool2d``, sharing one window geometry."""
+"""2-D pooling: ``max_pool2d`` and ``avg_pool2d`` over sliding windows, sharing one window
+geometry, and ``adaptive_max_pool2d`` and ``adaptive_avg_pool2d`` over PyTorch's adaptive
+windows. Both max pools share one first-maximum machinery: a config only says which input
+every window offset reads (``views``) and how cotangents go back to those positions."""
 from __future__ import annotations
 
 import functools
@@ -11,13 +14,64 @@ from jax import numpy as jnp
 
 from .. import _checks
 from ._registry import check_vjp, register, two_gradients
-from ._windows import (Axis, add_window_views, kernel_offsets, make_axis, pad_spatial, tiles,
-                       unpad_spatial, window_views)
+from ._windows import (Axis, Taps, adaptive_taps, add_window_views, kernel_offsets, make_axis,
+                       pad_spatial, separable_product, tap_views, tiles, unpad_spatial,
+                       window_views)
 
 
 class PoolConfig(NamedTuple):
+    """Sliding windows (max_pool2d, avg_pool2d)."""
+
     axes: tuple[Axis, Axis]  # (height, width) geometry, pad_hi adjusted to the windows' reach
     count_include_pad: bool = True  # avg_pool2d only
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        return tuple(a.out_size for a in self.axes)
+
+    def views(self, x, fill):
+        """Per kernel offset (row-major), the input padded with ``fill`` it sees in every
+        window."""
+        return window_views(pad_spatial(x, self.axes, fill), self.axes)
+
+    def to_first(self, first, g):
+        """Each window's cotangent added at its offset ``first``, padding cropped."""
+        route = _interleave_to_first if tiles(self.axes) else _scatter_to_first
+        return unpad_spatial(route(self, first, g), self.axes)
+
+
+class AdaptiveConfig(NamedTuple):
+    """PyTorch's adaptive windows ``[floor(i H / H_out), ceil((i + 1) H / H_out))`` on each
+    axis: where ``H_out`` does not divide ``H`` they vary in size and may overlap (7 -> 3:
+    rows 0-2, 2-4, 4-6)."""
+
+    in_size: tuple[int, int]
+    out_size: tuple[int, int]
+
+    @property
+    def taps(self) -> tuple[Taps, Taps]:
+        return tuple(adaptive_taps(n, o) for n, o in zip(self.in_size, self.out_size))
+
+    def views(self, x, fill=None):
+        """Per window offset ``(a, b)``, row-major: ``x[..., rows[a, i], cols[b, j]]``. A window
+        shorter than the longest repeats its last row or column (``fill`` is not needed): a
+        repeat never changes a maximum, and comes after the original in scan order, so it never
+        wins a tie."""
+        taps_h, taps_w = self.taps
+        return [view for rows in tap_views(x, taps_h, 2) for view in tap_views(rows, taps_w, 3)]
+
+    def to_first(self, first, g):
+        """Each window's cotangent added at the input position of its offset ``first``."""
+        taps_h, taps_w = self.taps
+        offset_rows, offset_cols = jnp.divmod(first, taps_w.index.shape[0])
+        rows = jnp.asarray(taps_h.index)[offset_rows, jnp.arange(g.shape[2])[:, None]]
+        cols = jnp.asarray(taps_w.index)[offset_cols, jnp.arange(g.shape[3])[None, :]]
+        return _scatter_add_at(rows, cols, g, self.in_size)
+
+    def averaging(self, dtype) -> tuple[np.ndarray, np.ndarray]:
+        """Per axis, ``A[i, h] = 1 / |window i|`` on window ``i``'s positions, 0 elsewhere."""
+        return tuple(t.matrix(n, np.float64) / t.present.sum(axis=0)[:, None]
+                     for t, n in zip(self.taps, self.in_size))
 
 
 def pool_axes(where: str, in_shape, kernel_size, stride, padding, dilation,
@@ -62,7 +116,7 @@ def _window_maxima(cfg, x):
     order; NaN wins, as in PyTorch), both from one variadic reduce over the stacked window
     views: neither is recomputed where XLA fuses the pool into its consumer (the custom
     rule's forward; 1.2-1.5x faster steps than gathering the value at ``first``)."""
-    stacked = jnp.stack(window_views(pad_spatial(x, cfg.axes, -jnp.inf), cfg.axes), axis=-1)
+    stacked = jnp.stack(cfg.views(x, -jnp.inf), axis=-1)
     offsets = lax.broadcasted_iota(jnp.int32, stacked.shape, stacked.ndim - 1)
     return lax.reduce((stacked, offsets), (np.array(-np.inf, x.dtype), np.int32(0)),
                       _first_max, (stacked.ndim - 1,))
@@ -74,7 +128,7 @@ def _window_maxima_jvp(cfg, primals, tangents):
     differentiable, e.g. for Hessian-vector products); ``first`` is piecewise constant."""
     (x,), (dx,) = primals, tangents
     value, first = _window_maxima(cfg, x)
-    d_value = _at_offset(window_views(pad_spatial(dx, cfg.axes, 0), cfg.axes), first)
+    d_value = _at_offset(cfg.views(dx, 0), first)
     return (value, first), (d_value, np.zeros(first.shape, jax.dtypes.float0))
 
 
@@ -92,7 +146,7 @@ def _max_forward(cfg, x):
     that element, like the rule. (JAX's reduce_max rule splits ties, and it cannot
     differentiate a dilated reduce_window max at all.) The selects fuse into the pool's
     consumers, which XLA:CPU runs faster than a gather (LeNet's step and evaluation)."""
-    views = window_views(pad_spatial(x, cfg.axes, -jnp.inf), cfg.axes)
+    views = cfg.views(x, -jnp.inf)
     return _at_offset(views, jnp.argmax(jnp.stack(views, axis=-1), axis=-1))
 
 
@@ -101,8 +155,7 @@ def _max_fwd(cfg, x):
 
 
 def _max_bwd(cfg, first, g):
-    route = _interleave_to_first if tiles(cfg.axes) else _scatter_to_first
-    return (unpad_spatial(route(cfg, first, g), cfg.axes),)
+    return (cfg.to_first(first, g),)
 
 
 def _interleave_to_first(cfg, first, g):
@@ -117,14 +170,21 @@ def _scatter_to_first(cfg, first, g):
     of its first maximum, ``(i s + a d, j s + b d)`` with ``(a, b) = divmod(first, kw)`` (4x
     faster here than one strided ``lax.pad`` per offset, measured with overlapping 3x3/2)."""
     height, width = cfg.axes
+    a, b = jnp.divmod(first, width.kernel)
+    rows = jnp.arange(g.shape[2])[:, None] * height.stride + a * height.dilation
+    cols = jnp.arange(g.shape[3])[None, :] * width.stride + b * width.dilation
+    return _scatter_add_at(rows, cols, g, (height.padded_size, width.padded_size))
+
+
+def _scatter_add_at(rows, cols, g, size):
+    """``dx[n, c, rows[n, c, i, j], cols[n, c, i, j]] += g[n, c, i, j]`` into a zero ``dx`` of
+    spatial ``size``: one scatter-add (sizes spelled out, so an empty batch reshapes too)."""
     n, c, h_out, w_out = g.shape
-    a, b = first // width.kernel, first % width.kernel
-    rows = jnp.arange(h_out)[:, None] * height.stride + a * height.dilation
-    cols = jnp.arange(w_out)[None, :] * width.stride + b * width.dilation
-    flat = (rows * width.padded_size + cols).reshape(n * c, h_out * w_out)
-    dxp = jnp.zeros((n * c, height.padded_size * width.padded_size), g.dtype)
-    dxp = dxp.at[jnp.arange(n * c)[:, None], flat].add(g.reshape(n * c, -1))
-    return dxp.reshape(n, c, height.padded_size, width.padded_size)
+    height, width = size
+    flat = jnp.broadcast_to(rows * width + cols, g.shape).reshape(n * c, h_out * w_out)
+    dx = jnp.zeros((n * c, height * width), g.dtype)
+    dx = dx.at[jnp.arange(n * c)[:, None], flat].add(g.reshape(n * c, h_out * w_out))
+    return dx.reshape(n, c, height, width)
 
 
 def _max_primal(cfg, x):
@@ -224,3 +284,107 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
                           count_include_pad, vjp=vjp)
     axes = pool_axes("avg_pool2d", jnp.shape(x), kernel_size, stride, padding, 1, ceil_mode)
     return _avg_pool2d(vjp, PoolConfig(axes, bool(count_include_pad)), x)
+
+
+# ------------------------------------------------------------------------- adaptive pooling
+
+def adaptive_config(where: str, in_shape, output_size) -> PoolConfig | AdaptiveConfig:
+    """Validate an adaptive pool's input and ``output_size`` as PyTorch does: an int or a pair,
+    where ``None`` keeps that axis' input size; every axis but the batch must be non-empty.
+
+    Where the output sizes divide the input's, PyTorch's windows are ``[i k, (i + 1) k)`` with
+    ``k = H / H_out``: they tile the input, and the pool is the sliding-window pool with kernel
+    and stride ``k`` (a :class:`PoolConfig`: same rules, its fast paths, no dense matrix).
+    """
+    _checks.check_rank(where, in_shape, (4,), "(N, C, H, W)")
+    if min(in_shape[1:]) < 1:
+        raise ValueError(f"{where}: expected non-empty channel and spatial axes (as PyTorch), "
+                         f"got input shape {tuple(in_shape)}")
+    pair = tuple(output_size) if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    valid = len(pair) == 2 and all(
+        v is None or (isinstance(v, (int, np.integer)) and not isinstance(v, bool)) for v in pair)
+    if not valid:
+        raise TypeError(f"{where}: output_size must be an int or a pair of ints or None, "
+                        f"got {output_size!r}")
+    in_hw = tuple(in_shape[2:])
+    out = tuple(n if v is None else int(v) for v, n in zip(pair, in_hw))
+    if min(out) < 0:
+        raise ValueError(f"{where}: output_size must be >= 0, got {output_size!r}")
+    if all(o > 0 and n % o == 0 for n, o in zip(in_hw, out)):
+        return PoolConfig(tuple(make_axis(n, n // o, n // o, 1, 0, 0) for n, o in zip(in_hw, out)))
+    return AdaptiveConfig(in_hw, out)
+
+
+def _adaptive_avg_forward(cfg, x):
+    return separable_product(x, *cfg.averaging(x.dtype))
+
+
+def _adaptive_avg_fwd(cfg, x):
+    return _adaptive_avg_forward(cfg, x), None
+
+
+def _adaptive_avg_bwd(cfg, _, g):
+    a_h, a_w = cfg.averaging(g.dtype)
+    return (separable_product(g, a_h.T, a_w.T),)
+
+
+_adaptive_avg_pool2d = two_gradients(_adaptive_avg_forward, _adaptive_avg_fwd,
+                                     _adaptive_avg_bwd)
+
+
+@register()
+def adaptive_avg_pool2d(x, output_size, *, vjp: str = "custom"):
+    """Mean over adaptive windows, ``torch.nn.functional.adaptive_avg_pool2d`` semantics.
+
+    ``output_size`` is an int or a pair (``None`` keeps the input size). Output ``(i, j)``
+    averages rows ``[floor(i H / H_out), ceil((i + 1) H / H_out))`` and likewise columns, so
+    windows differ in size and overlap when the sizes do not divide (7 -> 3: rows 0-2, 2-4,
+    4-6), and repeat inputs when the output is larger. Separable, with the averaging matrices
+    ``A_h[i, h] = 1 / |rows_i|`` on window ``i``'s rows (0 elsewhere) and ``A_w`` alike::
+
+        y[n, c] = A_h x[n, c] A_w^T
+
+    Backward rule: every element of a window receives an equal share of its cotangent, the
+    transposed map::
+
+        dx[n, c] = A_h^T g[n, c] A_w
+
+    Where the sizes divide, the windows tile the input and this is ``avg_pool2d`` with kernel
+    and stride ``H / H_out`` (its rule, no matrices). Otherwise the matrices are dense
+    (:class:`_windows.Taps`): a NaN or inf input then reaches every output of its plane
+    (``0 * inf``), where PyTorch confines it to the windows holding it. ``A`` is a
+    compile-time constant, so nothing is saved from the forward pass.
+    """
+    check_vjp("adaptive_avg_pool2d", vjp)
+    _checks.check_floating("adaptive_avg_pool2d", x)
+    if jnp.ndim(x) == 3:
+        return _unbatched(adaptive_avg_pool2d, x, output_size, vjp=vjp)
+    cfg = adaptive_config("adaptive_avg_pool2d", jnp.shape(x), output_size)
+    op = _avg_pool2d if isinstance(cfg, PoolConfig) else _adaptive_avg_pool2d
+    return op(vjp, cfg, x)
+
+
+@register()
+def adaptive_max_pool2d(x, output_size, *, vjp: str = "custom"):
+    """Max over adaptive windows, ``torch.nn.functional.adaptive_max_pool2d`` semantics
+    (``return_indices=False``: values only).
+
+    The windows are :func:`adaptive_avg_pool2d`'s, their offsets in PyTorch's scan order
+    (row-major); shorter windows repeat their last row or column, which never changes a
+    maximum or wins a tie. Where the sizes divide, this is ``max_pool2d`` with kernel and
+    stride ``H / H_out``.
+
+    Backward rule: as :func:`max_pool2d` (the same functions, over this config's windows),
+    each window passes its whole cotangent to its *first* maximum (PyTorch's choice), at input
+    position ``(rows[a*, i], cols[b*, j])`` for the winning offset ``(a*, b*)``::
+
+        dx[n, c, rows[a*, i], cols[b*, j]] += g[n, c, i, j]       one scatter-add
+
+    Only the winning offsets are saved.
+    """
+    check_vjp("adaptive_max_pool2d", vjp)
+    _checks.check_floating("adaptive_max_pool2d", x)
+    if jnp.ndim(x) == 3:
+        return _unbatched(adaptive_max_pool2d, x, output_size, vjp=vjp)
+    cfg = adaptive_config("adaptive_max_pool2d", jnp.shape(x), output_size)
+    return _max_pool2d(vjp, cfg, x)

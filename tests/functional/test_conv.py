@@ -1,5 +1,6 @@
 """conv2d specifics: every formulation is exercised by the shared edge cases, and the fast
-paths agree with XLA's own convolution at the networks' real shapes."""
+paths agree with XLA's own convolution at the networks' real shapes; conv_transpose2d is
+conv2d's adjoint, and refuses what PyTorch refuses."""
 import jax
 import numpy as np
 import pytest
@@ -18,9 +19,22 @@ def _path_of(config):
     return conv._path(cfg, x.shape, w.shape)
 
 
-def test_edge_cases_run_every_conv_formulation():
+def _transpose_rule_path_of(config):
+    """The formulation of the conv2d forward that conv_transpose2d's rule runs for dx."""
+    case = T.build("conv_transpose2d", config)
+    x, w = case.inputs["x"], case.inputs["weight"]
+    cfg = conv.conv_transpose_config("test", x.shape, w.shape, config["stride"],
+                                     config["padding"], config["output_padding"],
+                                     config["groups"], config["dilation"])
+    g_shape = (x.shape[0], w.shape[1] * config["groups"]) + tuple(a.in_size for a in cfg.axes)
+    return conv._path(cfg, g_shape, w.shape)
+
+
+@pytest.mark.parametrize("op,path_of", [("conv2d", _path_of),
+                                        ("conv_transpose2d", _transpose_rule_path_of)])
+def test_edge_cases_run_every_conv_formulation(op, path_of):
     # the hypothesis and torch tests walk these cases: each formulation must be among them
-    assert {_path_of(c) for c in T.edge_cases("conv2d")} == {"im2col", "banded", "lax"}
+    assert {path_of(c) for c in T.edge_cases(op)} == {"im2col", "banded", "lax"}
 
 
 @pytest.mark.parametrize("shape, weight, stride, padding, path", [
@@ -44,3 +58,59 @@ def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, pa
     for got, want in zip((y, *vjp(g)), (y_ref, *vjp_ref(g))):
         scale = float(jnp.max(jnp.abs(want)))
         np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=2e-6)
+
+
+@pytest.mark.parametrize("stride, padding, output_padding, dilation, groups", [
+    (1, 0, 0, 1, 1), (2, 1, 1, 1, 1), (3, 2, (2, 0), (1, 2), 2), (1, 1, 1, 2, 1)])
+def test_conv_transpose_is_the_adjoint_of_conv(stride, padding, output_padding, dilation,
+                                               groups):
+    # <conv2d(z, W), x> == <z, conv_transpose2d(x, W)> for the z of the transposed output's
+    # shape; with output_padding >= stride, conv2d(z) has windows past x's (reading only the
+    # padded rows): the transposed convolution is the adjoint of the first H x W windows
+    kx, kw, kz = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 4, 5, 4), jnp.float32)
+    w = jax.random.normal(kw, (4, 6 // groups, 3, 2), jnp.float32)
+    y = F.conv_transpose2d(x, w, None, stride, padding, output_padding, groups, dilation)
+    z = jax.random.normal(kz, y.shape, jnp.float32)
+    conv_z = F.conv2d(z, w, None, stride, padding, dilation, groups)[:, :, :5, :4]
+    assert conv_z.shape == x.shape
+    np.testing.assert_allclose(float(jnp.vdot(conv_z, x)), float(jnp.vdot(z, y)), rtol=1e-5)
+
+
+def test_conv_transpose_unbatched_and_empty_batch():
+    x = jax.random.normal(jax.random.key(0), (2, 3, 3))
+    w = jnp.ones((2, 3, 2, 2))
+    np.testing.assert_array_equal(F.conv_transpose2d(x, w, stride=2),
+                                  F.conv_transpose2d(x[None], w, stride=2)[0])
+    empty = jnp.zeros((0, 2, 3, 3))
+    y, pullback = jax.vjp(lambda x, w: F.conv_transpose2d(x, w, stride=2, output_padding=1),
+                          empty, w)
+    dx, dw = pullback(jnp.ones_like(y))
+    assert y.shape == (0, 3, 7, 7) and dx.shape == empty.shape  # (3 - 1) 2 + 2 + 1
+    assert float(jnp.abs(dw).sum()) == 0.0  # no samples, no weight gradient (as torch)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,kwargs,error,message", [
+    ((1, 2, 3, 3), (2, 3, 3, 3), dict(stride=2, output_padding=2), ValueError,
+     r"conv_transpose2d: output_padding must be smaller than either stride or dilation "
+     r"\(as in PyTorch\), got output_padding \(2, 2\) for stride \(2, 2\) and dilation \(1, 1\)"),
+    ((1, 2, 3, 3), (2, 3, 3, 3), dict(output_padding=1), ValueError,
+     r"output_padding must be smaller than either stride or dilation"),
+    ((1, 2, 3, 3), (2, 3, 3, 3), dict(padding=3), ValueError,
+     r"conv_transpose2d: the output would be -1x-1: padding \(3, 3\) crops more"),
+    ((1, 2, 3, 3), (3, 3, 3, 3), {}, ValueError,
+     r"conv_transpose2d: expected 3 channels at axis 1 \(weight \(3, 3, 3, 3\): C_in first\), "
+     r"got 2"),
+    ((1, 3, 3, 3), (3, 3, 3, 3), dict(groups=2), ValueError,
+     r"conv_transpose2d: groups=2 must be a positive int dividing in_channels=3"),
+    ((1, 2, 3, 3), (2, 3, 3), {}, ValueError, r"conv_transpose2d: expected a 4-D weight"),
+    ((1, 2, 3, 3), (2, 3, 3, 3), dict(padding="same"), TypeError,
+     r"conv_transpose2d: padding must be an int or a pair of ints, got 'same'"),
+    ((1, 2, 3, 3), (2, 3, 3, 3), dict(bias=jnp.ones(2)), ValueError,
+     r"conv_transpose2d: expected bias of shape \(3,\), got \(2,\)"),
+    ((3, 3, 3), (2, 3, 3, 3), {}, ValueError,  # unbatched (C, H, W)
+     r"conv_transpose2d: expected 2 channels at axis 1"),
+])
+def test_conv_transpose_bad_input(x_shape, w_shape, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        F.conv_transpose2d(jnp.ones(x_shape), jnp.ones(w_shape), **kwargs)

@@ -66,3 +66,61 @@ def test_max_pool_nan_wins_its_window_and_takes_the_gradient(vjp):
     expected = np.zeros((2, 4))
     expected[0, 1] = expected[0, 3] = 1
     np.testing.assert_array_equal(np.asarray(grad[0, 0]), expected)
+
+
+def test_max_pool_gradient_with_an_empty_batch_and_overlapping_windows():
+    # the scatter rule reshaped an empty batch with -1 (ZeroDivisionError) before the fix
+    x = jnp.ones((0, 3, 7, 7))
+    for pool in (lambda x: F.max_pool2d(x, 3, 2), lambda x: F.adaptive_max_pool2d(x, 3)):
+        y, pullback = jax.vjp(pool, x)
+        assert y.shape == (0, 3, 3, 3) and pullback(y)[0].shape == x.shape
+
+
+def test_adaptive_windows_follow_torch_start_and_end_rule():
+    # 7 -> 3: rows [0, 3), [2, 5), [4, 7) (floor(i 7/3), ceil((i+1) 7/3)): row 2 and 4 shared
+    x = jnp.arange(7.0).reshape(1, 1, 7, 1)
+    np.testing.assert_allclose(F.adaptive_avg_pool2d(x, (3, 1))[0, 0, :, 0], [1.0, 3.0, 5.0])
+    np.testing.assert_array_equal(F.adaptive_max_pool2d(x, (3, 1))[0, 0, :, 0], [2.0, 4.0, 6.0])
+    g = jax.grad(lambda x: F.adaptive_avg_pool2d(x, (3, 1)).sum())(x)
+    np.testing.assert_allclose(g[0, 0, :, 0], [1, 1, 2, 1, 2, 1, 1] / np.array(3.0))
+    # 2 -> 3 (larger output): rows [0, 1), [0, 2), [1, 2)
+    x = jnp.array([[[[1.0], [4.0]]]])
+    np.testing.assert_allclose(F.adaptive_avg_pool2d(x, (3, 1))[0, 0, :, 0], [1.0, 2.5, 4.0])
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("size", [(5, 1), (3, 2), (2, 2)])  # irregular, and the tiling path
+def test_adaptive_max_routes_ties_to_the_first_maximum_in_row_major_order(vjp, size, torch):
+    x = np.zeros((1, 1, 6, 4), np.float32)
+    x[0, 0, [0, 1, 3, 4], [2, 0, 3, 1]] = 1.0  # ties in most windows, zeros elsewhere
+    g = jax.grad(lambda x: F.adaptive_max_pool2d(x, size, vjp=vjp).sum())(jnp.asarray(x))
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.adaptive_max_pool2d(xt, size).sum().backward()
+    np.testing.assert_array_equal(np.asarray(g), xt.grad.numpy())
+
+
+@pytest.mark.parametrize("pool", ["adaptive_avg_pool2d", "adaptive_max_pool2d"])
+def test_adaptive_pools_take_unbatched_input_and_an_empty_output(pool):
+    fn = getattr(F, pool)
+    x = jax.random.normal(jax.random.key(0), (3, 7, 5))
+    np.testing.assert_array_equal(fn(x, (3, None)), fn(x[None], (3, None))[0])
+    # output_size 0 gives an empty output (as PyTorch's forward) and a zero gradient
+    assert fn(x[None], 0).shape == (1, 3, 0, 0)
+    assert float(jnp.abs(jax.grad(lambda x: fn(x, (0, 2)).sum())(x[None])).sum()) == 0.0
+
+
+@pytest.mark.parametrize("output_size,error,message", [
+    ((2, 3, 4), TypeError, r"adaptive_avg_pool2d: output_size must be an int or a pair of ints "
+                           r"or None, got \(2, 3, 4\)"),
+    (2.5, TypeError, r"output_size must be an int or a pair"),
+    (-1, ValueError, r"adaptive_avg_pool2d: output_size must be >= 0, got -1"),
+])
+def test_adaptive_pool_bad_output_size(output_size, error, message):
+    with pytest.raises(error, match=message):
+        F.adaptive_avg_pool2d(jnp.ones((1, 2, 4, 4)), output_size)
+
+
+def test_adaptive_pool_refuses_empty_spatial_axes_like_torch():
+    with pytest.raises(ValueError, match=r"adaptive_max_pool2d: expected non-empty channel and "
+                                         r"spatial axes .*got input shape \(2, 3, 0, 5\)"):
+        F.adaptive_max_pool2d(jnp.ones((2, 3, 0, 5)), 2)
