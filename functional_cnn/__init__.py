@@ -9,6 +9,7 @@ from .combinators import fan_in_concat, fan_in_sum, fan_out, parallel, residual,
 from .functional import REGISTRY, VJP_MODES
 from .functional.losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss
 from .interop import load_state_dict, named_leaves, state_dict
+from .summary import summary
 from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Identity, Layer,
                      LeakyReLU, Linear, LogSoftmax, MaxPool2d, ReLU, Sigmoid, Softmax, Tanh)
 
@@ -20,5 +21,5 @@ __all__ = [
     "serial", "parallel", "fan_out", "fan_in_sum", "fan_in_concat", "residual",
     "cross_entropy", "binary_cross_entropy_with_logits", "mse_loss",
     "functional", "models", "interop", "data", "train", "checkpoint", "REGISTRY", "VJP_MODES",
-    "load_state_dict", "state_dict", "named_leaves",
+    "load_state_dict", "state_dict", "named_leaves", "summary",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 from jax import numpy as jnp
 
-from .layers import Identity, Layer
+from .layers import Identity, Layer, named_layer
 
 
 def _split(key, n):
@@ -46,7 +46,7 @@ def serial(*layers: Layer) -> Layer:
             new_states.append(s)
         return x, tuple(new_states)
 
-    return Layer(init, apply)
+    return Layer(init, apply, name="serial", children=layers, wiring="serial")
 
 
 def parallel(*layers: Layer) -> Layer:
@@ -73,9 +73,10 @@ def parallel(*layers: Layer) -> Layer:
         outputs, states = zip(*results) if results else ((), ())
         return tuple(outputs), tuple(states)
 
-    return Layer(init, apply)
+    return Layer(init, apply, name="parallel", children=layers, wiring="parallel")
 
 
+@named_layer
 def fan_out(n: int) -> Layer:
     """Copy the input into an ``n``-tuple."""
 
@@ -88,6 +89,7 @@ def fan_out(n: int) -> Layer:
     return Layer(init, apply)
 
 
+@named_layer
 def fan_in_sum() -> Layer:
     """Sum a tuple of equally shaped inputs."""
 
@@ -106,6 +108,7 @@ def fan_in_sum() -> Layer:
     return Layer(init, apply)
 
 
+@named_layer
 def fan_in_concat(axis: int = 1) -> Layer:
     """Concatenate a tuple of inputs along ``axis`` (channels by default)."""
 
@@ -136,4 +139,5 @@ def residual(*layers: Layer, shortcut: Layer | None = None) -> Layer:
 
     Params/state: ``({}, (main_branch, shortcut), {})``.
     """
-    return serial(fan_out(2), parallel(serial(*layers), shortcut or Identity()), fan_in_sum())
+    block = serial(fan_out(2), parallel(serial(*layers), shortcut or Identity()), fan_in_sum())
+    return block._replace(name="residual")

@@ -13,6 +13,8 @@ unchanged (see :mod:`functional_cnn.interop`). Every array op comes from
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Callable, NamedTuple
 
@@ -26,11 +28,77 @@ from .functional.conv import conv_config
 from .functional.pooling import pool_axes
 
 
-class Layer(NamedTuple):
-    """A layer: ``init(key, input_shape)`` and ``apply(params, state, x, *, train, key, vjp)``."""
-
+class _InitApply(NamedTuple):
     init: Callable
     apply: Callable
+
+
+class Layer(_InitApply):
+    """A layer: ``init(key, input_shape)`` and ``apply(params, state, x, *, train, key, vjp)``.
+
+    Still the ``(init, apply)`` pair of ``stax``: ``init, apply = layer`` unpacks it, and it
+    compares, hashes and indexes as that 2-tuple. Three attributes ride outside the tuple, so
+    they cannot break unpacking: ``name``, a torch-like repr of the call that built it
+    (``Conv2d(6, kernel_size=5, padding=2)``; see :func:`named_layer`); ``children``, the child
+    layers of a combinator, in the order of its params tuple; ``wiring``, how a combinator feeds
+    its children (``"serial"``: each the previous one's output; ``"parallel"``: the i-th the i-th
+    input; ``None``: not described). :func:`functional_cnn.summary` walks them. The attributes are
+    read-only; ``_replace`` returns a copy with any of the five changed.
+    """
+
+    def __new__(cls, init: Callable, apply: Callable, name: str = "Layer",
+                children: tuple = (), wiring: str | None = None):
+        layer = super().__new__(cls, init, apply)
+        layer.__dict__.update(name=name, children=tuple(children), wiring=wiring)
+        return layer
+
+    def __setattr__(self, attr, value):
+        raise AttributeError(f"Layer is immutable: use layer._replace({attr}=...)")
+
+    @classmethod
+    def _make(cls, iterable):
+        return cls(*iterable)
+
+    def _replace(self, **changes) -> "Layer":
+        fields = dict(init=self.init, apply=self.apply, name=self.name, children=self.children,
+                      wiring=self.wiring)
+        unknown = set(changes) - set(fields)
+        if unknown:
+            raise TypeError(f"Layer._replace: unknown fields {sorted(unknown)}; "
+                            f"expected some of {list(fields)}")
+        return type(self)(**{**fields, **changes})
+
+    def __repr__(self) -> str:
+        if not self.children:
+            return self.name
+        return f"{self.name}({', '.join(map(repr, self.children))})"
+
+
+def _call_repr(signature: inspect.Signature, bound: inspect.BoundArguments) -> str:
+    """The arguments of a call as torch prints them: a required first argument positionally,
+    the others as ``name=value``, those equal to their default (same type and value) left out."""
+    parts = []
+    for i, (arg, value) in enumerate(bound.arguments.items()):
+        default = signature.parameters[arg].default
+        if i == 0 and default is inspect.Parameter.empty:
+            parts.append(repr(value))
+        elif not (type(value) is type(default) and value == default):
+            parts.append(f"{arg}={value!r}")
+    return ", ".join(parts)
+
+
+def named_layer(constructor: Callable[..., Layer]) -> Callable[..., Layer]:
+    """Decorate a layer constructor so its layers are named after the call that built them:
+    ``Conv2d(6, 5, padding=2).name == "Conv2d(6, kernel_size=5, padding=2)"``."""
+    signature = inspect.signature(constructor)
+
+    @functools.wraps(constructor)
+    def build(*args, **kwargs) -> Layer:
+        layer = constructor(*args, **kwargs)
+        call = _call_repr(signature, signature.bind(*args, **kwargs))
+        return layer._replace(name=f"{constructor.__name__}({call})")
+
+    return build
 
 
 def _uniform(key, shape, fan_in):
@@ -59,35 +127,43 @@ def elementwise(where: str, fn: Callable) -> Layer:
     return Layer(init, apply)
 
 
+@named_layer
 def Identity() -> Layer:
     """Returns its input (``torch.nn.Identity``)."""
     return elementwise("Identity", lambda x, vjp: x)
 
 
+@named_layer
 def ReLU() -> Layer:
     return elementwise("ReLU", F.relu)
 
 
+@named_layer
 def LeakyReLU(negative_slope: float = 0.01) -> Layer:
     return elementwise("LeakyReLU", lambda x, vjp: F.leaky_relu(x, negative_slope, vjp=vjp))
 
 
+@named_layer
 def Sigmoid() -> Layer:
     return elementwise("Sigmoid", F.sigmoid)
 
 
+@named_layer
 def Tanh() -> Layer:
     return elementwise("Tanh", F.tanh)
 
 
+@named_layer
 def Softmax(dim: int = -1) -> Layer:
     return elementwise("Softmax", lambda x, vjp: F.softmax(x, dim, vjp=vjp))
 
 
+@named_layer
 def LogSoftmax(dim: int = -1) -> Layer:
     return elementwise("LogSoftmax", lambda x, vjp: F.log_softmax(x, dim, vjp=vjp))
 
 
+@named_layer
 def Linear(out_features: int, bias: bool = True) -> Layer:
     """``y = x W^T + b`` on the last axis; params ``weight (out, in)``, ``bias (out,)``."""
     where = "Linear"
@@ -114,6 +190,7 @@ def Linear(out_features: int, bias: bool = True) -> Layer:
     return Layer(init, apply)
 
 
+@named_layer
 def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
            bias: bool = True) -> Layer:
     """2-D convolution on NCHW input; params ``weight (O, C/groups, kh, kw)``, ``bias (O,)``.
@@ -167,6 +244,7 @@ def _pool(where: str, fn: Callable, kernel_size, stride, padding, dilation, ceil
     return Layer(init, apply)
 
 
+@named_layer
 def MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Layer:
     """Max pooling on NCHW input; the gradient goes to the first maximum of each window."""
     return _pool("MaxPool2d",
@@ -175,6 +253,7 @@ def MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool =
                  kernel_size, stride, padding, dilation, ceil_mode)
 
 
+@named_layer
 def AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode: bool = False,
               count_include_pad: bool = True) -> Layer:
     """Average pooling on NCHW input."""
@@ -184,6 +263,7 @@ def AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                  kernel_size, stride, padding, 1, ceil_mode)
 
 
+@named_layer
 def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                 track_running_stats: bool = True) -> Layer:
     """Batch normalization over the channels of NCHW input.
@@ -228,6 +308,7 @@ def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = 
     return Layer(init, apply)
 
 
+@named_layer
 def Flatten(start_dim: int = 1, end_dim: int = -1) -> Layer:
     """Merge axes ``start_dim..end_dim`` into one (``torch.nn.Flatten``)."""
     where = "Flatten"
@@ -252,6 +333,7 @@ def Flatten(start_dim: int = 1, end_dim: int = -1) -> Layer:
     return Layer(init, apply)
 
 
+@named_layer
 def Dropout(p: float = 0.5) -> Layer:
     """Inverted dropout in train mode (needs ``key``), identity in eval mode."""
     where = "Dropout"

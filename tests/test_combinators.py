@@ -111,3 +111,14 @@ def test_state_round_trip_names_like_torch_sequential():
                                             "0.weight": np.zeros((2, 1, 2, 2))})
     with pytest.raises(ValueError, match="no matching leaf: \\['extra'\\]"):
         fcn.load_state_dict(params, state, {**fcn.state_dict(params, state), "extra": 1.0})
+
+
+def test_combinators_record_their_children_and_wiring():
+    conv, relu = fcn.Conv2d(2, 3), fcn.ReLU()
+    net = fcn.serial(conv, fcn.parallel(relu, relu))
+    assert net.children[0] is conv and net.wiring == "serial" and net.name == "serial"
+    assert net.children[1].children == (relu, relu) and net.children[1].wiring == "parallel"
+    assert repr(net) == "serial(Conv2d(2, kernel_size=3), parallel(ReLU(), ReLU()))"
+    block = fcn.residual(fcn.ReLU())
+    assert repr(block) == "residual(fan_out(2), parallel(serial(ReLU()), Identity()), fan_in_sum())"
+    assert block.wiring == "serial" and fcn.fan_out(2).children == ()

@@ -1,4 +1,7 @@
-"""Layers against torch.nn modules with the same weights: shapes, outputs, gradients, state."""
+"""Layers against torch.nn modules with the same weights: shapes, outputs, gradients, state;
+names."""
+import inspect
+
 import jax
 import numpy as np
 import pytest
@@ -130,3 +133,35 @@ def test_dropout_layer_train_and_eval():
     y2, _ = layer.apply(params, state, x, train=True, key=jax.random.key(3))
     assert np.array_equal(y, y2)  # same key, same mask
     assert np.array_equal(layer.apply(params, state, x, train=False)[0], x)
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: fcn.Conv2d(6, 5, padding=2), "Conv2d(6, kernel_size=5, padding=2)"),
+    (lambda: fcn.Conv2d(6, kernel_size=(3, 1), padding="same", bias=False),
+     "Conv2d(6, kernel_size=(3, 1), padding='same', bias=False)"),
+    (lambda: fcn.Linear(10, bias=True), "Linear(10)"),  # an explicit default is left out
+    (lambda: fcn.MaxPool2d(3, 2, 1), "MaxPool2d(3, stride=2, padding=1)"),
+    (lambda: fcn.BatchNorm2d(momentum=None), "BatchNorm2d(momentum=None)"),
+    (lambda: fcn.BatchNorm2d(1e-3), "BatchNorm2d(eps=0.001)"),
+    (lambda: fcn.LeakyReLU(0.2), "LeakyReLU(negative_slope=0.2)"),
+    (lambda: fcn.Dropout(), "Dropout()"),
+    (lambda: fcn.fan_in_concat(axis=2), "fan_in_concat(axis=2)"),
+    (lambda: fcn.fan_out(3), "fan_out(3)"),
+])
+def test_layer_names_repeat_the_constructor_call(make, name):
+    assert make().name == name == repr(make())
+
+
+def test_layer_is_still_the_init_apply_pair():
+    layer = fcn.Conv2d(4, 3)
+    init, apply = layer  # the stax idiom
+    assert (init, apply) == (layer.init, layer.apply) == tuple(layer) and len(layer) == 2
+    assert fcn.Layer(init, apply).name == "Layer"
+    renamed = layer._replace(name="stem")
+    assert renamed.name == "stem" and renamed == layer and renamed.init is layer.init
+    with pytest.raises(AttributeError, match="immutable"):
+        layer.name = "other"
+    with pytest.raises(TypeError, match="unknown fields"):
+        layer._replace(nmae="x")
+    assert inspect.signature(fcn.Conv2d).parameters["kernel_size"].default is inspect.Parameter.empty
+    assert fcn.Conv2d.__name__ == "Conv2d" and "NCHW" in fcn.Conv2d.__doc__
