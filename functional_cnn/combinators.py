@@ -3,7 +3,9 @@
 Params and state of a combinator are tuples of its children's, so tree paths read like PyTorch's
 ``nn.Sequential`` names (``"2.0.weight"``). ``train``, ``vjp`` and a split of ``key`` are passed
 down to every child. Errors raised inside a child are re-raised with its position prepended, so
-a message reads ``serial[2] > serial[0] > Conv2d: expected 3 channels ...``.
+a message reads ``serial[2] > serial[0] > Conv2d: expected 3 channels ...``. ``serial`` and
+``parallel`` record their layers (``.children``) and how they feed them (``.wiring``), which
+:func:`functional_cnn.summary` walks; ``residual`` is a ``serial`` named ``"residual"``.
 """
 from __future__ import annotations
 

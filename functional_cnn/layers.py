@@ -9,7 +9,9 @@ Shapes are inferred at ``init`` (constructors take no input sizes); the batch ax
 ``input_shape`` may be ``-1``. ``params`` and ``state`` are dicts of arrays named as in PyTorch
 (``weight``, ``bias``, ``running_mean``, ``running_var``), so a torch ``state_dict`` copies across
 unchanged (see :mod:`functional_cnn.interop`). Every array op comes from
-:mod:`functional_cnn.functional`, where its backward rule lives.
+:mod:`functional_cnn.functional`, where its backward rule lives. Each constructor is decorated
+with :func:`named_layer`, so ``layer.name`` (and ``repr(layer)``) repeats the call that built it;
+decorate new constructors too.
 """
 from __future__ import annotations
 

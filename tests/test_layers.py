@@ -163,5 +163,6 @@ def test_layer_is_still_the_init_apply_pair():
         layer.name = "other"
     with pytest.raises(TypeError, match="unknown fields"):
         layer._replace(nmae="x")
-    assert inspect.signature(fcn.Conv2d).parameters["kernel_size"].default is inspect.Parameter.empty
+    kernel_size = inspect.signature(fcn.Conv2d).parameters["kernel_size"]
+    assert kernel_size.default is inspect.Parameter.empty
     assert fcn.Conv2d.__name__ == "Conv2d" and "NCHW" in fcn.Conv2d.__doc__
