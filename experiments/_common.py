@@ -140,21 +140,18 @@ def run(p: Protocol, argv=None) -> dict:
     train_set, eval_sets = _load(args, ranges)
     steps = math.ceil(len(train_set) / batch_size)
     optimizer = p.optimizers[args.optimizer](steps * max(args.epochs, 1))
-    make = functools.partial(
-        train.make_trainer, p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
+    trainer = train.make_trainer(
+        p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
         label_smoothing=p.label_smoothing,
         preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
-        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=p.scan, mesh=mesh)
-    if args.no_progress or not main:
-        trainer, bar = make(), None
-    else:
-        trainer, bar = train.progress_trainer(make, steps)
+        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=p.scan, mesh=mesh,
+        progress=None if args.no_progress or not main else train.ProgressBar())
     ts = trainer.init(jax.random.key(args.seed), (-1, 1) + train_set.images.shape[1:])
     primary, primary_set = next(iter(eval_sets.items()))
     ckpt = os.path.join(args.checkpoint, f"{p.name}.npz") if args.checkpoint else None
     fit = train.fit(trainer, ts, train_set, epochs=args.epochs, eval_data=primary_set,
                     eval_each_epoch=p.eval_each_epoch,
-                    checkpoint_path=ckpt, resume=args.resume, bar=bar,
+                    checkpoint_path=ckpt, resume=args.resume,
                     fingerprint={"experiment": p.name, "seed": args.seed,
                                  "optimizer": args.optimizer, "train_range": ranges[0],
                                  "dataset": args.dataset, "epochs": args.epochs},
