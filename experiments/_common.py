@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
+import optax
 
 from functional_cnn import data, dataparallel, train
 
@@ -49,6 +50,26 @@ class Protocol(NamedTuple):
     # transposes take XLA:CPU's slow path inside loops (jax #12868)
     article: dict = {}  # the article's figures, copied into the JSON
     eval_each_epoch: bool = True  # False where the evaluation set dwarfs the training set
+
+
+
+# ---------------------------------------------------------------- optimizers protocols share
+
+def article004_optimizers(peak_lr: float) -> dict:
+    """LeNet's and the MLP's choices (name -> (total steps -> optax transform)). The default,
+    ``adamw-cosine``: AdamW (torch's defaults) with the learning rate decayed from ``peak_lr``
+    to 0 along a cosine over the run; ``adamw``: torch's constant 1e-3; ``sgd``: the article's
+    (lr 0.01, momentum 0.5)."""
+    return {"adamw-cosine": lambda steps: train.adamw(optax.cosine_decay_schedule(peak_lr, steps)),
+            "adamw": lambda steps: train.adamw(),
+            "sgd": lambda steps: optax.sgd(0.01, momentum=0.5)}
+
+
+def one_cycle_adamw(steps: int, peak_lr: float) -> optax.GradientTransformation:
+    """AdamW (weight decay 5e-4) with a one-cycle cosine learning rate over ``steps``, peaking
+    at ``peak_lr`` a quarter of the way in (``best`` and ``time_to_accuracy``)."""
+    schedule = optax.cosine_onecycle_schedule(steps, peak_value=peak_lr, pct_start=0.25)
+    return train.adamw(schedule, weight_decay=5e-4)
 
 
 def parse_args(p: Protocol, argv=None):

@@ -6,8 +6,8 @@ round after round (the order rotates each round), and reports the median images/
 and device count. The table goes into ``docs/BENCHMARKS.md`` between ``<!-- scaling:begin -->``
 and ``<!-- scaling:end -->`` (the rest of that file is left alone).
 
-    FUNCTIONAL_CNN_DATA=../shared/datasets python -m experiments.bench_devices
-    python -m experiments.bench_devices --devices 1 2 4 8 --rounds 7 --no-write
+    FUNCTIONAL_CNN_DATA=../shared/datasets python -m benchmarks.bench_devices
+    python -m benchmarks.bench_devices --devices 1 2 4 8 --rounds 7 --no-write
 
 On a CPU the N devices are ``--xla_force_host_platform_device_count=N`` host devices sharing the
 same cores; on a machine with several accelerators pass ``--platform gpu`` to use real devices.
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-from experiments._report import BENCHMARKS, ROOT, command, write_section
+from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 
 # name -> (network, global batch size, scan); batch sizes divide by 1, 2, 4, 8
 CASES = {"lenet": ("lenet", 64, False), "mytorch_net (BatchNorm)": ("mytorch_net", 40, False),
@@ -77,7 +77,7 @@ def start(n: int, images: int, platform_name: str):
     else:  # real accelerators: the first n of them
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(n)))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.bench_devices", "--worker",
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_devices", "--worker",
                              "--images", str(images)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     return proc
@@ -169,7 +169,7 @@ def main(argv=None):
     print(setup)
     print(rows)
     reproduce = ("FUNCTIONAL_CNN_DATA=../shared/datasets "
-                 + command("experiments.bench_devices", argv))
+                 + command("benchmarks.bench_devices", argv))
     if not args.no_write:
         write_section(BENCHMARKS, "scaling", section(rows, setup, args.platform, reproduce))
         print(f"wrote the scaling section of {BENCHMARKS}")
