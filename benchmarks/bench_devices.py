@@ -131,7 +131,7 @@ def table(medians, devices, info, images, rounds):
     return "\n".join(rows), setup
 
 
-def section(rows, setup, platform_name, command):
+def section(rows, setup, platform_name, device_kind, command):
     if platform_name == "cpu":
         note = (
             "On the CPU the N devices are `--xla_force_host_platform_device_count=N` *host* "
@@ -143,10 +143,11 @@ def section(rows, setup, platform_name, command):
             "to avoid a collective deadlock). The "
             "point of these runs is that the same code runs sharded and, as "
             "`tests/test_parallel.py` checks, gives the same parameters and loss as on one "
-            "device. **No GPU was lent to this task**, so there is no accelerator row yet: on "
-            "a machine with several GPUs run the command with `--platform gpu`.")
+            "device. Accelerators are measured by the same command with `--platform gpu`, on "
+            "a machine with several of them.")
     else:
-        note = "Real accelerators, the first N of them (`CUDA_VISIBLE_DEVICES`)."
+        note = (f"The N devices are real accelerators ({device_kind}), the first N of them "
+                "(`CUDA_VISIBLE_DEVICES`).")
     return (f"## Data-parallel scaling (`--devices N`)\n\n"
             f"Training throughput, images per second (speed relative to 1 device). {setup}.\n\n"
             f"{rows}\n\n{note}\n\nReproduce: `{command}` (writes this section).\n")
@@ -171,7 +172,9 @@ def main(argv=None):
     reproduce = ("FUNCTIONAL_CNN_DATA=../shared/datasets "
                  + command("benchmarks.bench_devices", argv))
     if not args.no_write:
-        write_section(BENCHMARKS, "scaling", section(rows, setup, args.platform, reproduce))
+        write_section(BENCHMARKS, "scaling", section(rows, setup, args.platform,
+                                                    info[args.devices[0]]["device_kind"],
+                                                    reproduce))
         print(f"wrote the scaling section of {BENCHMARKS}")
     if args.json:
         with open(args.json, "w") as f:

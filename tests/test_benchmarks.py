@@ -46,3 +46,12 @@ def test_command_records_the_arguments():
     assert _report.command("experiments.x", ["--a", "1"]) == "python -m experiments.x --a 1"
     assert _report.command("experiments.x", []) == "python -m experiments.x"
 
+
+def test_scaling_section_says_which_devices_it_measured():
+    from benchmarks import bench_devices
+    cpu = bench_devices.section("| rows |", "cpu (cpu)", "cpu", "cpu", "python -m x")
+    assert "`--xla_force_host_platform_device_count=N` *host* devices" in cpu
+    assert "lent" not in cpu  # it knows what it ran on, not what a task was given
+    gpu = bench_devices.section("| rows |", "gpu (NVIDIA H100)", "gpu", "NVIDIA H100",
+                                "python -m x")
+    assert "real accelerators (NVIDIA H100)" in gpu and "host" not in gpu
