@@ -110,6 +110,10 @@ def test_evaluate_and_bad_config():
         train.fit(trainer, ts, ds, epochs=-1)
 
 
+def linear_net():  # the cheapest to compile: progress does not depend on the network
+    return fcn.serial(fcn.Flatten(), fcn.Linear(10))
+
+
 class RecordingProgress:
     """The progress protocol, recording every call."""
 
@@ -133,7 +137,7 @@ class RecordingProgress:
 @pytest.mark.parametrize("scan", [True, False])
 def test_progress_is_passed_once_and_fit_drives_it(scan):
     progress = RecordingProgress()
-    trainer = train.make_trainer(small_net(), batch_size=5, scan=scan, progress=progress)
+    trainer = train.make_trainer(linear_net(), batch_size=5, scan=scan, progress=progress)
     result = train.fit(trainer, trainer.init(jax.random.key(0), (-1, 1, 28, 28)), tiny_data(),
                        epochs=2)
     jax.effects_barrier()  # the compiled epoch's callbacks have all run
@@ -148,7 +152,7 @@ def test_progress_is_passed_once_and_fit_drives_it(scan):
 
 
 def test_progress_bar_shows_each_epoch(capsys):
-    trainer = train.make_trainer(small_net(), batch_size=5, scan=False,
+    trainer = train.make_trainer(linear_net(), batch_size=5, scan=False,
                                  progress=train.ProgressBar())
     result = train.fit(trainer, trainer.init(jax.random.key(0), (-1, 1, 28, 28)), tiny_data(),
                        epochs=1)
