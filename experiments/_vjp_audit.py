@@ -26,7 +26,7 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from functional_cnn import testing as T
 from functional_cnn.functional import REGISTRY
-from experiments._timing import calls, race
+from benchmarks._timing import calls, race
 
 
 class Tol(NamedTuple):

@@ -292,13 +292,10 @@ def chart(results, path):
     return path
 
 
-def write_report(results, args, seconds, path, chart_path):
+def _report_summary(results, args, seconds, summary, rel_chart) -> list[str]:
+    """The title, how the report was made, and the per-op summary table."""
     dtype = args.dtype
-    tol = A.TOLERANCES[dtype]
-    fd = A.TOLERANCES["fd"]
-    summary = per_op_summary(results)
     failed = [r for r in results if not r["passed"]]
-    rel_chart = os.path.relpath(chart_path, os.path.dirname(path)) if chart_path else None
     cmd = "python -m experiments.compare_vjps" + ("" if dtype == "float32" else f" --dtype {dtype}")
     out = [
         "# Hand-written VJPs against JAX autodiff",
@@ -328,52 +325,55 @@ def write_report(results, args, seconds, path, chart_path):
                    f"{s['failed']} |")
     if rel_chart:
         out += ["", f"![autodiff/custom time per op]({rel_chart})"]
-    out += [
-        "",
-        "## How to read the tables",
-        "",
-        "- **abs err**: the largest `|custom - autodiff|` over every element of every input "
-        "gradient of the case. Both sides differentiate `sum(primary(output) * ct)` for the same "
-        "fixed random cotangent `ct` (`testing.cotangent`), inside one jitted "
-        "forward+backward per path.",
-        "- **rel err**: per gradient leaf, `max|custom - ref| / (max|ref| + floor)` with "
-        "`floor = atol / rtol`, maximized over the leaves. Dividing by the leaf's largest "
-        "magnitude (not elementwise) keeps it meaningful where single entries are ~0, and the "
-        "floor keeps it meaningful where a whole leaf is zero up to rounding (a conv bias before "
-        "BatchNorm, BatchNorm over two values per channel, dropout with p = 1). A leaf passes "
-        "when `rel err <= rtol`, which is exactly `max|diff| <= atol + rtol * max|ref|`, the "
-        "criterion of the test suite (`tests/conftest.py: assert_close`).",
-        "- **fd err**: the custom rule in float64 against central differences "
-        f"`(f(x + e) - f(x - e)) / 2e`, `e = {A.FD_EPS:g}`, at up to {A.FD_ENTRIES} "
-        "sampled entries per input (the same positions as `testing.finite_difference_grads`, "
-        "evaluated in one vmapped call), elementwise: `max |exact - fd| / (|fd| + atol/rtol)`. "
-        "It is computed in float64 even in a float32 run (the case is rebuilt in float64 with "
-        "the same config and seed). **n/a** where differences say nothing: configs with exact "
-        "zeros (relu/leaky_relu at their kink), tied maxima (max_pool2d's first-max convention is "
-        "a choice, not a derivative), and logits scaled by 1e4 (a step of 1e-6 is far below the "
-        "resolution of a number of size 1e4, and the loss is piecewise linear there anyway).",
-        "- **torch err**: the same rel err against `torch.nn.functional` with the same inputs and "
-        "cotangent (`testing.torch_value_and_grads`); `-` without torch.",
-        "- **custom ms / autodiff ms**: per call of the jitted forward+backward, median over the "
-        "timing rounds, after compilation. Rounds alternate the order of the two paths, and each "
-        "round repeats a call enough times to last 1 ms (whole networks get three times the rounds). **These timings are noisy**: they come "
-        "from a shared 2-core machine with other jobs running, and for the tiny elementwise ops "
-        "(a few µs) they measure dispatch overhead, not arithmetic: a ratio within ~0.8-1.25 "
-        "is a tie. **auto/custom** is `autodiff ms / custom ms`: above 1 the hand-written rule "
-        "is faster.",
-        "",
-        "### Tolerances",
-        "",
-        "| comparison | rtol | atol | why |",
-        "|---|---|---|---|",
-    ]
+    return out
+
+
+READING_GUIDE = [
+    "## How to read the tables",
+    "",
+    "- **abs err**: the largest `|custom - autodiff|` over every element of every input "
+    "gradient of the case. Both sides differentiate `sum(primary(output) * ct)` for the same "
+    "fixed random cotangent `ct` (`testing.cotangent`), inside one jitted "
+    "forward+backward per path.",
+    "- **rel err**: per gradient leaf, `max|custom - ref| / (max|ref| + floor)` with "
+    "`floor = atol / rtol`, maximized over the leaves. Dividing by the leaf's largest "
+    "magnitude (not elementwise) keeps it meaningful where single entries are ~0, and the "
+    "floor keeps it meaningful where a whole leaf is zero up to rounding (a conv bias before "
+    "BatchNorm, BatchNorm over two values per channel, dropout with p = 1). A leaf passes "
+    "when `rel err <= rtol`, which is exactly `max|diff| <= atol + rtol * max|ref|`, the "
+    "criterion of the test suite (`tests/conftest.py: assert_close`).",
+    "- **fd err**: the custom rule in float64 against central differences "
+    f"`(f(x + e) - f(x - e)) / 2e`, `e = {A.FD_EPS:g}`, at up to {A.FD_ENTRIES} "
+    "sampled entries per input (the same positions as `testing.finite_difference_grads`, "
+    "evaluated in one vmapped call), elementwise: `max |exact - fd| / (|fd| + atol/rtol)`. "
+    "It is computed in float64 even in a float32 run (the case is rebuilt in float64 with "
+    "the same config and seed). **n/a** where differences say nothing: configs with exact "
+    "zeros (relu/leaky_relu at their kink), tied maxima (max_pool2d's first-max convention is "
+    "a choice, not a derivative), and logits scaled by 1e4 (a step of 1e-6 is far below the "
+    "resolution of a number of size 1e4, and the loss is piecewise linear there anyway).",
+    "- **torch err**: the same rel err against `torch.nn.functional` with the same inputs and "
+    "cotangent (`testing.torch_value_and_grads`); `-` without torch.",
+    "- **custom ms / autodiff ms**: per call of the jitted forward+backward, median over the "
+    "timing rounds, after compilation. Rounds alternate the order of the two paths, and each "
+    "round repeats a call enough times to last 1 ms (whole networks get three times the rounds). **These timings are noisy**: they come "
+    "from a shared 2-core machine with other jobs running, and for the tiny elementwise ops "
+    "(a few µs) they measure dispatch overhead, not arithmetic: a ratio within ~0.8-1.25 "
+    "is a tie. **auto/custom** is `autodiff ms / custom ms`: above 1 the hand-written rule "
+    "is faster.",
+]
+
+
+def _report_tolerances(dtype) -> list[str]:
+    """The tolerance table of ``dtype`` and how it compares with the test suite's."""
+    tol, fd = A.TOLERANCES[dtype], A.TOLERANCES["fd"]
+    out = ["### Tolerances", "", "| comparison | rtol | atol | why |", "|---|---|---|---|"]
     for name, label in (("autodiff", "custom vs autodiff, ops"), ("torch", "custom vs torch"),
                         ("network", "custom vs autodiff, whole networks")):
         t = tol[name]
         out.append(f"| {label} ({dtype}) | {t.rtol:g} | {t.atol:g} | {_md_escape(t.why)} |")
     out.append(f"| custom vs finite differences (float64, elementwise) | {fd.rtol:g} | "
                f"{fd.atol:g} | {_md_escape(fd.why)} |")
-    out += [
+    return out + [
         "",
         "None is looser than the test suite's (custom vs autodiff `1e-5 + 1e-5 max|ref|`, vs "
         "torch `1e-5 + 1e-4 max|ref|`, finite differences `rtol 1e-6, atol 1e-7` in float64). "
@@ -381,8 +381,12 @@ def write_report(results, args, seconds, path, chart_path):
         "with status 1 when any comparison fails or a case raises.",
         "",
     ]
-    groups = (("Ops", "op"), ("Losses", "loss"))
-    for title, kind in groups:
+
+
+def _report_ops(results, summary) -> list[str]:
+    """One section per op and per loss: its rule and its cases."""
+    out = []
+    for title, kind in (("Ops", "op"), ("Losses", "loss")):
         names = [s["op"] for s in summary if s["kind"] == kind]
         if not names:
             continue
@@ -392,24 +396,39 @@ def write_report(results, args, seconds, path, chart_path):
             module = REGISTRY[op].module if op in REGISTRY else ""
             out += [f"### {op}", "", f"Rule in `{module}`. " + rule_text(op), "",
                     md_table(rs), ""]
+    return out
+
+
+def _report_networks(results, dtype) -> list[str]:
+    """The whole networks: their table, then every parameter leaf of each."""
     nets = [r for r in results if r["kind"] == "network"]
-    if nets:
-        ntol = tol["network"]
-        out += ["## Whole networks", "",
-                "Gradient of the mean cross-entropy of a training-mode forward pass (BatchNorm "
-                "uses batch statistics) over every parameter leaf, custom rules vs autodiff of "
-                "the same network, random MNIST-shaped input; time is one jitted training step "
-                f"(forward + backward). Tolerance `{ntol.atol:g} + {ntol.rtol:g} max|ref|` per "
-                "leaf.", "",
-                md_table(nets), ""]
-        for r in nets:
-            out += [f"### {r['op']}", "", "| parameter | max \\|grad\\| | abs err | rel err |",
-                    "|---|---|---|---|"]
-            for leaf in r["leaves"]:
-                note = " (zero up to rounding)" if leaf["scale"] < 1e-6 else ""
-                out.append(f"| {leaf['name']} | {leaf['scale']:.2e}{note} | "
-                           f"{_e(leaf['abs'])} | {_e(leaf['rel'])} |")
-            out.append("")
+    if not nets:
+        return []
+    ntol = A.TOLERANCES[dtype]["network"]
+    out = ["## Whole networks", "",
+           "Gradient of the mean cross-entropy of a training-mode forward pass (BatchNorm "
+           "uses batch statistics) over every parameter leaf, custom rules vs autodiff of "
+           "the same network, random MNIST-shaped input; time is one jitted training step "
+           f"(forward + backward). Tolerance `{ntol.atol:g} + {ntol.rtol:g} max|ref|` per "
+           "leaf.", "",
+           md_table(nets), ""]
+    for r in nets:
+        out += [f"### {r['op']}", "", "| parameter | max \\|grad\\| | abs err | rel err |",
+                "|---|---|---|---|"]
+        for leaf in r["leaves"]:
+            note = " (zero up to rounding)" if leaf["scale"] < 1e-6 else ""
+            out.append(f"| {leaf['name']} | {leaf['scale']:.2e}{note} | "
+                       f"{_e(leaf['abs'])} | {_e(leaf['rel'])} |")
+        out.append("")
+    return out
+
+
+def write_report(results, args, seconds, path, chart_path):
+    summary = per_op_summary(results)
+    rel_chart = os.path.relpath(chart_path, os.path.dirname(path)) if chart_path else None
+    out = [*_report_summary(results, args, seconds, summary, rel_chart), "",
+           *READING_GUIDE, "", *_report_tolerances(args.dtype),
+           *_report_ops(results, summary), *_report_networks(results, args.dtype)]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(out).rstrip() + "\n")

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
+from ._keys import is_prng_key
+
 FORMAT = "functional_cnn.checkpoint/1"
 _HEADER = "__header__"
 
@@ -28,14 +30,10 @@ class CheckpointError(ValueError):
     """A checkpoint is truncated, corrupt, or does not match the template it is loaded into."""
 
 
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _flatten(tree):
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     paths = [jax.tree_util.keystr(path) for path, _ in leaves]
-    arrays = [np.asarray(jax.random.key_data(x) if _is_key(x) else x) for _, x in leaves]
+    arrays = [np.asarray(jax.random.key_data(x) if is_prng_key(x) else x) for _, x in leaves]
     return paths, arrays
 
 
@@ -107,7 +105,7 @@ def load(path: str | os.PathLike, like):
                 f"checkpoint {path}: leaf {p} expected shape {want.shape} {want.dtype}, got "
                 f"{entry['path']} {got.shape} {got.dtype}; it was written by another network, "
                 f"optimizer or configuration")
-        if _is_key(template):
+        if is_prng_key(template):
             restored.append(jax.random.wrap_key_data(got, impl=jax.random.key_impl(template)))
         else:
             restored.append(jnp.asarray(got))

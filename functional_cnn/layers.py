@@ -15,6 +15,7 @@ decorate new constructors too.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -110,10 +111,18 @@ def _uniform(key, shape, fan_in):
     return jax.random.uniform(key, shape, minval=-bound, maxval=bound)
 
 
-def _checked_input(where, x, vjp, ranks, layout):
-    check_vjp(where, vjp)
-    _checks.check_floating(where, x)
-    _checks.check_rank(where, jnp.shape(x), ranks, layout)
+@contextlib.contextmanager
+def _errors_named(where: str, op: str):
+    """Input errors of the functional ``op``, which name it, re-raised naming the layer.
+
+    A layer checks only what is its own (the rank it takes, sizes as at init); the op checks
+    the rest (``vjp``, dtype, geometry) once, and the message still names the layer."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if not str(err).startswith(f"{op}: "):
+            raise
+        raise type(err)(f"{where}: {str(err)[len(op) + 2:]}") from err
 
 
 def elementwise(where: str, fn: Callable) -> Layer:
@@ -181,13 +190,12 @@ def Linear(out_features: int, bias: bool = True) -> Layer:
         return tuple(input_shape[:-1]) + (out_features,), params, {}
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
-        check_vjp(where, vjp)
-        _checks.check_floating(where, x)
         in_features = params["weight"].shape[1]
         if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != in_features:
             raise ValueError(f"{where}: expected {in_features} input features on the last axis "
                              f"(as at init), got input shape {tuple(jnp.shape(x))}")
-        return F.linear(x, params["weight"], params.get("bias"), vjp=vjp), state
+        with _errors_named(where, "linear"):
+            return F.linear(x, params["weight"], params.get("bias"), vjp=vjp), state
 
     return Layer(init, apply)
 
@@ -219,29 +227,26 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
         return out_shape, params, {}
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
-        _checked_input(where, x, vjp, (4,), "(N, C, H, W)")
+        _checks.check_rank(where, jnp.shape(x), (4,), "(N, C, H, W)")
         w = params["weight"]
         _checks.check_channels(where, jnp.shape(x), w.shape[1] * groups, context="(as at init)")
-        conv_config(where, jnp.shape(x), w.shape, stride, padding, dilation, groups)
-        return F.conv2d(x, w, params.get("bias"), stride, padding, dilation, groups,
-                        vjp=vjp), state
+        with _errors_named(where, "conv2d"):
+            return F.conv2d(x, w, params.get("bias"), stride, padding, dilation, groups,
+                            vjp=vjp), state
 
     return Layer(init, apply)
 
 
-def _pool(where: str, fn: Callable, kernel_size, stride, padding, dilation, ceil_mode) -> Layer:
-    def geometry(shape):
-        _checks.check_rank(where, shape, (4,), "(N, C, H, W)")
-        return pool_axes(where, shape, kernel_size, stride, padding, dilation, ceil_mode)
-
+def _pool(where: str, op: str, fn: Callable, kernel_size, stride, padding, dilation,
+          ceil_mode) -> Layer:
     def init(key, input_shape):
-        axes = geometry(input_shape)
+        axes = pool_axes(where, input_shape, kernel_size, stride, padding, dilation, ceil_mode)
         return tuple(input_shape[:2]) + tuple(a.out_size for a in axes), {}, {}
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
-        _checked_input(where, x, vjp, (4,), "(N, C, H, W)")
-        geometry(jnp.shape(x))
-        return fn(x, vjp), state
+        _checks.check_rank(where, jnp.shape(x), (4,), "(N, C, H, W)")  # the op takes 3-D too
+        with _errors_named(where, op):
+            return fn(x, vjp), state
 
     return Layer(init, apply)
 
@@ -249,7 +254,7 @@ def _pool(where: str, fn: Callable, kernel_size, stride, padding, dilation, ceil
 @named_layer
 def MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Layer:
     """Max pooling on NCHW input; the gradient goes to the first maximum of each window."""
-    return _pool("MaxPool2d",
+    return _pool("MaxPool2d", "max_pool2d",
                  lambda x, vjp: F.max_pool2d(x, kernel_size, stride, padding, dilation,
                                              ceil_mode, vjp=vjp),
                  kernel_size, stride, padding, dilation, ceil_mode)
@@ -259,7 +264,7 @@ def MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool =
 def AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode: bool = False,
               count_include_pad: bool = True) -> Layer:
     """Average pooling on NCHW input."""
-    return _pool("AvgPool2d",
+    return _pool("AvgPool2d", "avg_pool2d",
                  lambda x, vjp: F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode,
                                              count_include_pad, vjp=vjp),
                  kernel_size, stride, padding, 1, ceil_mode)
@@ -290,7 +295,7 @@ def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = 
         return tuple(input_shape), params, state
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
-        _checked_input(where, x, vjp, (4,), "(N, C, H, W)")
+        _checks.check_rank(where, jnp.shape(x), (4,), "(N, C, H, W)")
         channels = (params.get("weight") if affine else state.get("running_mean"))
         if channels is not None:
             _checks.check_channels(where, jnp.shape(x), channels.shape[0], context="(as at init)")
@@ -300,9 +305,10 @@ def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = 
         if track_running_stats and train and momentum is None:
             new_state["num_batches_tracked"] = state["num_batches_tracked"] + 1
             rate = 1.0 / new_state["num_batches_tracked"]
-        y, mean, var = F.batch_norm(
-            x, state.get("running_mean"), state.get("running_var"), params.get("weight"),
-            params.get("bias"), training=use_batch_stats, momentum=rate, eps=eps, vjp=vjp)
+        with _errors_named(where, "batch_norm"):
+            y, mean, var = F.batch_norm(
+                x, state.get("running_mean"), state.get("running_var"), params.get("weight"),
+                params.get("bias"), training=use_batch_stats, momentum=rate, eps=eps, vjp=vjp)
         if track_running_stats and train:
             new_state.update(running_mean=mean, running_var=var)
         return y, new_state

@@ -130,3 +130,17 @@ def test_labels_outside_the_classes_are_rejected_when_concrete():
 def test_functional_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("layer,init_shape,x,vjp,message", [
+    (fcn.Linear(5), (2, 7), jnp.ones((2, 7), jnp.int32), "custom",
+     r"^Linear: expected a floating-point input, got dtype int32"),
+    (fcn.BatchNorm2d(), (2, 3, 4, 4), jnp.ones((2, 3, 4, 4)), "manual",
+     r"^BatchNorm2d: vjp must be one of \('custom', 'autodiff'\), got 'manual'"),
+    (fcn.AvgPool2d(2), (1, 1, 4, 4), jnp.ones((1, 1, 4, 4)), "manual",
+     r"^AvgPool2d: vjp must be one of"),
+])
+def test_the_ops_checks_inside_a_layer_name_the_layer(layer, init_shape, x, vjp, message):
+    """A layer leaves dtype, vjp and geometry to its op, which checks them once."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        applied(layer, init_shape, x, vjp=vjp)

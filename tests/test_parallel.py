@@ -11,7 +11,7 @@ import pytest
 
 from functional_cnn import dataparallel, train
 from tests.conftest import needs_mnist
-from tests.test_train import small_net
+from tests._train_helpers import small_net, tiny_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # float32: the sharded reductions add in another order
@@ -49,7 +49,6 @@ def test_four_devices_match_one_device(tmp_path):
 
 
 def test_one_device_mesh_matches_no_mesh():
-    from tests.test_train import tiny_data
     ds = tiny_data()
     out = []
     for mesh in (None, dataparallel.make_mesh(1)):

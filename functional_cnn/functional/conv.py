@@ -9,7 +9,8 @@ from jax import numpy as jnp
 
 from .. import _checks
 from ._registry import check_vjp, register, two_gradients
-from ._windows import Axis, add_window_views, make_axis, pad_spatial, unpad_spatial, window_views
+from ._windows import (Axis, add_window_views, check_window_fits, make_axis, pad_spatial,
+                       unpad_spatial, window_views)
 
 # XLA:CPU runs a convolution on its fast (Eigen) path only in the canonical layout: input
 # NHWC, kernel HWIO, output NHWC. Outside loops its layout pass rewrites other layouts, but inside
@@ -302,15 +303,6 @@ def conv_config(where: str, in_shape, weight_shape, stride, padding, dilation,
                  for n, k, s, d, (lo, hi) in zip(in_shape[2:], kernel, stride, dilation, pads))
     check_window_fits(where, in_shape, axes, pads)
     return ConvConfig(axes, groups)
-
-
-def check_window_fits(where: str, in_shape, axes, pads) -> None:
-    if any(a.out_size < 1 for a in axes):
-        padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_shape[2:], pads))
-        window = tuple(a.span for a in axes)
-        raise ValueError(f"{where}: the window {window[0]}x{window[1]} (kernel with dilation) "
-                         f"is larger than the padded input {padded[0]}x{padded[1]} "
-                         f"(input shape {tuple(in_shape)})")
 
 
 @register()

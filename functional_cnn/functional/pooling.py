@@ -11,8 +11,8 @@ from jax import numpy as jnp
 
 from .. import _checks
 from ._registry import check_vjp, register, two_gradients
-from ._windows import (Axis, add_window_views, kernel_offsets, make_axis, pad_spatial, tiles,
-                       unpad_spatial, window_views)
+from ._windows import (Axis, add_window_views, check_window_fits, kernel_offsets, make_axis,
+                       pad_spatial, tiles, unpad_spatial, window_views)
 
 
 class PoolConfig(NamedTuple):
@@ -33,12 +33,7 @@ def pool_axes(where: str, in_shape, kernel_size, stride, padding, dilation,
                          f"(as in PyTorch), got padding {pads} for kernel {kernel}")
     axes = tuple(make_axis(n, k, s, d, p, p, bool(ceil_mode))
                  for n, k, s, d, p in zip(in_shape[2:], kernel, stride, dilation, pads))
-    if any(a.out_size < 1 for a in axes):
-        padded = tuple(n + 2 * p for n, p in zip(in_shape[2:], pads))
-        window = tuple(a.span for a in axes)
-        raise ValueError(f"{where}: the window {window[0]}x{window[1]} (kernel with dilation) "
-                         f"is larger than the padded input {padded[0]}x{padded[1]} "
-                         f"(input shape {tuple(in_shape)})")
+    check_window_fits(where, in_shape, axes, [(p, p) for p in pads])
     return axes
 
 
