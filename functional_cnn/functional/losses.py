@@ -56,8 +56,23 @@ def _log_probs(logits):
     return z - jnp.log(jnp.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _nan_outside_classes(logits, labels):
+    """``logits`` with the row of every label outside ``[0, C)`` set to NaN.
+
+    Under jit the labels' values are unknown to Python, so the concrete check cannot run, and
+    the gather alone would turn them into a finite loss (a negative label wraps around) with a
+    finite gradient. A NaN row makes the row's loss and its gradient NaN on both paths (the
+    custom rule reads the NaN probabilities; autodiff differentiates through the addition), so
+    a bad label shows instead of training on quietly. One compare and add per logit: free
+    beside the softmax.
+    """
+    outside = (labels < 0) | (labels >= logits.shape[-1])
+    return logits + jnp.where(outside, np.array(np.nan, logits.dtype),
+                              np.array(0, logits.dtype))[..., None]
+
+
 def _ce_forward(cfg, logits, labels):
-    logp = _log_probs(logits)
+    logp = _log_probs(_nan_outside_classes(logits, labels))
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     eps = cfg.label_smoothing
     if eps:
@@ -66,7 +81,8 @@ def _ce_forward(cfg, logits, labels):
 
 
 def _ce_fwd(cfg, logits, labels):
-    return _ce_forward(cfg, logits, labels), (jnp.exp(_log_probs(logits)), labels)
+    probs = jnp.exp(_log_probs(_nan_outside_classes(logits, labels)))
+    return _ce_forward(cfg, logits, labels), (probs, labels)
 
 
 def _ce_bwd(cfg, residuals, g):
@@ -95,6 +111,10 @@ def cross_entropy(logits, labels, reduction: str = "mean", label_smoothing: floa
 
     Backward rule: ``dx = (softmax(x) - q) * share(g)`` where ``share`` undoes the reduction
     (``g / N`` for mean, ``g`` for sum, ``g[n]`` for none).
+
+    Labels outside ``[0, C)`` (negative ones too) raise ``ValueError`` when their values are
+    known (eager calls); under jit they are not, and the element's loss and its row of the
+    gradient are NaN instead, on both paths.
     """
     where = "cross_entropy"
     check_vjp(where, vjp)
