@@ -178,6 +178,27 @@ def load(name: str = "MNIST", split: str = "train", root=None, download: bool = 
     return Dataset(jnp.asarray(images), jnp.asarray(labels, jnp.int32))
 
 
+def check_labels(num_classes: int, where: str = "check_labels", **datasets: Dataset | None):
+    """Raise ``ValueError`` unless every label of every given data set lies in
+    ``[0, num_classes)``; the message names ``where``, the data set, the first bad example and
+    its label. ``None`` data sets are skipped.
+
+    A jitted training step cannot check label values (under jit an out-of-range label only
+    makes its loss and gradient NaN), so :func:`~functional_cnn.train.fit` calls this once,
+    on concrete values, before training: one host read of the labels and a compare.
+    """
+    for name, dataset in datasets.items():
+        if dataset is None:
+            continue
+        labels = np.asarray(dataset.labels)
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{where}: {name} labels must lie in [0, {num_classes}) (the "
+                             f"network's {num_classes} outputs), got {labels[i]} at index {i} "
+                             f"({bad.size} of {labels.size} labels outside)")
+
+
 def normalize(images: jax.Array, mean: float = 0.0, std: float = 1.0) -> jax.Array:
     """uint8 ``(N, H, W)`` -> float32 ``(N, 1, H, W)``: ``(x / 255 - mean) / std``, on the device.
 

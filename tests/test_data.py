@@ -105,3 +105,14 @@ def test_normalize_and_batches():
     assert sorted(np.concatenate([np.ravel(full), tail]).tolist()) == list(range(23))
     full2, _ = data.batch_indices(jax.random.key(1), 23, 5)
     assert not np.array_equal(full, full2)  # a new key, a new order
+
+
+def test_check_labels_names_the_set_the_example_and_the_label():
+    ds = data.Dataset(np.zeros((5, 28, 28), np.uint8), np.array([0, 9, 3, 12, 5], np.int32))
+    data.check_labels(13, train=ds, other=None)  # 12 < 13 and None is skipped
+    with pytest.raises(ValueError, match=r"fit: test labels must lie in \[0, 10\) \(the "
+                                         r"network's 10 outputs\), got 12 at index 3 \(1 of 5"):
+        data.check_labels(10, "fit", test=ds)
+    negative = data.Dataset(ds.images, np.array([0, 9, 3, 12, -2], np.int32))
+    with pytest.raises(ValueError, match=r"got -2 at index 4 \(1 of 5"):
+        data.check_labels(13, "fit", test=negative)
