@@ -164,7 +164,9 @@ the norm after ReLU). The forward saves only the winning offset `k*`; the backwa
 with `k* == (a, b)` for each kernel offset and scatters it with one strided `lax.pad`
 (interior padding `s - 1`, low padding `a d`), then crops the padding. Because the forward is
 written as a gather of the same first argmax, autodiff routes ties identically, which is why
-tie cases can be compared to autodiff and torch but not to finite differences.""",
+tie cases can be compared to autodiff and torch but not to finite differences. A window whose
+inputs are all `-inf` sends its cotangent to its first element inside the input, never to the
+`-inf` padding (PyTorch's choice), on both paths.""",
     "avg_pool2d": """A linear map: `y[i,j] = (1/N[i,j]) Σ_{a,b} xp[i s + a, j s + b]`, with `N[i,j]` the number of
 window elements inside the padded input (`count_include_pad=True`) or inside the unpadded input
 (`False`); a ceil-mode overhang past the padding never counts. Its adjoint hands every element of
@@ -186,9 +188,9 @@ affine in `x`: `dx = gx / σ`,
 `dμ = -Σ dx`, `dσ² = -Σ gx x̂ / (2 (σ² + eps))`. The running statistics are updated outside
 any gradient (unbiased variance, as PyTorch).""",
     "relu": """`y = max(x, 0)` has derivative 1 for `x > 0` and 0 for `x < 0`; at `x = 0` it has none, and the
-rule takes 0 (PyTorch's choice): `dx = g [x > 0]`, saving only the sign mask. The forward is
-written with `where(x > 0, x, 0)`, not `maximum`, because autodiff of `maximum` splits a tie
-and would give 1/2 at exact zeros.""",
+rule takes 0 (PyTorch's choice): `dx = g [not x <= 0]`, saving only the mask. The forward is
+written with `where(x <= 0, 0, x)`, not `maximum`, because autodiff of `maximum` splits a tie
+and would give 1/2 at exact zeros (and a NaN passes through with its gradient, as in PyTorch).""",
     "leaky_relu": """Piecewise linear with slopes 1 and `negative_slope`: `dx = g` where `x > 0`, `slope g` elsewhere
 (the slope at `x = 0`, as PyTorch). Only the mask is saved.""",
     "sigmoid": """`σ'(x) = σ(x)(1 - σ(x))`, so the rule saves the output `y = lax.logistic(x)` and computes
@@ -212,9 +214,12 @@ plumbing (identity and zero gradients), not the rule.""",
 `softmax(x) - q`. The reduction only rescales: `g / N` for mean (N counts all label
 positions, extra dimensions included), `g` for sum, `g[n]` for none. The log-sum-exp is shifted
 by the max, so logits of 1e4 give finite losses and exact one-hot-minus-target gradients.""",
-    "binary_cross_entropy_with_logits": """Written stably as `max(x, 0) - x t + log1p(exp(-|x|))`, whose derivative in `x` is
-`σ(x) - t` and in `t` is `-x`, each scaled by the reduction's share of `g`. Nothing
-overflows at logits of 1e4.""",
+    "binary_cross_entropy_with_logits": """Written stably as `|x| w + log1p(exp(-|x|))`,
+with `w = 1 - t` for `x >= 0` and `t` below, whose derivative in `x` is `σ(x) - t` and in `t`
+is `-x`, each scaled by the reduction's share of `g`. `|x|` is a `where` on `x >= 0`, so
+autodiff at `x = 0` gives `1/2 - t` too (`max(x, 0)` and `abs` each pick a one-sided
+derivative there: `-t`), and `w |x|` is 0 when `w` is, so `x = -inf, t = 0` has its exact
+loss 0 (PyTorch: nan). Nothing overflows at logits of 1e4.""",
     "mse_loss": """`(p - t)²` has `dp = 2 (p - t) share(g)` and `dt = -dp`, with `share` undoing the reduction
 (`g / N`, `g`, or `g` elementwise).""",
 }

@@ -31,7 +31,7 @@ from jax import numpy as jnp
 
 from . import checkpoint as ckpt
 from . import dataparallel
-from .data import Dataset, batch_indices, normalize
+from .data import Dataset, batch_indices, check_labels, normalize
 from .functional.losses import cross_entropy
 from .layers import Layer
 
@@ -443,6 +443,9 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: expected epochs a non-negative int, got {epochs!r}")
+    one = jax.ShapeDtypeStruct((1, *train_data.images.shape[1:]), train_data.images.dtype)
+    classes = jax.eval_shape(trainer.predict, ts.params, ts.state, one).shape[-1]
+    check_labels(classes, "fit", train_data=train_data, eval_data=eval_data)
     fingerprint = {**trainer.config.fingerprint(), **(fingerprint or {}),
                    "examples": len(train_data)}
     fingerprint = _json_round_trip(fingerprint)

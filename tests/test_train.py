@@ -159,3 +159,18 @@ def test_progress_bar_shows_each_epoch(capsys):
     shown = capsys.readouterr().err
     assert "epoch 1/1" in shown and "5/5" in shown
     assert f"loss={result.history[0]['train_loss']:.4f}" in shown
+
+
+def test_fit_checks_labels_against_the_outputs_before_training():
+    # Under jit a bad label would only give NaN; fit checks the sets once, up front.
+    trainer = train.make_trainer(small_net(), batch_size=5)
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    for which, bad_label in (("train_data", 10), ("eval_data", -1)):
+        sets = {"train_data": tiny_data(), "eval_data": tiny_data(11, seed=1)}
+        labels = np.asarray(sets[which].labels).copy()
+        labels[4] = bad_label
+        sets[which] = data.Dataset(sets[which].images, jnp.asarray(labels))
+        with pytest.raises(ValueError, match=rf"fit: {which} labels must lie in \[0, 10\) .* "
+                                             rf"got {bad_label} at index 4 \(1 of"):
+            train.fit(trainer, ts, epochs=1, log=lambda m: None, **sets)
+        assert int(ts.step) == 0  # not trained (nor donated)

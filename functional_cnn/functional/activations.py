@@ -26,15 +26,17 @@ def _axis(where, x, dim):
 
 def _relu_forward(_, x):
     # where, not maximum: autodiff of maximum(x, 0) gives 1/2 at x == 0, PyTorch gives 0.
-    return jnp.where(x > 0, x, jnp.zeros((), x.dtype))
+    # "x <= 0 -> 0" rather than "x > 0 -> x": a NaN passes through (and its gradient with it),
+    # as in PyTorch, instead of being hidden as 0.
+    return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
 def _relu_fwd(_, x):
-    return _relu_forward(_, x), x > 0
+    return _relu_forward(_, x), x <= 0
 
 
-def _relu_bwd(_, positive, g):
-    return (jnp.where(positive, g, jnp.zeros((), g.dtype)),)
+def _relu_bwd(_, off, g):
+    return (jnp.where(off, jnp.zeros((), g.dtype), g),)
 
 
 _relu = two_gradients(_relu_forward, _relu_fwd, _relu_bwd)
@@ -42,7 +44,11 @@ _relu = two_gradients(_relu_forward, _relu_fwd, _relu_bwd)
 
 @register()
 def relu(x, *, vjp: str = "custom"):
-    """``max(x, 0)``. Backward rule: ``dx = g [x > 0]`` (zero at ``x == 0``, as PyTorch)."""
+    """``max(x, 0)``. Backward rule: ``dx = g [not x <= 0]``.
+
+    Both paths take PyTorch's subgradient 0 at ``x == 0`` (and ``-0``); a NaN passes through
+    with its gradient ``g``, as in PyTorch.
+    """
     _checked("relu", x, vjp)
     return _relu(vjp, None, x)
 
@@ -68,7 +74,8 @@ _leaky_relu = two_gradients(_leaky_forward, _leaky_fwd, _leaky_bwd)
 def leaky_relu(x, negative_slope: float = 0.01, *, vjp: str = "custom"):
     """``x`` if ``x > 0`` else ``slope x``.
 
-    Backward rule: ``dx = g`` where ``x > 0``, else ``slope g`` (at 0 too, as PyTorch).
+    Backward rule: ``dx = g`` where ``x > 0``, else ``slope g``. Both paths take PyTorch's
+    subgradient ``slope`` at ``x == 0`` (and at a NaN).
     """
     _checked("leaky_relu", x, vjp)
     return _leaky_relu(vjp, float(negative_slope), x)
@@ -94,7 +101,9 @@ _sigmoid = two_gradients(_sigmoid_forward, _sigmoid_fwd, _sigmoid_bwd)
 
 @register()
 def sigmoid(x, *, vjp: str = "custom"):
-    """``y = 1 / (1 + exp(-x))``. Backward rule from the saved output: ``dx = g y (1 - y)``."""
+    """``y = 1 / (1 + exp(-x))``. Backward rule from the saved output: ``dx = g y (1 - y)``.
+
+    Smooth: both paths give the derivative everywhere (0 at ``+-inf``)."""
     _checked("sigmoid", x, vjp)
     return _sigmoid(vjp, None, x)
 
@@ -117,7 +126,9 @@ _tanh = two_gradients(_tanh_forward, _tanh_fwd, _tanh_bwd)
 
 @register()
 def tanh(x, *, vjp: str = "custom"):
-    """``y = tanh(x)``. Backward rule from the saved output: ``dx = g (1 - y^2)``."""
+    """``y = tanh(x)``. Backward rule from the saved output: ``dx = g (1 - y^2)``.
+
+    Smooth: both paths give the derivative everywhere (0 at ``+-inf``)."""
     _checked("tanh", x, vjp)
     return _tanh(vjp, None, x)
 
@@ -152,6 +163,9 @@ def softmax(x, dim: int = -1, *, vjp: str = "custom"):
     """``y = exp(x - max x) / sum exp(x - max x)`` along ``dim`` (finite for logits of 1e4).
 
     Backward rule (Jacobian ``diag(y) - y y^T``): ``dx = y (g - sum(g y))``.
+
+    Smooth: the shift by the max carries no gradient, so ties for the max do not matter, and
+    both paths give the derivative (a ``-inf`` entry, a masked one, gets ``y = 0``, ``dx = 0``).
     """
     _checked("softmax", x, vjp)
     return _softmax(vjp, _axis("softmax", x, dim), x)
@@ -179,6 +193,9 @@ def log_softmax(x, dim: int = -1, *, vjp: str = "custom"):
     """``y = z - log sum exp z`` with ``z = x - max x`` along ``dim``: finite for logits of 1e4.
 
     Backward rule (Jacobian ``I - 1 softmax^T``): ``dx = g - exp(y) sum(g)``.
+
+    Smooth: the shift by the max carries no gradient, so ties for the max do not matter, and
+    both paths give the derivative (a ``-inf`` entry gets ``y = -inf``, ``dx = g``).
     """
     _checked("log_softmax", x, vjp)
     return _log_softmax(vjp, _axis("log_softmax", x, dim), x)

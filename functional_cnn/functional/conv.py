@@ -336,6 +336,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     * *im2col* (one input channel, rows too wide for the band): batched matrix products over the
       patches ``P[n] (kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
       ``dx = col2im(W^T g[n])``.
+
+    Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
     """
     check_vjp("conv2d", vjp)
     _checks.check_floating("conv2d", x)

@@ -31,7 +31,8 @@ def dropout(x, p: float = 0.5, training: bool = True, *, key=None, vjp: str = "c
     The keep-mask ``m ~ Bernoulli(1 - p)`` is drawn from ``key`` (so the same key gives the same
     mask). Identity when ``training`` is False or ``p == 0``; all zeros when ``p == 1``.
 
-    Backward rule: the map is diagonal and linear, ``dx = g m / (1 - p)``.
+    Backward rule: the map is diagonal and linear, ``dx = g m / (1 - p)`` (both paths; no
+    kinks).
     """
     check_vjp("dropout", vjp)
     _checks.check_floating("dropout", x)

@@ -41,6 +41,8 @@ def linear(x, weight, bias=None, *, vjp: str = "custom"):
         dx = g W                     (..., out) @ (out, in)
         dW = sum_m g[m]^T x[m]       (out, in)
         db = sum_m g[m]              (out,)
+
+    Linear in each input: no kinks, both paths give the one derivative.
     """
     check_vjp("linear", vjp)
     _checks.check_floating("linear", x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import numpy as np
 from jax import lax
 from jax import numpy as jnp
@@ -56,8 +57,23 @@ def _log_probs(logits):
     return z - jnp.log(jnp.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _nan_outside_classes(logits, labels):
+    """``logits`` with the row of every label outside ``[0, C)`` set to NaN.
+
+    Under jit the labels' values are unknown to Python, so the concrete check cannot run, and
+    the gather alone would turn them into a finite loss (a negative label wraps around) with a
+    finite gradient. A NaN row makes the row's loss and its gradient NaN on both paths (the
+    custom rule reads the NaN probabilities; autodiff differentiates through the addition), so
+    a bad label shows instead of training on quietly. One compare and add per logit: free
+    beside the softmax.
+    """
+    outside = (labels < 0) | (labels >= logits.shape[-1])
+    return logits + jnp.where(outside, np.array(np.nan, logits.dtype),
+                              np.array(0, logits.dtype))[..., None]
+
+
 def _ce_forward(cfg, logits, labels):
-    logp = _log_probs(logits)
+    logp = _log_probs(_nan_outside_classes(logits, labels))
     nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
     eps = cfg.label_smoothing
     if eps:
@@ -66,7 +82,8 @@ def _ce_forward(cfg, logits, labels):
 
 
 def _ce_fwd(cfg, logits, labels):
-    return _ce_forward(cfg, logits, labels), (jnp.exp(_log_probs(logits)), labels)
+    probs = jnp.exp(_log_probs(_nan_outside_classes(logits, labels)))
+    return _ce_forward(cfg, logits, labels), (probs, labels)
 
 
 def _ce_bwd(cfg, residuals, g):
@@ -95,6 +112,13 @@ def cross_entropy(logits, labels, reduction: str = "mean", label_smoothing: floa
 
     Backward rule: ``dx = (softmax(x) - q) * share(g)`` where ``share`` undoes the reduction
     (``g / N`` for mean, ``g`` for sum, ``g[n]`` for none).
+
+    Smooth in the logits: ties (a zero-initialized last layer) need no choice, both paths
+    give the derivative.
+
+    Labels outside ``[0, C)`` (negative ones too) raise ``ValueError`` when their values are
+    known (eager calls); under jit they are not, and the element's loss and its row of the
+    gradient are NaN instead, on both paths.
     """
     where = "cross_entropy"
     check_vjp(where, vjp)
@@ -116,11 +140,32 @@ def cross_entropy(logits, labels, reduction: str = "mean", label_smoothing: floa
 
 # ----------------------------------------------------------------------------- BCE with logits
 
+@jax.custom_jvp
+def _times(a, w):
+    """``a * w`` with ``inf * 0 = 0``: a term whose weight is 0 is off, also at an infinite
+    logit (the exact loss of ``x = -inf, t = 0`` is 0, not ``nan``)."""
+    return jnp.where(w == 0, jnp.zeros((), a.dtype), a * w)
+
+
+@_times.defjvp
+def _times_jvp(primals, tangents):
+    # The product rule, d(a w) = w da + a dw, so the weight's derivative stays ``a`` (-x for
+    # the target: +-inf at an infinite logit, as the hand-written rule says) where the value
+    # is switched off; a double ``where`` would make it 0 there.
+    (a, w), (da, dw) = primals, tangents
+    return _times(a, w), w * da + a * dw
+
+
 def _bce_forward(cfg, logits, targets):
-    # max(x, 0) - x t + log(1 + exp(-|x|)): never exponentiates a large positive number.
-    per = (jnp.maximum(logits, 0) - logits * targets
-           + jnp.log1p(jnp.exp(-jnp.abs(logits))))
-    return _reduce(cfg, per)
+    """``t softplus(-x) + (1 - t) softplus(x)`` as ``|x| w + log(1 + exp(-|x|))`` with weight
+    ``w = 1 - t`` for ``x >= 0`` and ``t`` below: never exponentiates a large positive number.
+    ``|x|`` is written as a ``where`` on ``x >= 0``, so autodiff at ``x = 0`` takes the ``x >= 0``
+    side of both terms, whose derivatives sum to the true one, ``sigmoid(0) - t``. (``max(x, 0)``
+    and ``abs`` would each pick their own one-sided derivative there and give ``-t``.)"""
+    nonneg = logits >= 0
+    size = jnp.where(nonneg, logits, -logits)
+    weight = jnp.where(nonneg, 1 - targets, targets)
+    return _reduce(cfg, _times(size, weight) + jnp.log1p(jnp.exp(-size)))
 
 
 def _bce_fwd(cfg, logits, targets):
@@ -142,6 +187,11 @@ def binary_cross_entropy_with_logits(logits, targets, reduction: str = "mean", *
     """``-[t log sigmoid(x) + (1 - t) log(1 - sigmoid(x))]``, computed stably, then reduced.
 
     Backward rule: ``dx = (sigmoid(x) - t) share(g)`` and ``dt = -x share(g)``.
+
+    The loss is smooth in ``x``: both paths give ``sigmoid(0) - t = 1/2 - t`` at ``x = 0`` (as
+    PyTorch), where the stable form's ``|x|`` has its kink. At ``x = -inf, t = 0`` and
+    ``x = +inf, t = 1`` the loss is its exact 0 (PyTorch: nan), with ``dx = 0`` and
+    ``dt = -x`` (``+-inf``) on both paths; any other target there gives ``inf``.
     """
     _check_elementwise_pair("binary_cross_entropy_with_logits", vjp, reduction, logits,
                             targets, ("logits", "targets"))
@@ -170,6 +220,6 @@ _mse_loss = two_gradients(_mse_forward, _mse_fwd, _mse_bwd)
 @register(kind="loss")
 def mse_loss(pred, target, reduction: str = "mean", *, vjp: str = "custom"):
     """``(pred - target)^2``, reduced. Backward rule: ``dpred = 2 (pred - target) share(g)``,
-    ``dtarget = -dpred``."""
+    ``dtarget = -dpred``. Smooth: both paths give the derivative everywhere."""
     _check_elementwise_pair("mse_loss", vjp, reduction, pred, target, ("pred", "target"))
     return _mse_loss(vjp, LossConfig(reduction), pred, target)

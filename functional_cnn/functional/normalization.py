@@ -133,6 +133,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         dx = gx / sqrt(var + eps),   dmu = -sum(dx),   dvar = -sum(gx xhat) / (2 (var + eps))
 
     The running statistics are state, not parameters: no gradient flows into their update.
+    Smooth (``eps > 0``): both paths give the derivative everywhere, also for a constant
+    channel (zero variance, ``xhat = 0``).
     """
     where = "batch_norm"
     check_vjp(where, vjp)

@@ -59,8 +59,28 @@ def _window_maxima(cfg, x):
     rule's forward; 1.2-1.5x faster steps than gathering the value at ``first``)."""
     stacked = jnp.stack(window_views(pad_spatial(x, cfg.axes, -jnp.inf), cfg.axes), axis=-1)
     offsets = lax.broadcasted_iota(jnp.int32, stacked.shape, stacked.ndim - 1)
-    return lax.reduce((stacked, offsets), (np.array(-np.inf, x.dtype), np.int32(0)),
-                      _first_max, (stacked.ndim - 1,))
+    value, first = lax.reduce((stacked, offsets), (np.array(-np.inf, x.dtype), np.int32(0)),
+                              _first_max, (stacked.ndim - 1,))
+    return value, _padding_never_wins(cfg, value, first)
+
+
+def _first_inside(a: Axis) -> np.ndarray:
+    """Per output position of one axis, the first kernel offset inside the unpadded input."""
+    positions = ((np.arange(a.out_size) * a.stride - a.pad_lo)[:, None]
+                 + np.arange(a.kernel)[None, :] * a.dilation)
+    return np.argmax((positions >= 0) & (positions < a.in_size), axis=1)
+
+
+def _padding_never_wins(cfg, value, first):
+    """PyTorch's choice for a window whose maximum is ``-inf`` (all its input elements are
+    ``-inf``): its first element inside the input, never the ``-inf`` padding (which would
+    swallow the gradient). A constant per window, and no work when no window starts in the
+    padding."""
+    height, width = (_first_inside(a) for a in cfg.axes)
+    inside = (height[:, None] * cfg.axes[1].kernel + width[None, :]).astype(np.int32)
+    if not inside.any():
+        return first
+    return jnp.where(value == -jnp.inf, inside, first)
 
 
 @_window_maxima.defjvp
@@ -88,7 +108,9 @@ def _max_forward(cfg, x):
     differentiate a dilated reduce_window max at all.) The selects fuse into the pool's
     consumers, which XLA:CPU runs faster than a gather (LeNet's step and evaluation)."""
     views = window_views(pad_spatial(x, cfg.axes, -jnp.inf), cfg.axes)
-    return _at_offset(views, jnp.argmax(jnp.stack(views, axis=-1), axis=-1))
+    first = jnp.argmax(jnp.stack(views, axis=-1), axis=-1)
+    first = _padding_never_wins(cfg, lax.stop_gradient(_at_offset(views, first)), first)
+    return _at_offset(views, first)
 
 
 def _max_fwd(cfg, x):
@@ -146,6 +168,10 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
     Only the winning offsets are saved. The scatter is an interleave when the windows tile the
     input (stride == kernel) and one scatter-add otherwise.
+
+    Both paths (the rule and autodiff) take PyTorch's subgradient at ties: the first maximum;
+    a window whose input elements are all ``-inf`` passes its cotangent to its first element
+    inside the input, never to the padding; a NaN is the maximum of its window.
     """
     check_vjp("max_pool2d", vjp)
     _checks.check_floating("max_pool2d", x)
@@ -210,7 +236,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
         dxp[n, c, i s + a, j s + b] += g[n, c, i, j] / N[i, j]   for all offsets (a, b)
         dx = dxp without its padding
 
-    ``N`` is a compile-time constant, so nothing is saved from the forward pass.
+    ``N`` is a compile-time constant, so nothing is saved from the forward pass. Linear: both
+    paths give the one derivative, with PyTorch's ``N`` at the padded and overhanging edges.
     """
     check_vjp("avg_pool2d", vjp)
     _checks.check_floating("avg_pool2d", x)

@@ -43,3 +43,41 @@ def test_reductions_relate():
     none = fcn.mse_loss(p, t, "none")
     np.testing.assert_allclose(fcn.mse_loss(p, t, "sum"), none.sum(), rtol=1e-6)
     np.testing.assert_allclose(fcn.mse_loss(p, t), none.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_labels_outside_the_classes_under_jit_give_nan_rows(vjp, smoothing):
+    # Under jit the labels cannot be checked in Python: a label of C or below 0 must make its
+    # element's loss and its row of the gradient NaN on both paths (not a finite loss, not a
+    # finite or zero gradient), and leave the other rows exact.
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((4, 10)), jnp.float32)
+    labels = jnp.array([10, 3, -1, 9])
+
+    def loss(z, y, reduction):
+        return fcn.cross_entropy(z, y, reduction, smoothing, vjp=vjp)
+
+    per_fn = jax.jit(lambda z, y: loss(z, y, "none"))
+    grad_fn = jax.jit(jax.grad(lambda z, y: loss(z, y, "mean")))
+    per, grad = per_fn(logits, labels), np.asarray(grad_fn(logits, labels))
+    valid = np.array([False, True, False, True])
+    assert np.isnan(per[~valid]).all() and np.isnan(grad[~valid]).all()
+    good = jnp.array([0, 3, 0, 9])  # the same program with in-range labels is the reference
+    np.testing.assert_array_equal(per[valid], per_fn(logits, good)[valid])
+    np.testing.assert_array_equal(grad[valid], grad_fn(logits, good)[valid])
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_bce_with_logits_at_zero_and_infinite_logits(vjp):
+    # 0: the loss is smooth there, dx = sigmoid(0) - t (autodiff of the stable form gave -t);
+    # +-inf with the matching target: the exact loss 0, not nan (PyTorch gives nan).
+    z = jnp.array([0.0, -0.0, 0.0, -jnp.inf, jnp.inf, -jnp.inf])
+    t = jnp.array([0.0, 0.3, 1.0, 0.0, 1.0, 0.5])
+    loss, (gz, gt) = jax.jit(jax.value_and_grad(
+        lambda z, t: (fcn.binary_cross_entropy_with_logits(z, t, "none", vjp=vjp)
+                      * jnp.arange(1.0, 7.0)).sum(), argnums=(0, 1)))(z, t)
+    per = fcn.binary_cross_entropy_with_logits(z, t, "none", vjp=vjp)
+    np.testing.assert_allclose(per, [np.log(2)] * 3 + [0, 0, np.inf], rtol=1e-7)
+    assert loss == np.inf
+    np.testing.assert_allclose(gz, [0.5, 2 * 0.2, 3 * -0.5, 0, 0, 6 * -0.5], rtol=1e-6)
+    np.testing.assert_array_equal(gt, [0, 0, 0, np.inf, -np.inf, np.inf])
