@@ -17,67 +17,22 @@ the tests: ``|exact_i - fd_i| / (|fd_i| + atol / rtol) <= rtol``.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import numpy as np
 from jax import numpy as jnp
 
 import functional_cnn as fcn
-from functional_cnn import testing as T
+from functional_cnn import testing as T, verify
+from functional_cnn.verify import Tol
 from functional_cnn.functional import REGISTRY
 from benchmarks._timing import calls, race
 
 
-class Tol(NamedTuple):
-    """``|a - ref| <= atol + rtol * max|ref|`` per leaf (elementwise for finite differences)."""
-
-    rtol: float
-    atol: float
-    why: str
-
-    @property
-    def floor(self) -> float:
-        return self.atol / self.rtol
-
-
-# Never looser than the tests (tests/functional/test_all_ops.py); see docs/VJP_REPORT.md.
-TOLERANCES = {
-    "float32": {
-        "autodiff": Tol(1e-5, 1e-5, "float32 eps is 6e-8; the two paths sum the same products in "
-                                    "different orders, so sums of a few hundred terms differ by "
-                                    "~1e-6 relative; 1e-5 leaves a margin of ~10 (as the tests)"),
-        "torch": Tol(1e-4, 1e-5, "torch uses other kernels (oneDNN convolutions, its own "
-                                 "reductions): more reordering than between the two JAX paths "
-                                 "(as the tests)"),
-        "network": Tol(1e-4, 1e-5, "a whole network chains ~10 ops and sums over the batch and "
-                                   "28x28 positions: rounding differences compound through the "
-                                   "chain rule (as experiments/demo_gradients.py)"),
-    },
-    "float64": {
-        "autodiff": Tol(1e-10, 1e-12, "float64 eps is 1.1e-16: reordered sums differ by "
-                                      "~1e-14 relative; 1e-10 leaves a margin of 1e4"),
-        "torch": Tol(1e-9, 1e-12, "other kernels, same reasoning as float32, at float64 eps"),
-        "network": Tol(1e-9, 1e-12, "rounding compounds through ~10 ops, at float64 eps"),
-    },
-    # Central differences f'(x) ~ (f(x+e) - f(x-e)) / 2e with e = 1e-6 in float64: truncation
-    # error e^2 |f'''| / 6 ~ 1e-13, rounding error ~ 1e-16 |f| / e ~ 1e-10 |f|.
-    "fd": Tol(1e-6, 1e-7, "float64, eps 1e-6: truncation eps^2 f'''/6 ~ 1e-13 and rounding "
-                          "1e-16 |f| / eps ~ 1e-10 |f| (as the tests)"),
-}
-FD_EPS = 1e-6
-FD_ENTRIES = 64
-
-
-def fd_skip_reason(config: dict) -> str | None:
-    """Why central differences say nothing about this configuration (None: they do)."""
-    if config.get("zeros"):
-        return "exact zeros: relu/leaky_relu kink, no derivative to estimate"
-    if config.get("ties"):
-        return "tied maxima: max_pool2d kink, the derivative is a convention"
-    if config.get("scale", 1) > 100:
-        return "logits of 1e4: a difference of 1e-6 is below their float64 resolution"
-    return None
+TOLERANCES = verify.TOLERANCES
+FD_EPS, FD_ENTRIES = verify.FD_EPS, verify.FD_ENTRIES
+fd_skip_reason = verify.fd_skip_reason
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -140,18 +95,8 @@ def jsonable(value):
 
 def leaf_errors(actual, expected, tol: Tol) -> list[dict]:
     """Per leaf: max abs error, scale, relative error ``err / (scale + floor)``."""
-    rows = []
-    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        if a.shape != e.shape:
-            rows.append(dict(abs=float("inf"), scale=float("nan"), rel=float("inf")))
-            continue
-        err = float(np.max(np.abs(a - e))) if e.size else 0.0
-        scale = float(np.max(np.abs(e))) if e.size else 0.0
-        if not np.isfinite(err):
-            err = float("inf")
-        rows.append(dict(abs=err, scale=scale, rel=err / (scale + tol.floor)))
-    return rows
+    return [dict(abs=r.abs, scale=r.scale, rel=tol.relative(r.abs, r.scale))
+            for r in verify.leaf_errors(actual, expected)]
 
 
 def worst(rows: list[dict]) -> tuple[float, float]:
@@ -236,8 +181,8 @@ def audit_case(op: str, config: dict, dtype: str, repeats: int, torch=None, fd: 
     elif fd_note is None:
         with jax.enable_x64(True):
             case64 = T.build(op, config, seed=seed, dtype=np.float64)
-            fd_err, fd_abs = fd_error(case64, TOLERANCES["fd"])
-        if fd_err > TOLERANCES["fd"].rtol or not np.isfinite(fd_err):
+            fd_err, fd_abs = fd_error(case64, verify.tolerance("fd"))
+        if fd_err > verify.tolerance("fd").rtol or not np.isfinite(fd_err):
             failures.append("custom vs finite differences")
 
     ms = time_pair(fns, [ct_dev] + args, repeats) if repeats > 0 else {}

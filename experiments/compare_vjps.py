@@ -370,7 +370,7 @@ READING_GUIDE = [
 
 def _report_tolerances(dtype) -> list[str]:
     """The tolerance table of ``dtype`` and how it compares with the test suite's."""
-    tol, fd = A.TOLERANCES[dtype], A.TOLERANCES["fd"]
+    tol, fd = A.TOLERANCES[dtype], A.verify.tolerance("fd")
     out = ["### Tolerances", "", "| comparison | rtol | atol | why |", "|---|---|---|---|"]
     for name, label in (("autodiff", "custom vs autodiff, ops"), ("torch", "custom vs torch"),
                         ("network", "custom vs autodiff, whole networks")):

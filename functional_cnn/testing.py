@@ -369,17 +369,6 @@ def torch_value_and_grads(case: Case, torch, ct: np.ndarray | None = None):
     return outputs, grads
 
 
-def max_errors(a, b) -> tuple[float, float]:
-    """Max absolute and max relative error over matching leaves (relative to max |b|)."""
-    abs_err, rel_err = 0.0, 0.0
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        diff = float(np.max(np.abs(x - y))) if x.size else 0.0
-        abs_err = max(abs_err, diff)
-        rel_err = max(rel_err, diff / max(float(np.max(np.abs(y))) if y.size else 0.0, 1e-30))
-    return abs_err, rel_err
-
-
 def _perturbed_inputs(args, eps, max_entries, seed):
     """Sampled flat positions per input, and every input stacked over all ``2 * entries``
     perturbed evaluations (``+eps`` then ``-eps`` at each position of each input in turn)."""

@@ -128,7 +128,7 @@ def test_network_records_every_parameter_leaf(tmp_path):
 
 
 def test_relative_error_has_an_absolute_floor():
-    tol = A.Tol(1e-5, 1e-5, "")
+    tol = A.Tol(1e-5, 1e-5)
     rows = A.leaf_errors([np.full(3, 2e-8)], [np.full(3, 1e-8)], tol)
     assert rows[0]["rel"] <= tol.rtol  # zero up to rounding on both sides: no false alarm
     rows = A.leaf_errors([jnp.ones(3) * 2.0], [jnp.ones(3)], tol)

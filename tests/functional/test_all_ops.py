@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from functional_cnn import testing as T
 from functional_cnn.functional import REGISTRY
-from tests.conftest import assert_close, float64
+from functional_cnn.verify import EXACT, assert_close, fd_skip_reason, tolerance
+from tests.conftest import float64
 
 OPS = sorted(REGISTRY)
 EDGE_CASES = [(op, i, cfg) for op in OPS for i, cfg in enumerate(T.edge_cases(op))]
@@ -24,11 +25,12 @@ def check_against_autodiff_and_torch(case, torch):
     ct = T.cotangent(case)
     out_custom, g_custom = T.value_and_grads(case, "custom", ct)
     out_auto, g_auto = T.value_and_grads(case, "autodiff", ct)
-    assert_close(out_custom, out_auto, 0, 0, f"{case.op} forward, custom vs autodiff path")
-    assert_close(g_custom, g_auto, 1e-5, 1e-5, f"{case.op} grads, custom vs autodiff")
+    op = case.op
+    assert_close(out_custom, out_auto, EXACT, what=f"{op} forward, custom vs autodiff path")
+    assert_close(g_custom, g_auto, tolerance("autodiff"), what=f"{op} grads, custom vs autodiff")
     out_torch, g_torch = T.torch_value_and_grads(case, torch, ct)
-    assert_close(out_custom, out_torch, 1e-5, 1e-5, f"{case.op} forward vs torch")
-    assert_close(g_custom, g_torch, 1e-4, 1e-5, f"{case.op} grads vs torch")
+    assert_close(out_custom, out_torch, tolerance("torch_forward"), what=f"{op} forward vs torch")
+    assert_close(g_custom, g_torch, tolerance("torch"), what=f"{op} grads vs torch")
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -55,17 +57,15 @@ def test_float64_finite_differences(op):
     with float64():
         for config in T.edge_cases(op)[:2]:
             case = T.build(op, config, dtype=np.float64)
-            if config.get("scale", 1) > 100:  # differences of 1e4-sized logits lose the digits
-                continue
-            if config.get("zeros") or config.get("ties"):  # kinks: no derivative to estimate
+            if fd_skip_reason(config):  # kinks, ties, 1e4-sized logits: nothing to estimate
                 continue
             ct = T.cotangent(case)
             _, grads = T.value_and_grads(case, "custom", ct)
             assert all(g.dtype == np.float64 for g in grads)
             for grad, (positions, estimates) in zip(grads, T.finite_difference_grads(case, ct=ct)):
                 exact = np.asarray(grad).reshape(-1)[positions]
-                np.testing.assert_allclose(exact, estimates, rtol=1e-6, atol=1e-7,
-                                           err_msg=f"{op} {config}")
+                assert_close(exact, estimates, tolerance("fd"), what=f"{op} {config}",
+                             elementwise=True)
 
 
 def test_custom_path_really_runs_the_hand_written_rule():
