@@ -31,7 +31,7 @@ import functional_cnn as fcn
 import functional_cnn.functional as F
 from functional_cnn import data, train
 from benchmarks._report import BENCHMARKS, command, write_section
-from benchmarks._timing import calls, race
+from functional_cnn.audit.timing import calls, race
 
 # this library's two gradient paths, and the straightforward network in plain JAX (autodiff)
 IMPLEMENTATIONS = ("custom", "autodiff", "plain")

@@ -1,7 +1,6 @@
-"""The benchmark tools' shared pieces: the section writer, the timing race, and a tiny bench."""
-import time
-
-from benchmarks import _report, _timing, bench
+"""The benchmark tools' shared pieces: the section writer and a tiny bench (the timing race is
+the audit's: tests/audit/test_timing.py)."""
+from benchmarks import _report, bench
 
 
 def test_write_section_replaces_only_its_own_markers(tmp_path):
@@ -15,20 +14,6 @@ def test_write_section_replaces_only_its_own_markers(tmp_path):
     assert "<!-- a:begin -->\nsecond\n<!-- a:end -->" in text and "first" not in text
     assert text.index("<!-- a:begin -->") < text.index("<!-- b:begin -->")
     assert "<!-- b:begin -->\nother\n<!-- b:end -->" in text
-
-
-def test_race_times_every_runner_per_call():
-    def sleeper(seconds):
-        def run(n):
-            for _ in range(n):
-                time.sleep(seconds)
-        return run
-
-    result = _timing.race({"fast": sleeper(0.001), "slow": sleeper(0.004)}, rounds=3,
-                          target_s=0.01)
-    assert set(result) == {"fast", "slow"}
-    assert 0.9 <= result["fast"]["min_ms"] <= result["fast"]["median_ms"] <= 3
-    assert result["slow"]["median_ms"] > 2 * result["fast"]["median_ms"]
 
 
 def test_bench_writes_its_section(tmp_path):

@@ -1,4 +1,4 @@
-"""Every registered op, across its hyperparameter space (functional_cnn.testing.SPACES):
+"""Every registered op, across its hyperparameter space (``functional_cnn.audit.cases``):
 the hand-written VJP against JAX autodiff of the same forward, and forward and backward
 against PyTorch with the same inputs; in float64, against central finite differences."""
 import jax
@@ -7,28 +7,28 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from functional_cnn import testing as T
+from functional_cnn.audit import cases as C
 from functional_cnn.functional import REGISTRY
 from functional_cnn.verify import EXACT, assert_close, fd_skip_reason, tolerance
 from tests.conftest import float64
 
 OPS = sorted(REGISTRY)
-EDGE_CASES = [(op, i, cfg) for op in OPS for i, cfg in enumerate(T.edge_cases(op))]
+EDGE_CASES = [(op, i, cfg) for op in OPS for i, cfg in enumerate(C.edge_cases(op))]
 
 
 def configs(op):
-    space = T.SPACES[op]
+    space = C.space(op)
     return st.fixed_dictionaries({k: st.sampled_from(v) for k, v in space.hyper.items()})
 
 
 def check_against_autodiff_and_torch(case, torch):
-    ct = T.cotangent(case)
-    out_custom, g_custom = T.value_and_grads(case, "custom", ct)
-    out_auto, g_auto = T.value_and_grads(case, "autodiff", ct)
+    ct = C.cotangent(case)
+    out_custom, g_custom = C.value_and_grads(case, "custom", ct)
+    out_auto, g_auto = C.value_and_grads(case, "autodiff", ct)
     op = case.op
     assert_close(out_custom, out_auto, EXACT, what=f"{op} forward, custom vs autodiff path")
     assert_close(g_custom, g_auto, tolerance("autodiff"), what=f"{op} grads, custom vs autodiff")
-    out_torch, g_torch = T.torch_value_and_grads(case, torch, ct)
+    out_torch, g_torch = C.torch_value_and_grads(case, torch, ct)
     assert_close(out_custom, out_torch, tolerance("torch_forward"), what=f"{op} forward vs torch")
     assert_close(g_custom, g_torch, tolerance("torch"), what=f"{op} grads vs torch")
 
@@ -37,8 +37,8 @@ def check_against_autodiff_and_torch(case, torch):
 def test_hypothesis_space(op, torch):
     @given(config=configs(op), seed=st.integers(0, 2**16))
     def run(config, seed):
-        case = T.build(op, config, seed)
-        assume(T.is_valid(case))
+        case = C.build(op, config, seed)
+        assume(C.is_valid(case))
         check_against_autodiff_and_torch(case, torch)
 
     run()
@@ -47,22 +47,22 @@ def test_hypothesis_space(op, torch):
 @pytest.mark.parametrize("op,index,config", EDGE_CASES,
                          ids=[f"{op}-{i}" for op, i, _ in EDGE_CASES])
 def test_edge_cases(op, index, config, torch):
-    case = T.build(op, config)
-    assert T.is_valid(case), f"edge case {config} is rejected by {op}"
+    case = C.build(op, config)
+    assert C.is_valid(case), f"edge case {config} is rejected by {op}"
     check_against_autodiff_and_torch(case, torch)
 
 
 @pytest.mark.parametrize("op", OPS)
 def test_float64_finite_differences(op):
     with float64():
-        for config in T.edge_cases(op)[:2]:
-            case = T.build(op, config, dtype=np.float64)
+        for config in C.edge_cases(op)[:2]:
+            case = C.build(op, config, dtype=np.float64)
             if fd_skip_reason(config):  # kinks, ties, 1e4-sized logits: nothing to estimate
                 continue
-            ct = T.cotangent(case)
-            _, grads = T.value_and_grads(case, "custom", ct)
+            ct = C.cotangent(case)
+            _, grads = C.value_and_grads(case, "custom", ct)
             assert all(g.dtype == np.float64 for g in grads)
-            for grad, (positions, estimates) in zip(grads, T.finite_difference_grads(case, ct=ct)):
+            for grad, (positions, estimates) in zip(grads, C.finite_difference_grads(case, ct=ct)):
                 exact = np.asarray(grad).reshape(-1)[positions]
                 assert_close(exact, estimates, tolerance("fd"), what=f"{op} {config}",
                              elementwise=True)
@@ -70,7 +70,7 @@ def test_float64_finite_differences(op):
 
 def test_custom_path_really_runs_the_hand_written_rule():
     # A jaxpr with vjp="custom" contains custom_vjp calls; the autodiff path has none.
-    case = T.build("conv2d")
+    case = C.build("conv2d")
     args = [jax.numpy.asarray(a) for a in case.inputs.values()]
     custom = str(jax.make_jaxpr(lambda *a: case.call(*a, vjp="custom"))(*args))
     auto = str(jax.make_jaxpr(lambda *a: case.call(*a, vjp="autodiff"))(*args))

@@ -6,12 +6,12 @@ import pytest
 from jax import numpy as jnp
 
 import functional_cnn.functional as F
-from functional_cnn import testing as T
+from functional_cnn.audit import cases as C
 from functional_cnn.functional import conv
 
 
 def _path_of(config):
-    case = T.build("conv2d", config)
+    case = C.build("conv2d", config)
     x, w = case.inputs["x"], case.inputs["weight"]
     cfg = conv.conv_config("test", x.shape, w.shape, config["stride"], config["padding"],
                            config["dilation"], config["groups"])
@@ -20,7 +20,7 @@ def _path_of(config):
 
 def test_edge_cases_run_every_conv_formulation():
     # the hypothesis and torch tests walk these cases: each formulation must be among them
-    assert {_path_of(c) for c in T.edge_cases("conv2d")} == {"im2col", "banded", "lax"}
+    assert {_path_of(c) for c in C.edge_cases("conv2d")} == {"im2col", "banded", "lax"}
 
 
 @pytest.mark.parametrize("shape, weight, stride, padding, path", [

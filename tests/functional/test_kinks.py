@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import numpy as jnp
 
-from functional_cnn import testing as T
+from functional_cnn.audit import cases as C
 from functional_cnn.functional import REGISTRY
 from functional_cnn.verify import assert_close, tolerance
 
@@ -99,7 +99,7 @@ def jitted_value_and_grads(case, vjp, ct):
     """The primary output and the input cotangents of ``ct``: one compiled program per path
     (a dozen eager ops compile one by one, 3x slower here)."""
     def run(*args):
-        out, pullback = jax.vjp(lambda *a: T.primary(case.call(*a, vjp=vjp)), *args)
+        out, pullback = jax.vjp(lambda *a: C.primary(case.call(*a, vjp=vjp)), *args)
         return out, pullback(jnp.asarray(ct))
     return jax.jit(run)(*[jnp.asarray(a) for a in case.inputs.values()])
 
@@ -107,14 +107,14 @@ def jitted_value_and_grads(case, vjp, ct):
 @pytest.mark.parametrize("op,index", CASES, ids=[f"{op}-{i}" for op, i in CASES])
 def test_both_paths_take_torchs_subgradient_at_kinks(op, index, torch):
     config, transform = KINKS[op][index]
-    case = T.build(op, config)
+    case = C.build(op, config)
     case = case._replace(inputs=transform(case.inputs))
-    assert T.is_valid(case), f"{op} rejects kink case {config}"
-    ct = T.cotangent(case)
-    out_torch, g_torch = T.torch_value_and_grads(case, torch, ct)
+    assert C.is_valid(case), f"{op} rejects kink case {config}"
+    ct = C.cotangent(case)
+    out_torch, g_torch = C.torch_value_and_grads(case, torch, ct)
     for vjp in ("custom", "autodiff"):
         out, grads = jitted_value_and_grads(case, vjp, ct)
         what = f"{op} {config} vjp={vjp}"
         # infinities and nans in the same places, the finite rest within the kink tolerance
-        assert_close(out, T.primary(out_torch), KINK, what=f"{what} forward", nonfinite="match")
+        assert_close(out, C.primary(out_torch), KINK, what=f"{what} forward", nonfinite="match")
         assert_close(grads, g_torch, KINK, what=f"{what} grads", nonfinite="match")
