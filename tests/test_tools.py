@@ -45,3 +45,21 @@ def test_bench_writes_its_section(tmp_path):
 def test_command_records_the_arguments():
     assert _report.command("experiments.x", ["--a", "1"]) == "python -m experiments.x --a 1"
     assert _report.command("experiments.x", []) == "python -m experiments.x"
+
+
+def test_cpu_model_reads_the_model_name(tmp_path):
+    from experiments import _machine
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
+                   "model name\t: Intel(R) Xeon(R) Processor @ 2.50GHz\n\nprocessor\t: 1\n")
+    assert _machine._from_cpuinfo(x86) == "Intel(R) Xeon(R) Processor @ 2.50GHz"
+    arm = tmp_path / "arm"  # older ARM kernels: an index-free "Processor" line, no model name
+    arm.write_text("Processor\t: AArch64 Processor rev 4 (aarch64)\nprocessor\t: 0\n")
+    assert _machine._from_cpuinfo(arm) == "AArch64 Processor rev 4 (aarch64)"
+    (tmp_path / "bare").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert _machine._from_cpuinfo(tmp_path / "bare") is None
+    assert _machine._from_cpuinfo(tmp_path / "missing") is None
+    info = _machine.machine()
+    assert info["cpu_model"] and info["cpu_count"] >= 1
+    if _machine._from_cpuinfo():  # on Linux, the record names this machine's CPU
+        assert info["cpu_model"] == _machine._from_cpuinfo()
