@@ -27,7 +27,7 @@ def test_one_epoch_smoke(name, tmp_path):
     result = module.run(module.PROTOCOL, argv)
     saved = json.loads(out.read_text())
     for field in ("test_accuracy", "final_train_loss", "train_seconds", "epochs", "vjp",
-                  "devices", "processes", "cpu_model", "jax_version"):
+                  "devices", "processes", "cpu_model", "cpu_flags", "jax_version"):
         assert field in saved
     assert saved["devices"] == jax.device_count()  # default: every device of the run
     assert saved["epochs"] == 1 and saved["vjp"] == "custom"
