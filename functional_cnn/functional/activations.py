@@ -1,6 +1,7 @@
 """Elementwise activations and the (log-)softmax family."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -208,6 +209,14 @@ def _zero_where(mask, x):
     return jnp.where(mask, jnp.zeros((), x.dtype), x)
 
 
+def _straight_at(kink, value, slope, x):
+    """``value`` with derivative ``slope`` and curvature 0 where ``kink``: PyTorch's double
+    backward takes the second derivative at a kink point from the other side (its first
+    derivative uses ``x <= kink``, its second ``x < kink``), and so do both paths here."""
+    straight = lax.stop_gradient(value) + slope * (x - lax.stop_gradient(x))
+    return jnp.where(kink, straight, value)
+
+
 _SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
 _SQRT_2_OVER_PI = 0.7978845608028654  # sqrt(2 / pi)
@@ -275,12 +284,14 @@ def silu(x, *, vjp: str = "custom"):
 
 def _elu_forward(alpha, x):
     positive = x > 0
-    return jnp.where(positive, x, alpha * jnp.expm1(_zero_where(positive, x)))
+    negative = _straight_at(x == 0, alpha * jnp.expm1(_zero_where(positive, x)), alpha, x)
+    return jnp.where(positive, x, negative)
 
 
 def _elu_derivative(alpha, x):
     positive = x > 0
-    return jnp.where(positive, jnp.ones((), x.dtype), alpha * jnp.exp(_zero_where(positive, x)))
+    slope = _straight_at(x == 0, alpha * jnp.exp(_zero_where(positive, x)), 0.0, x)
+    return jnp.where(positive, jnp.ones((), x.dtype), slope)
 
 
 _elu = _with_derivative(_elu_forward, _elu_derivative)
@@ -291,7 +302,8 @@ def elu(x, alpha: float = 1.0, *, vjp: str = "custom"):
     """``x`` if ``x > 0`` else ``alpha (exp(x) - 1)`` (``torch.nn.functional.elu``).
 
     Backward rule: ``dx = g`` where ``x > 0``, else ``g alpha exp(x)``. At ``x == 0`` (a kink
-    unless ``alpha == 1``) both paths take the left derivative ``alpha``, as PyTorch.
+    unless ``alpha == 1``) both paths take the left derivative ``alpha`` and second derivative
+    0 (the right one), as PyTorch's backward and double backward.
     """
     _checked("elu", x, vjp)
     return _elu(vjp, float(alpha), x)
@@ -303,15 +315,22 @@ class SoftplusConfig(NamedTuple):
 
 
 def _softplus_forward(cfg, x):
-    linear = x * cfg.beta > cfg.threshold
-    log_branch = jnp.log1p(jnp.exp(_zero_where(linear, x * cfg.beta))) / cfg.beta
+    bx = x * cfg.beta
+    linear = bx > cfg.threshold
+    log_branch = jnp.log1p(jnp.exp(_zero_where(linear, bx))) / cfg.beta
+    log_branch = _straight_at(bx == cfg.threshold, log_branch, _logistic(cfg.threshold), x)
     return jnp.where(linear, x, log_branch)
 
 
 def _softplus_derivative(cfg, x):
-    linear = x * cfg.beta > cfg.threshold
-    return jnp.where(linear, jnp.ones((), x.dtype),
-                     lax.logistic(_zero_where(linear, x * cfg.beta)))
+    bx = x * cfg.beta
+    linear = bx > cfg.threshold
+    slope = _straight_at(bx == cfg.threshold, lax.logistic(_zero_where(linear, bx)), 0.0, x)
+    return jnp.where(linear, jnp.ones((), x.dtype), slope)
+
+
+def _logistic(t: float) -> float:
+    return 1 / (1 + math.exp(-t)) if t >= 0 else math.exp(t) / (1 + math.exp(t))
 
 
 _softplus = _with_derivative(_softplus_forward, _softplus_derivative)
@@ -323,8 +342,8 @@ def softplus(x, beta: float = 1.0, threshold: float = 20.0, *, vjp: str = "custo
     (``torch.nn.functional.softplus``; the switch is a small jump, as in PyTorch).
 
     Backward rule: ``dx = g sigmoid(beta x)``, and ``dx = g`` where ``beta x > threshold``;
-    at ``beta x == threshold`` both paths take the log branch's ``sigmoid(threshold)``, as
-    PyTorch.
+    at ``beta x == threshold`` both paths take the log branch's ``sigmoid(threshold)`` and
+    second derivative 0 (the linear side's), as PyTorch's backward and double backward.
     """
     _checked("softplus", x, vjp)
     if beta == 0:

@@ -180,6 +180,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         dx = gx / sqrt(var + eps),   dmu = -sum(dx),   dvar = -sum(gx xhat) / (2 (var + eps))
 
     The running statistics are state, not parameters: no gradient flows into their update.
+    An empty batch in training gives an empty output and keeps the running statistics, as
+    PyTorch; a single value per channel is an error, as in PyTorch.
     """
     where = "batch_norm"
     _checked_input(where, x, vjp, 2, "(N, C, ...)")
@@ -196,7 +198,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         return _eval_norm(vjp, cfg, x, running_mean, running_var,
                           _broadcast(weight, param_shape), _broadcast(bias, param_shape)), \
             running_mean, running_var
-    count = x.size // channels
+    count = math.prod(n for axis, n in enumerate(x.shape) if axis != 1)
+    if count == 0:  # an empty batch: an empty output, the running statistics kept (as torch)
+        return _affine(x, _broadcast(weight, param_shape), _broadcast(bias, param_shape)), \
+            running_mean, running_var
     if count < 2:
         raise ValueError(f"{where}: training needs more than 1 value per channel, "
                          f"got input shape {tuple(x.shape)}")
