@@ -100,7 +100,7 @@ def _train_bwd(cfg, residuals, cotangents):
     per_stat = _constant_over(weight_shape, cfg.axes) and _constant_over(bias_shape, cfg.axes)
     gx = g if per_stat or weight is None else g * weight
     sum_gx, sum_gx_xhat = _sum(cfg, gx, True), _sum(cfg, gx * xhat, True)
-    # dx is one affine map of g and xhat per statistic, dx = a g + b xhat + c, every term
+    # dx is one affine map of gx and xhat per statistic, dx = a gx + b xhat + c, every term
     # folded into a, b, c. The mean and (biased) variance are outputs too:
     # d mean/dx = 1/M and d var/dx = 2 (x - mu)/M = 2 xhat / (M invstd).
     # (Saving xhat alone and folding this way halved a BatchNorm network's step on XLA:CPU
