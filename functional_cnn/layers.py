@@ -28,6 +28,7 @@ from . import _checks
 from . import functional as F
 from .functional._registry import check_vjp
 from .functional.conv import conv_config
+from .functional.normalization import normalized_shape_tuple
 from .functional.pooling import pool_axes
 
 
@@ -175,6 +176,39 @@ def LogSoftmax(dim: int = -1) -> Layer:
 
 
 @named_layer
+def GELU(approximate: str = "none") -> Layer:
+    """``x Phi(x)`` (``approximate="none"``, with erf) or its tanh approximation."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return elementwise("GELU", lambda x, vjp: F.gelu(x, approximate, vjp=vjp))
+
+
+@named_layer
+def SiLU() -> Layer:
+    return elementwise("SiLU", F.silu)
+
+
+@named_layer
+def ELU(alpha: float = 1.0) -> Layer:
+    return elementwise("ELU", lambda x, vjp: F.elu(x, alpha, vjp=vjp))
+
+
+@named_layer
+def Softplus(beta: float = 1.0, threshold: float = 20.0) -> Layer:
+    if beta == 0:
+        raise ValueError("Softplus: beta must be nonzero (it divides), got 0")
+    return elementwise("Softplus", lambda x, vjp: F.softplus(x, beta, threshold, vjp=vjp))
+
+
+@named_layer
+def Hardtanh(min_val: float = -1.0, max_val: float = 1.0) -> Layer:
+    if min_val > max_val:
+        raise ValueError(f"Hardtanh: min_val must not exceed max_val, got min_val={min_val!r}, "
+                         f"max_val={max_val!r}")
+    return elementwise("Hardtanh", lambda x, vjp: F.hardtanh(x, min_val, max_val, vjp=vjp))
+
+
+@named_layer
 def Linear(out_features: int, bias: bool = True) -> Layer:
     """``y = x W^T + b`` on the last axis; params ``weight (out, in)``, ``bias (out,)``."""
     where = "Linear"
@@ -270,21 +304,12 @@ def AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                  kernel_size, stride, padding, 1, ceil_mode)
 
 
-@named_layer
-def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                track_running_stats: bool = True) -> Layer:
-    """Batch normalization over the channels of NCHW input.
-
-    params ``{"weight", "bias"}`` when ``affine``; state ``{"running_mean", "running_var"}``
-    when ``track_running_stats``. ``apply(train=True)`` normalizes with the batch statistics and
-    returns the running statistics updated as PyTorch does (the variance unbiased);
-    ``train=False`` normalizes with the running statistics. ``momentum=None`` is PyTorch's
-    cumulative average; the state then also counts ``num_batches_tracked``.
-    """
-    where = "BatchNorm2d"
+def _batch_norm(where: str, ranks, layout: str, eps, momentum, affine,
+                track_running_stats) -> Layer:
+    """The BatchNorm layers: the same op and state over inputs of ``ranks``, channels on axis 1."""
 
     def init(key, input_shape):
-        _checks.check_rank(where, input_shape, (4,), "(N, C, H, W)")
+        _checks.check_rank(where, input_shape, ranks, layout)
         channels = input_shape[1]
         params = {"weight": jnp.ones(channels), "bias": jnp.zeros(channels)} if affine else {}
         state = {}
@@ -295,7 +320,7 @@ def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = 
         return tuple(input_shape), params, state
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
-        _checks.check_rank(where, jnp.shape(x), (4,), "(N, C, H, W)")
+        _checks.check_rank(where, jnp.shape(x), ranks, layout)
         channels = (params.get("weight") if affine else state.get("running_mean"))
         if channels is not None:
             _checks.check_channels(where, jnp.shape(x), channels.shape[0], context="(as at init)")
@@ -314,6 +339,30 @@ def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = 
         return y, new_state
 
     return Layer(init, apply)
+
+
+@named_layer
+def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                track_running_stats: bool = True) -> Layer:
+    """Batch normalization over the channels of NCHW input.
+
+    params ``{"weight", "bias"}`` when ``affine``; state ``{"running_mean", "running_var"}``
+    when ``track_running_stats``. ``apply(train=True)`` normalizes with the batch statistics and
+    returns the running statistics updated as PyTorch does (the variance unbiased);
+    ``train=False`` normalizes with the running statistics. ``momentum=None`` is PyTorch's
+    cumulative average; the state then also counts ``num_batches_tracked``.
+    """
+    return _batch_norm("BatchNorm2d", (4,), "(N, C, H, W)", eps, momentum, affine,
+                       track_running_stats)
+
+
+@named_layer
+def BatchNorm1d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                track_running_stats: bool = True) -> Layer:
+    """Batch normalization over the channels of ``(N, C)`` or ``(N, C, L)`` input: the
+    statistics of a channel are taken over N (and L). Params and state as :func:`BatchNorm2d`."""
+    return _batch_norm("BatchNorm1d", (2, 3), "(N, C) or (N, C, L)", eps, momentum, affine,
+                       track_running_stats)
 
 
 @named_layer
@@ -341,10 +390,7 @@ def Flatten(start_dim: int = 1, end_dim: int = -1) -> Layer:
     return Layer(init, apply)
 
 
-@named_layer
-def Dropout(p: float = 0.5) -> Layer:
-    """Inverted dropout in train mode (needs ``key``), identity in eval mode."""
-    where = "Dropout"
+def _dropout(where: str, fn: Callable, p: float) -> Layer:
     _checks.check_probability(where, "p", p)
 
     def init(key, input_shape):
@@ -354,6 +400,100 @@ def Dropout(p: float = 0.5) -> Layer:
         check_vjp(where, vjp)
         if train and 0 < p < 1 and key is None:
             raise ValueError(f"{where}: apply(train=True) needs a PRNG key (key=...), got None")
-        return F.dropout(x, p, train, key=key, vjp=vjp), state
+        return fn(x, p, train, key=key, vjp=vjp), state
+
+    return Layer(init, apply)
+
+
+@named_layer
+def Dropout(p: float = 0.5) -> Layer:
+    """Inverted dropout in train mode (needs ``key``), identity in eval mode."""
+    return _dropout("Dropout", F.dropout, p)
+
+
+@named_layer
+def Dropout2d(p: float = 0.5) -> Layer:
+    """Zeroes whole channels of ``(N, C, H, W)`` (or ``(N, C, L)``) input in train mode (needs
+    ``key``), scaling the kept ones by ``1 / (1 - p)``; identity in eval mode."""
+    where = "Dropout2d"
+    layer = _dropout(where, F.dropout2d, p)
+
+    def init(key, input_shape):
+        _checks.check_rank(where, input_shape, (3, 4), "(N, C, L) or (N, C, H, W)")
+        return layer.init(key, input_shape)
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _checks.check_rank(where, jnp.shape(x), (3, 4), "(N, C, L) or (N, C, H, W)")
+        return layer.apply(params, state, x, train=train, key=key, vjp=vjp)
+
+    return Layer(init, apply)
+
+
+@named_layer
+def LayerNorm(normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+              bias: bool = True) -> Layer:
+    """Layer normalization over the last ``len(normalized_shape)`` axes.
+
+    params ``weight`` (ones) and ``bias`` (zeros) of shape ``normalized_shape`` when
+    ``elementwise_affine`` (no ``bias`` when ``bias=False``); no state.
+    """
+    where = "LayerNorm"
+    shape = normalized_shape_tuple(where, normalized_shape)
+
+    def check(input_shape, context=""):
+        if tuple(input_shape[len(input_shape) - len(shape):]) != shape:
+            raise ValueError(f"{where}: expected an input whose last {len(shape)} axes are "
+                             f"{shape}{context}, got shape {tuple(input_shape)}")
+
+    def init(key, input_shape):
+        check(input_shape)
+        params = {"weight": jnp.ones(shape)} if elementwise_affine else {}
+        if elementwise_affine and bias:
+            params["bias"] = jnp.zeros(shape)
+        return tuple(input_shape), params, {}
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        check_vjp(where, vjp)
+        _checks.check_floating(where, x)
+        check(jnp.shape(x), " (as at init)")
+        return F.layer_norm(x, shape, params.get("weight"), params.get("bias"), eps,
+                            vjp=vjp), state
+
+    return Layer(init, apply)
+
+
+@named_layer
+def GroupNorm(num_groups: int, eps: float = 1e-5, affine: bool = True) -> Layer:
+    """Group normalization of ``(N, C, ...)`` input: ``num_groups`` groups of consecutive
+    channels. params ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)`` when ``affine``,
+    ``C`` read at init; no state."""
+    where = "GroupNorm"
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"{where}: num_groups must be a positive int, got {num_groups!r}")
+
+    def channels_of(input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(f"{where}: expected an input of shape (N, C, ...), "
+                             f"got shape {tuple(input_shape)}")
+        channels = input_shape[1]
+        if channels % num_groups:
+            raise ValueError(f"{where}: num_groups={num_groups} must divide the {channels} "
+                             f"channels (input shape {tuple(input_shape)})")
+        return channels
+
+    def init(key, input_shape):
+        channels = channels_of(input_shape)
+        params = {"weight": jnp.ones(channels), "bias": jnp.zeros(channels)} if affine else {}
+        return tuple(input_shape), params, {}
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        check_vjp(where, vjp)
+        _checks.check_floating(where, x)
+        if affine and jnp.ndim(x) >= 2:
+            _checks.check_channels(where, jnp.shape(x), params["weight"].shape[0],
+                                   context="(as at init)")
+        channels_of(jnp.shape(x))
+        return F.group_norm(x, num_groups, params.get("weight"), params.get("bias"), eps,
+                            vjp=vjp), state
 
     return Layer(init, apply)

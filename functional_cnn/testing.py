@@ -22,6 +22,7 @@ from jax import numpy as jnp
 
 from . import functional as F
 from .functional import REGISTRY
+from .functional.dropout import channel_mask_shape
 
 
 class Case(NamedTuple):
@@ -151,11 +152,23 @@ def _elementwise_input(rng, c, dtype):
     return x
 
 
-def _activation(name, torch_name, extra=()):
+def _at_kinks(x, points):
+    """Every other element of ``x`` set exactly to one of ``points`` (in turn)."""
+    flat = x.reshape(-1)
+    flat[::2] = np.resize(np.asarray(points, x.dtype), flat[::2].shape)
+    return x
+
+
+def _activation(name, torch_name, extra=(), kinks=None):
+    """Builder for an elementwise op; ``kinks(config)`` lists the inputs where its derivative
+    jumps, which a config with ``kinks=True`` places in the input."""
     def build(rng, c, dtype):
         kw = {k: c[k] for k in extra}
         fn = getattr(F, name)
-        return Case(name, c, {"x": _elementwise_input(rng, c, dtype)},
+        x = _elementwise_input(rng, c, dtype)
+        if c.get("kinks"):
+            x = _at_kinks(x, kinks(c))
+        return Case(name, c, {"x": x},
                     lambda x, vjp="custom": fn(x, vjp=vjp, **kw),
                     lambda torch, x: getattr(torch.nn.functional, torch_name)(x, **kw))
     return build
@@ -170,33 +183,40 @@ def _softmax_like(name):
     return build
 
 
-def _dropout(rng, c, dtype):
-    key = jax.random.key(c["seed"])
-    x = _elementwise_input(rng, c, dtype)
-    p, training = c["p"], c["training"]
+def _dropout(name, mask_shape):
+    """Builder for ``dropout`` / ``dropout2d``, whose keep-mask has shape ``mask_shape(x)``."""
+    def build(rng, c, dtype):
+        key = jax.random.key(c["seed"])
+        x = _elementwise_input(rng, c, dtype)
+        p, training = c["p"], c["training"]
+        fn = getattr(F, name)
 
-    def torch_call(torch, x):  # torch cannot replay JAX's random stream: same mask, its math
-        if not training or p == 0:
-            return x * 1
-        if p == 1:
-            return x * 0
-        keep = np.array(jax.random.bernoulli(key, 1 - p, x.shape))
-        return x * torch.as_tensor(keep) / (1 - p)
+        def torch_call(torch, x):  # torch cannot replay JAX's random stream: same mask, its math
+            if not training or p == 0:
+                return x * 1
+            if p == 1:
+                return x * 0
+            keep = np.array(jax.random.bernoulli(key, 1 - p, mask_shape(x.shape)))
+            return x * torch.as_tensor(keep) / (1 - p)
 
-    return Case("dropout", c, {"x": x},
-                lambda x, vjp="custom": F.dropout(x, p, training, key=key, vjp=vjp),
-                torch_call)
+        return Case(name, c, {"x": x},
+                    lambda x, vjp="custom": fn(x, p, training, key=key, vjp=vjp), torch_call)
+    return build
 
 
-def _cross_entropy(rng, c, dtype):
-    n, classes, extra = c["batch"], c["classes"], tuple(c["extra_dims"])
-    logits = _normal(rng, (n, classes) + extra, dtype, c["scale"])
-    labels = rng.integers(0, classes, (n,) + extra)
-    kw = dict(reduction=c["reduction"], label_smoothing=c["label_smoothing"])
-    return Case("cross_entropy", c, {"logits": logits},
-                lambda z, vjp="custom": F.cross_entropy(z, jnp.asarray(labels), vjp=vjp, **kw),
-                lambda torch, z: torch.nn.functional.cross_entropy(
-                    z, torch.as_tensor(labels), **kw))
+def _classification(name, input_name, extra=()):
+    """Builder for a loss of class scores ``(N, C, ...)`` and integer labels."""
+    def build(rng, c, dtype):
+        n, classes, extra_dims = c["batch"], c["classes"], tuple(c["extra_dims"])
+        scores = _normal(rng, (n, classes) + extra_dims, dtype, c.get("scale", 1.0))
+        labels = rng.integers(0, classes, (n,) + extra_dims)
+        kw = dict(reduction=c["reduction"], **{k: c[k] for k in extra})
+        fn = getattr(F, name)
+        return Case(name, c, {input_name: scores},
+                    lambda z, vjp="custom": fn(z, jnp.asarray(labels), vjp=vjp, **kw),
+                    lambda torch, z: getattr(torch.nn.functional, name)(
+                        z, torch.as_tensor(labels), **kw))
+    return build
 
 
 def _bce(rng, c, dtype):
@@ -210,12 +230,22 @@ def _bce(rng, c, dtype):
                     z, t, reduction=c["reduction"]))
 
 
-def _mse(rng, c, dtype):
-    shape = tuple(c["shape"])
-    inputs = {"pred": _normal(rng, shape, dtype), "target": _normal(rng, shape, dtype)}
-    return Case("mse_loss", c, inputs,
-                lambda p, t, vjp="custom": F.mse_loss(p, t, c["reduction"], vjp=vjp),
-                lambda torch, p, t: torch.nn.functional.mse_loss(p, t, reduction=c["reduction"]))
+def _regression(name, extra=()):
+    """Builder for a loss of two same-shaped arrays ``pred``, ``target``."""
+    def build(rng, c, dtype):
+        shape = tuple(c["shape"])
+        pred = _normal(rng, shape, dtype, c.get("scale", 1.0))
+        target = _normal(rng, shape, dtype)
+        if c.get("kinks"):  # |pred - target| == delta exactly, where huber's pieces meet
+            _at_kinks(pred, (c["delta"], -c["delta"]))
+            _at_kinks(target, (0.0,))
+        kw = {k: c[k] for k in extra}
+        fn = getattr(F, name)
+        return Case(name, c, {"pred": pred, "target": target},
+                    lambda p, t, vjp="custom": fn(p, t, c["reduction"], vjp=vjp, **kw),
+                    lambda torch, p, t: getattr(torch.nn.functional, name)(
+                        p, t, reduction=c["reduction"], **kw))
+    return build
 
 
 _SHAPES = ((2, 3), (1,), (2, 3, 4, 5))
@@ -282,18 +312,111 @@ SPACES: dict[str, OpSpace] = {
                            _softmax_like("log_softmax"), ({"scale": 1e4},)),
     "dropout": OpSpace(
         dict(shape=_SHAPES, p=(0.5, 0.1, 0.0, 1.0), training=(True, False), seed=(0, 1)),
-        _dropout, ({"p": 1.0}, {"training": False}, {"p": 0.0})),
+        _dropout("dropout", tuple), ({"p": 1.0}, {"training": False}, {"p": 0.0})),
     "cross_entropy": OpSpace(
         dict(batch=(4, 1), classes=(10, 2), extra_dims=((), (3,)),
              reduction=("mean", "sum", "none"), label_smoothing=(0.0, 0.1),
              scale=(1.0, 1e4)),
-        _cross_entropy, ({"scale": 1e4}, {"scale": 1e4, "label_smoothing": 0.1},
-                         {"batch": 1, "extra_dims": (3,)})),
+        _classification("cross_entropy", "logits", ("label_smoothing",)),
+        ({"scale": 1e4}, {"scale": 1e4, "label_smoothing": 0.1},
+         {"batch": 1, "extra_dims": (3,)})),
     "binary_cross_entropy_with_logits": OpSpace(
         dict(shape=_SHAPES, reduction=("mean", "sum", "none"), scale=(1.0, 1e4)), _bce,
         ({"scale": 1e4},)),
-    "mse_loss": OpSpace(dict(shape=_SHAPES, reduction=("mean", "sum", "none")), _mse),
+    "mse_loss": OpSpace(dict(shape=_SHAPES, reduction=("mean", "sum", "none")),
+                        _regression("mse_loss")),
 }
+
+
+# ---------------------------------------- layer_norm, group_norm, dropout2d, activations, losses
+
+_AFFINE = {"both": ("weight", "bias"), "weight": ("weight",), "bias": ("bias",), "none": ()}
+
+
+def _affine_norm(name, x_shape, param_shape, extra):
+    """Builder for layer_norm / group_norm: ``x``, the ``weight``/``bias`` that ``affine`` names
+    (differentiable), and the op's second argument ``extra(config)``."""
+    def build(rng, c, dtype):
+        x = _normal(rng, x_shape(c), dtype, 2.0) + np.asarray(1.5, dtype)
+        inputs = {"x": x, **{k: _normal(rng, param_shape(c), dtype) for k in _AFFINE[c["affine"]]}}
+        names = list(inputs)
+
+        def args(values):
+            given = dict(zip(names, values))
+            return given["x"], extra(c), given.get("weight"), given.get("bias"), c["eps"]
+
+        fn = getattr(F, name)
+        return Case(name, c, inputs, lambda *a, vjp="custom": fn(*args(a), vjp=vjp),
+                    lambda torch, *a: getattr(torch.nn.functional, name)(*args(a)))
+    return build
+
+
+def _trailing(c):
+    return tuple(c["shape"][len(c["shape"]) - c["normalized_dims"]:])
+
+
+def _grouped_input(c):
+    return (c["batch"], c["channels"]) + tuple(c["size"])
+
+
+_NORM_EPS = (1e-5, 1e-3)
+_AFFINES = tuple(_AFFINE)
+
+SPACES.update({
+    "layer_norm": OpSpace(
+        dict(shape=((2, 3, 4), (1, 5), (2, 3, 4, 5), (3, 1)), normalized_dims=(1, 2),
+             affine=_AFFINES, eps=_NORM_EPS),
+        _affine_norm("layer_norm", lambda c: tuple(c["shape"]), _trailing, _trailing),
+        ({"shape": (2, 3, 4, 5), "normalized_dims": 2}, {"affine": "bias"},
+         {"affine": "weight", "shape": (1, 5)}, {"shape": (3, 1), "affine": "none"})),
+    "group_norm": OpSpace(
+        # Never one value per group here: torch's float32 output is then off by ~1e-5 (its
+        # x * scale + shift cancels), where ours is exactly beta (test_normalization checks).
+        dict(batch=(2, 1), channels=(6, 4), groups=(2, 3, 1), size=((3, 4), (5,), ()),
+             affine=_AFFINES, eps=_NORM_EPS),
+        _affine_norm("group_norm", _grouped_input, lambda c: (c["channels"],),
+                     lambda c: c["groups"]),
+        ({"groups": 1, "size": (5,)}, {"groups": 6, "affine": "weight"},
+         {"batch": 1, "channels": 4, "groups": 2, "affine": "bias"},
+         {"groups": 3, "size": ()})),
+    "dropout2d": OpSpace(
+        dict(shape=((2, 3, 4, 5), (2, 3, 6), (1, 2, 3, 3)), p=(0.5, 0.1, 0.0, 1.0),
+             training=(True, False), seed=(0, 1)),
+        _dropout("dropout2d", channel_mask_shape),
+        ({"shape": (2, 3, 6)}, {"p": 1.0}, {"training": False}, {"p": 0.0})),
+    "gelu": OpSpace(dict(shape=_SHAPES, approximate=("none", "tanh"), scale=(1.0, 5.0)),
+                    _activation("gelu", "gelu", ("approximate",)),
+                    ({"approximate": "tanh"}, {"scale": 5.0, "approximate": "tanh"})),
+    "silu": OpSpace(dict(shape=_SHAPES, scale=(1.0, 30.0)), _activation("silu", "silu"),
+                    ({"scale": 30.0},)),
+    "elu": OpSpace(  # scale 100: exp overflows float32 where the other branch is taken
+        dict(shape=_SHAPES, alpha=(1.0, 0.5, 2.0), zeros=(False, True), scale=(1.0, 100.0)),
+        _activation("elu", "elu", ("alpha",)), ({"scale": 100.0}, {"zeros": True, "alpha": 0.5})),
+    "softplus": OpSpace(
+        dict(shape=_SHAPES, beta=(1.0, 2.0, -0.5), threshold=(20.0, 2.0), scale=(1.0, 30.0),
+             kinks=(False, True)),
+        _activation("softplus", "softplus", ("beta", "threshold"),
+                    lambda c: (c["threshold"] / c["beta"],)),
+        ({"scale": 30.0}, {"kinks": True, "beta": 2.0, "threshold": 2.0},
+         {"kinks": True, "beta": -0.5, "scale": 30.0})),
+    "hardtanh": OpSpace(
+        dict(shape=_SHAPES, min_val=(-1.0, -0.5, 0.0), max_val=(1.0, 2.0, 0.0),
+             scale=(1.0, 3.0), kinks=(False, True)),
+        _activation("hardtanh", "hardtanh", ("min_val", "max_val"),
+                    lambda c: (c["min_val"], c["max_val"])),
+        ({"scale": 3.0}, {"kinks": True}, {"kinks": True, "min_val": 0.0, "max_val": 0.0})),
+    "nll_loss": OpSpace(
+        dict(batch=(4, 1), classes=(10, 2), extra_dims=((), (3,)),
+             reduction=("mean", "sum", "none")),
+        _classification("nll_loss", "log_probs"),
+        ({"batch": 1, "extra_dims": (3,)}, {"reduction": "none", "classes": 2})),
+    "huber_loss": OpSpace(
+        dict(shape=_SHAPES, reduction=("mean", "sum", "none"), delta=(1.0, 0.5, 2.0),
+             scale=(1.0, 3.0), kinks=(False, True)),
+        _regression("huber_loss", ("delta",)),
+        ({"scale": 3.0, "delta": 0.5}, {"kinks": True},
+         {"kinks": True, "delta": 2.0, "reduction": "none"})),
+})
 
 _missing = set(REGISTRY) - set(SPACES)
 if _missing:
