@@ -1,6 +1,7 @@
 """Batch normalization over the channel axis: ``batch_norm``."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from jax import lax
@@ -133,6 +134,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         dx = gx / sqrt(var + eps),   dmu = -sum(dx),   dvar = -sum(gx xhat) / (2 (var + eps))
 
     The running statistics are state, not parameters: no gradient flows into their update.
+    An empty batch (``M = 0``) normalizes nothing, leaves the running statistics as they were
+    and gives ``dgamma = dbeta = 0``, as in PyTorch; ``M = 1`` in training is an error there
+    and here.
     """
     where = "batch_norm"
     check_vjp(where, vjp)
@@ -151,12 +155,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
                              f"running_var, got None")
         return _eval_norm(vjp, cfg, x, running_mean, running_var, weight, bias), \
             running_mean, running_var
-    count = x.size // channels
-    if count < 2:
+    count = math.prod(x.shape[:1] + x.shape[2:])
+    if count == 1:  # as in PyTorch, which also accepts an empty batch (below)
         raise ValueError(f"{where}: training needs more than 1 value per channel, "
                          f"got input shape {tuple(x.shape)}")
     y, mean, var = _train_norm(vjp, cfg, x, weight, bias)
-    if running_mean is None or running_var is None:
+    if running_mean is None or running_var is None or count == 0:
         return y, running_mean, running_var
     mean, unbiased = lax.stop_gradient(mean), lax.stop_gradient(var * (count / (count - 1)))
     new_mean = (1 - momentum) * running_mean + momentum * mean.astype(running_mean.dtype)
