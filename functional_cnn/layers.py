@@ -126,6 +126,28 @@ def _errors_named(where: str, op: str):
         raise type(err)(f"{where}: {str(err)[len(op) + 2:]}") from err
 
 
+def _layer(where: str, init: Callable, apply: Callable, params: tuple[str, ...] = (),
+           state: tuple[str, ...] = (), needs_key: bool = False) -> Layer:
+    """``Layer(init, apply)`` behind the checks every layer shares, so that a wrong argument is
+    reported by name before the layer's own code reads it: ``init`` gets an input shape (and a
+    PRNG key where it draws parameters), ``apply`` gets params and state dicts with exactly the
+    names ``init`` gives them (``params``, ``state``). The layers check their arrays' shapes."""
+
+    def checked_init(key, input_shape):
+        shape = _checks.check_input_shape(where, input_shape)
+        if needs_key:
+            _checks.check_key(where, key)
+        return init(key, shape)
+
+    def checked_apply(layer_params, layer_state, x, **kwargs):
+        _checks.check_keys(where, "params", layer_params, params)
+        _checks.check_keys(where, "state", layer_state, state)
+        return apply(layer_params, layer_state, x, **kwargs)
+
+    return Layer(checked_init, checked_apply)
+
+
+
 def elementwise(where: str, fn: Callable) -> Layer:
     """A parameter-free, shape-preserving layer applying ``fn(x, vjp=...)``."""
 
@@ -136,7 +158,7 @@ def elementwise(where: str, fn: Callable) -> Layer:
         check_vjp(where, vjp)
         return fn(x, vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
 @named_layer
@@ -173,6 +195,10 @@ def Softmax(dim: int = -1) -> Layer:
 @named_layer
 def LogSoftmax(dim: int = -1) -> Layer:
     return elementwise("LogSoftmax", lambda x, vjp: F.log_softmax(x, dim, vjp=vjp))
+
+
+def _param_names(bias: bool) -> tuple[str, ...]:
+    return ("weight", "bias") if bias else ("weight",)
 
 
 @named_layer
@@ -224,14 +250,17 @@ def Linear(out_features: int, bias: bool = True) -> Layer:
         return tuple(input_shape[:-1]) + (out_features,), params, {}
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _checks.check_shape(where, "params 'weight'", params["weight"], (out_features, None))
         in_features = params["weight"].shape[1]
         if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != in_features:
             raise ValueError(f"{where}: expected {in_features} input features on the last axis "
                              f"(as at init), got input shape {tuple(jnp.shape(x))}")
+        if bias:
+            _checks.check_shape(where, "params 'bias'", params["bias"], (out_features,))
         with _errors_named(where, "linear"):
             return F.linear(x, params["weight"], params.get("bias"), vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply, _param_names(bias), needs_key=True)
 
 
 @named_layer
@@ -263,12 +292,15 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
         _checks.check_rank(where, jnp.shape(x), (4,), "(N, C, H, W)")
         w = params["weight"]
+        _checks.check_shape(where, "params 'weight'", w, (out_channels, None) + kernel)
         _checks.check_channels(where, jnp.shape(x), w.shape[1] * groups, context="(as at init)")
+        if bias:
+            _checks.check_shape(where, "params 'bias'", params["bias"], (out_channels,))
         with _errors_named(where, "conv2d"):
             return F.conv2d(x, w, params.get("bias"), stride, padding, dilation, groups,
                             vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply, _param_names(bias), needs_key=True)
 
 
 def _pool(where: str, op: str, fn: Callable, kernel_size, stride, padding, dilation,
@@ -282,7 +314,7 @@ def _pool(where: str, op: str, fn: Callable, kernel_size, stride, padding, dilat
         with _errors_named(where, op):
             return fn(x, vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
 @named_layer
@@ -321,9 +353,7 @@ def _batch_norm(where: str, ranks, layout: str, eps, momentum, affine,
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
         _checks.check_rank(where, jnp.shape(x), ranks, layout)
-        channels = (params.get("weight") if affine else state.get("running_mean"))
-        if channels is not None:
-            _checks.check_channels(where, jnp.shape(x), channels.shape[0], context="(as at init)")
+        _check_per_channel(where, x, params, state)
         use_batch_stats = train or not track_running_stats
         new_state = dict(state)
         rate = momentum
@@ -338,7 +368,28 @@ def _batch_norm(where: str, ranks, layout: str, eps, momentum, affine,
             new_state.update(running_mean=mean, running_var=var)
         return y, new_state
 
-    return Layer(init, apply)
+    state_names = ()
+    if track_running_stats:
+        state_names = ("running_mean", "running_var")
+        state_names += ("num_batches_tracked",) if momentum is None else ()
+    return _layer(where, init, apply, ("weight", "bias") if affine else (), state_names)
+
+
+def _check_per_channel(where, x, params, state) -> None:
+    """BatchNorm2d's params and running statistics: one value per channel of ``x``, and
+    ``num_batches_tracked`` a scalar. The first vector sets the channels seen at init."""
+    vectors = {f"params {k!r}": params[k] for k in params}
+    vectors.update({f"state {k!r}": state[k] for k in ("running_mean", "running_var")
+                    if k in state})
+    for name, v in vectors.items():
+        _checks.check_shape(where, name, v, (None,))
+    if vectors:
+        channels = next(iter(vectors.values())).shape[0]
+        _checks.check_channels(where, jnp.shape(x), channels, context="(as at init)")
+        for name, v in vectors.items():
+            _checks.check_shape(where, name, v, (channels,))
+    if "num_batches_tracked" in state:
+        _checks.check_shape(where, "state 'num_batches_tracked'", state["num_batches_tracked"], ())
 
 
 @named_layer
@@ -387,7 +438,7 @@ def Flatten(start_dim: int = 1, end_dim: int = -1) -> Layer:
         check_vjp(where, vjp)
         return jnp.reshape(x, flat_shape(jnp.shape(x))), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
 def _dropout(where: str, fn: Callable, p: float) -> Layer:
@@ -402,7 +453,7 @@ def _dropout(where: str, fn: Callable, p: float) -> Layer:
             raise ValueError(f"{where}: apply(train=True) needs a PRNG key (key=...), got None")
         return fn(x, p, train, key=key, vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
 @named_layer
@@ -426,7 +477,7 @@ def Dropout2d(p: float = 0.5) -> Layer:
         _checks.check_rank(where, jnp.shape(x), (3, 4), "(N, C, L) or (N, C, H, W)")
         return layer.apply(params, state, x, train=train, key=key, vjp=vjp)
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
 @named_layer
@@ -459,7 +510,8 @@ def LayerNorm(normalized_shape, eps: float = 1e-5, elementwise_affine: bool = Tr
         return F.layer_norm(x, shape, params.get("weight"), params.get("bias"), eps,
                             vjp=vjp), state
 
-    return Layer(init, apply)
+    names = ("weight", "bias") if bias else ("weight",)
+    return _layer(where, init, apply, names if elementwise_affine else ())
 
 
 @named_layer
@@ -496,4 +548,4 @@ def GroupNorm(num_groups: int, eps: float = 1e-5, affine: bool = True) -> Layer:
         return F.group_norm(x, num_groups, params.get("weight"), params.get("bias"), eps,
                             vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply, ("weight", "bias") if affine else ())

@@ -22,6 +22,9 @@ LAYERS = {
                   (2, 3, 6)),
     "conv": (lambda: fcn.Conv2d(6, 3, stride=2, padding=1),
              lambda t, c: t.nn.Conv2d(c, 6, 3, stride=2, padding=1), (2, 4, 9, 8)),
+    "conv_single_channel": (lambda: fcn.Conv2d(32, 3, stride=2, padding=1),  # im2col path
+                            lambda t, c: t.nn.Conv2d(c, 32, 3, stride=2, padding=1),
+                            (2, 1, 28, 28)),
     "conv_groups_same": (lambda: fcn.Conv2d(4, (3, 2), padding="same", dilation=2, groups=2),
                          lambda t, c: t.nn.Conv2d(c, 4, (3, 2), padding="same", dilation=2,
                                                   groups=2), (1, 4, 7, 6)),
@@ -61,7 +64,21 @@ LAYERS.update({
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_layer_matches_torch_module(name, torch):
-    make, make_torch, shape = LAYERS[name]
+    check_against_torch_module(name, LAYERS[name][2], "custom", torch)
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_layer_on_an_empty_batch_matches_torch(name, vjp, torch):
+    # torch returns an empty output and zero parameter gradients (the im2col convolution
+    # raised ZeroDivisionError here, and so did max pooling's scatter rule)
+    shape = LAYERS[name][2]
+    check_against_torch_module(name, (0,) + shape[1:], vjp, torch)
+
+
+def check_against_torch_module(name, shape, vjp, torch):
+    """Output, input and parameter gradients of ``sum(y * ct)`` against the torch module."""
+    make, make_torch, _ = LAYERS[name]
     layer = make()
     out_shape, params, state = layer.init(jax.random.key(0), shape)
     module = make_torch(torch, shape[1] if len(shape) == 4 else shape[-1]).double()
@@ -74,7 +91,7 @@ def test_layer_matches_torch_module(name, torch):
     (yt * torch.tensor(ct)).sum().backward()
 
     def loss(params, x):
-        y, _ = layer.apply(params, state, x)
+        y, _ = layer.apply(params, state, x, vjp=vjp)
         return jnp.sum(y * ct), y
 
     (gp, gx), y = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, jnp.asarray(x, jnp.float32))
@@ -329,3 +346,33 @@ def test_new_layers_reject_bad_shapes_at_init(make, shape, message):
 def test_new_layers_reject_bad_constructor_arguments(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_on_an_empty_batch_follows_torch(momentum, vjp, torch):
+    # torch trains on N = 0: empty output, running statistics kept (not NaN), the batch
+    # counted, zero gradients for weight and bias. We raised "needs more than 1 value".
+    layer = fcn.BatchNorm2d(momentum=momentum)
+    _, params, state = layer.init(jax.random.key(0), (-1, 3, 5, 4))
+    module = torch.nn.BatchNorm2d(3, momentum=momentum).double()
+    with torch.no_grad():
+        module.running_mean.uniform_(-1, 1)
+        module.running_var.uniform_(0.5, 2)
+    params, state = fcn.load_state_dict(params, state, module.state_dict())
+    xt = torch.zeros((0, 3, 5, 4), dtype=torch.float64, requires_grad=True)
+    module(xt).sum().backward()
+
+    def loss(params, x):
+        y, new_state = layer.apply(params, state, x, train=True, vjp=vjp)
+        return jnp.sum(y), (y, new_state)
+
+    grads, (y, new_state) = jax.grad(loss, has_aux=True)(params, jnp.zeros((0, 3, 5, 4)))
+    assert y.shape == (0, 3, 5, 4)
+    torch_state = {k: v.numpy() for k, v in module.state_dict().items()}
+    assert_close(new_state, {k: torch_state[k] for k in new_state}, 1e-6, 0, "state")
+    assert int(torch_state["num_batches_tracked"]) == 1
+    assert_close(grads, {k: v.grad.numpy() for k, v in module.named_parameters()}, 0, 0, "grads")
+    module.eval()
+    y, _ = layer.apply(params, new_state, jnp.zeros((0, 3, 5, 4)), vjp=vjp)
+    assert y.shape == tuple(module(xt).shape) == (0, 3, 5, 4)

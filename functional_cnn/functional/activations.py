@@ -140,7 +140,10 @@ def tanh(x, *, vjp: str = "custom"):
 
 def _shifted(axis, x):
     # Subtracting the (constant) max keeps exp() finite for logits of any size; softmax is
-    # shift-invariant, so the shift carries no gradient.
+    # shift-invariant, so the shift carries no gradient. An empty input (an empty batch, or an
+    # empty axis, which has no max) has nothing to shift: the result is empty, as in PyTorch.
+    if x.size == 0:
+        return x
     return x - lax.stop_gradient(x.max(axis=axis, keepdims=True))
 
 

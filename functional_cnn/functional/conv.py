@@ -57,9 +57,20 @@ def _single_channel(cfg, in_channels: int) -> bool:
 
 
 def _patches(cfg, x):
-    """im2col: ``(N, C*kh*kw, H_out*W_out)``, rows in the weight's (c, a, b) order."""
+    """im2col: ``(N, C*kh*kw, H_out*W_out)``, rows in the weight's (c, a, b) order.
+
+    Every reshape here spells its sizes out: with ``-1`` an empty batch (N = 0) has no size to
+    infer."""
     views = jnp.stack(window_views(pad_spatial(x, cfg.axes, 0), cfg.axes), axis=2)
-    return views.reshape(x.shape[0], -1, cfg.axes[0].out_size * cfg.axes[1].out_size)
+    return views.reshape(x.shape[0], x.shape[1] * _taps(cfg), _out_pixels(cfg))
+
+
+def _taps(cfg) -> int:
+    return cfg.axes[0].kernel * cfg.axes[1].kernel
+
+
+def _out_pixels(cfg) -> int:
+    return cfg.axes[0].out_size * cfg.axes[1].out_size
 
 
 def _matmul_per_sample(w2, m):
@@ -71,16 +82,16 @@ def _matmul_per_sample(w2, m):
 def _im2col_forward(cfg, x, weight):
     """``y[n] = W (O, C*kh*kw) @ P[n]``: already NCHW, no transposes."""
     y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
-    return y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
+    return y.reshape(x.shape[0], weight.shape[0], cfg.axes[0].out_size, cfg.axes[1].out_size)
 
 
 def _im2col_grads(cfg, x, weight, g):
     """``dx = col2im(W^T g[n])`` (each patch row added back at its window offset);
     ``dW = sum_n g[n] P[n]^T``."""
     n, c = g.shape[0], weight.shape[1]
-    g2 = g.reshape(n, g.shape[1], -1)
+    g2 = g.reshape(n, g.shape[1], _out_pixels(cfg))
     d_patches = _matmul_per_sample(weight.reshape(weight.shape[0], -1).T, g2)
-    d_patches = d_patches.reshape(n, c, -1, *g.shape[2:])
+    d_patches = d_patches.reshape(n, c, _taps(cfg), *g.shape[2:])
     views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
     dx = unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
     dw = lax.dot_general(g2, _patches(cfg, x), (((2,), (2,)), ((0,), (0,)))).sum(axis=0)

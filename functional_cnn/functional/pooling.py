@@ -140,7 +140,8 @@ def _scatter_to_first(cfg, first, g):
     cols = jnp.arange(w_out)[None, :] * width.stride + b * width.dilation
     flat = (rows * width.padded_size + cols).reshape(n * c, h_out * w_out)
     dxp = jnp.zeros((n * c, height.padded_size * width.padded_size), g.dtype)
-    dxp = dxp.at[jnp.arange(n * c)[:, None], flat].add(g.reshape(n * c, -1))
+    # sizes spelled out: an empty batch (N = 0) leaves -1 nothing to infer from
+    dxp = dxp.at[jnp.arange(n * c)[:, None], flat].add(g.reshape(n * c, h_out * w_out))
     return dxp.reshape(n, c, height.padded_size, width.padded_size)
 
 
