@@ -13,6 +13,7 @@ import jax
 from jax import numpy as jnp
 
 from . import _checks
+from .layers import Identity, Layer, named_layer
 
 
 def _split(where, key, n):
