@@ -30,6 +30,7 @@ from tqdm import tqdm
 import functional_cnn as fcn
 import functional_cnn.functional as F
 from functional_cnn import data, train
+from experiments._machine import cpu_model
 from benchmarks._report import BENCHMARKS, command, write_section
 from functional_cnn.audit.timing import calls, race
 
@@ -185,7 +186,8 @@ def _versions(torch):
             "jaxlib": jaxlib.__version__, "optax": optax.__version__,
             "torch": None if torch is None else torch.__version__,
             "torch_threads": None if torch is None else torch.get_num_threads(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}"}
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}",
+            "cpu_model": cpu_model()}
 
 
 def _fmt(t):

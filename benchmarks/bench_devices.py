@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+from experiments._machine import cpu_model
 from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 
 # name -> (network, global batch size, scan); batch sizes divide by 1, 2, 4, 8
@@ -125,7 +125,7 @@ def table(medians, devices, info, images, rounds):
                     + " | ".join(cells) + " |")
     import jax
     setup = (f"{first['backend']} ({first['device_kind']}), {os.cpu_count()} cores, "
-             f"{platform.processor() or platform.machine()}, jax {jax.__version__}; "
+             f"{cpu_model()}, jax {jax.__version__}; "
              f"{images} {first['source']} training images per epoch, AdamW, median of {rounds} "
              f"alternating rounds after compilation")
     return "\n".join(rows), setup

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import optax
 
+from experiments._machine import machine
 from functional_cnn import data, dataparallel, train
 
 
@@ -206,6 +207,7 @@ def _record(p, args, ranges, fit, evals, primary, batch_size, mesh) -> dict:
         "train_range": list(ranges[0]), "eval_ranges": {k: list(v) for k, v in ranges[1].items()},
         "resumed_from_epoch": fit.resumed_from_epoch, "history": fit.history,
         "article": p.article, "jax_backend": jax.default_backend(),
+        "jax_version": jax.__version__, **machine(),  # float rounding depends on the CPU
         "command": "python -m experiments." + p.name + " " + " ".join(sys.argv[1:]),
     }
 

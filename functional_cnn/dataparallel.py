@@ -16,7 +16,8 @@ Multi-host: every process runs the same script. :func:`initialize_distributed` c
 ``FUNCTIONAL_CNN_COORDINATOR`` (``host:port`` of process 0), ``FUNCTIONAL_CNN_NUM_PROCESSES`` and
 ``FUNCTIONAL_CNN_PROCESS_ID``. Each process loads the whole data set and contributes it as its
 addressable (replicated) part of the global array (:func:`replicate`); each device then gathers
-its own rows of every batch. Nothing here runs at import.
+its own rows of every batch (``tests/test_parallel.py`` runs two processes on localhost against
+one). Nothing here runs at import.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from . import _checks
 from . import functional as F
 from .functional._registry import check_vjp
 from .functional.conv import conv_config
+from .functional.normalization import normalized_shape_tuple
 from .functional.pooling import pool_axes
 
 
@@ -125,6 +126,28 @@ def _errors_named(where: str, op: str):
         raise type(err)(f"{where}: {str(err)[len(op) + 2:]}") from err
 
 
+def _layer(where: str, init: Callable, apply: Callable, params: tuple[str, ...] = (),
+           state: tuple[str, ...] = (), needs_key: bool = False) -> Layer:
+    """``Layer(init, apply)`` behind the checks every layer shares, so that a wrong argument is
+    reported by name before the layer's own code reads it: ``init`` gets an input shape (and a
+    PRNG key where it draws parameters), ``apply`` gets params and state dicts with exactly the
+    names ``init`` gives them (``params``, ``state``). The layers check their arrays' shapes."""
+
+    def checked_init(key, input_shape):
+        shape = _checks.check_input_shape(where, input_shape)
+        if needs_key:
+            _checks.check_key(where, key)
+        return init(key, shape)
+
+    def checked_apply(layer_params, layer_state, x, **kwargs):
+        _checks.check_keys(where, "params", layer_params, params)
+        _checks.check_keys(where, "state", layer_state, state)
+        return apply(layer_params, layer_state, x, **kwargs)
+
+    return Layer(checked_init, checked_apply)
+
+
+
 def elementwise(where: str, fn: Callable) -> Layer:
     """A parameter-free, shape-preserving layer applying ``fn(x, vjp=...)``."""
 
@@ -135,7 +158,7 @@ def elementwise(where: str, fn: Callable) -> Layer:
         check_vjp(where, vjp)
         return fn(x, vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
 @named_layer
@@ -174,6 +197,43 @@ def LogSoftmax(dim: int = -1) -> Layer:
     return elementwise("LogSoftmax", lambda x, vjp: F.log_softmax(x, dim, vjp=vjp))
 
 
+def _param_names(bias: bool) -> tuple[str, ...]:
+    return ("weight", "bias") if bias else ("weight",)
+
+
+@named_layer
+def GELU(approximate: str = "none") -> Layer:
+    """``x Phi(x)`` (``approximate="none"``, with erf) or its tanh approximation."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return elementwise("GELU", lambda x, vjp: F.gelu(x, approximate, vjp=vjp))
+
+
+@named_layer
+def SiLU() -> Layer:
+    return elementwise("SiLU", F.silu)
+
+
+@named_layer
+def ELU(alpha: float = 1.0) -> Layer:
+    return elementwise("ELU", lambda x, vjp: F.elu(x, alpha, vjp=vjp))
+
+
+@named_layer
+def Softplus(beta: float = 1.0, threshold: float = 20.0) -> Layer:
+    if beta == 0:
+        raise ValueError("Softplus: beta must be nonzero (it divides), got 0")
+    return elementwise("Softplus", lambda x, vjp: F.softplus(x, beta, threshold, vjp=vjp))
+
+
+@named_layer
+def Hardtanh(min_val: float = -1.0, max_val: float = 1.0) -> Layer:
+    if min_val > max_val:
+        raise ValueError(f"Hardtanh: min_val must not exceed max_val, got min_val={min_val!r}, "
+                         f"max_val={max_val!r}")
+    return elementwise("Hardtanh", lambda x, vjp: F.hardtanh(x, min_val, max_val, vjp=vjp))
+
+
 @named_layer
 def Linear(out_features: int, bias: bool = True) -> Layer:
     """``y = x W^T + b`` on the last axis; params ``weight (out, in)``, ``bias (out,)``."""
@@ -190,14 +250,17 @@ def Linear(out_features: int, bias: bool = True) -> Layer:
         return tuple(input_shape[:-1]) + (out_features,), params, {}
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _checks.check_shape(where, "params 'weight'", params["weight"], (out_features, None))
         in_features = params["weight"].shape[1]
         if jnp.ndim(x) < 1 or jnp.shape(x)[-1] != in_features:
             raise ValueError(f"{where}: expected {in_features} input features on the last axis "
                              f"(as at init), got input shape {tuple(jnp.shape(x))}")
+        if bias:
+            _checks.check_shape(where, "params 'bias'", params["bias"], (out_features,))
         with _errors_named(where, "linear"):
             return F.linear(x, params["weight"], params.get("bias"), vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply, _param_names(bias), needs_key=True)
 
 
 @named_layer
@@ -229,12 +292,15 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
         _checks.check_rank(where, jnp.shape(x), (4,), "(N, C, H, W)")
         w = params["weight"]
+        _checks.check_shape(where, "params 'weight'", w, (out_channels, None) + kernel)
         _checks.check_channels(where, jnp.shape(x), w.shape[1] * groups, context="(as at init)")
+        if bias:
+            _checks.check_shape(where, "params 'bias'", params["bias"], (out_channels,))
         with _errors_named(where, "conv2d"):
             return F.conv2d(x, w, params.get("bias"), stride, padding, dilation, groups,
                             vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply, _param_names(bias), needs_key=True)
 
 
 def _pool(where: str, op: str, fn: Callable, kernel_size, stride, padding, dilation,
@@ -248,7 +314,7 @@ def _pool(where: str, op: str, fn: Callable, kernel_size, stride, padding, dilat
         with _errors_named(where, op):
             return fn(x, vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
 @named_layer
@@ -270,21 +336,12 @@ def AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                  kernel_size, stride, padding, 1, ceil_mode)
 
 
-@named_layer
-def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                track_running_stats: bool = True) -> Layer:
-    """Batch normalization over the channels of NCHW input.
-
-    params ``{"weight", "bias"}`` when ``affine``; state ``{"running_mean", "running_var"}``
-    when ``track_running_stats``. ``apply(train=True)`` normalizes with the batch statistics and
-    returns the running statistics updated as PyTorch does (the variance unbiased);
-    ``train=False`` normalizes with the running statistics. ``momentum=None`` is PyTorch's
-    cumulative average; the state then also counts ``num_batches_tracked``.
-    """
-    where = "BatchNorm2d"
+def _batch_norm(where: str, ranks, layout: str, eps, momentum, affine,
+                track_running_stats) -> Layer:
+    """The BatchNorm layers: the same op and state over inputs of ``ranks``, channels on axis 1."""
 
     def init(key, input_shape):
-        _checks.check_rank(where, input_shape, (4,), "(N, C, H, W)")
+        _checks.check_rank(where, input_shape, ranks, layout)
         channels = input_shape[1]
         params = {"weight": jnp.ones(channels), "bias": jnp.zeros(channels)} if affine else {}
         state = {}
@@ -295,10 +352,8 @@ def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = 
         return tuple(input_shape), params, state
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
-        _checks.check_rank(where, jnp.shape(x), (4,), "(N, C, H, W)")
-        channels = (params.get("weight") if affine else state.get("running_mean"))
-        if channels is not None:
-            _checks.check_channels(where, jnp.shape(x), channels.shape[0], context="(as at init)")
+        _checks.check_rank(where, jnp.shape(x), ranks, layout)
+        _check_per_channel(where, x, params, state)
         use_batch_stats = train or not track_running_stats
         new_state = dict(state)
         rate = momentum
@@ -313,7 +368,52 @@ def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = 
             new_state.update(running_mean=mean, running_var=var)
         return y, new_state
 
-    return Layer(init, apply)
+    state_names = ()
+    if track_running_stats:
+        state_names = ("running_mean", "running_var")
+        state_names += ("num_batches_tracked",) if momentum is None else ()
+    return _layer(where, init, apply, ("weight", "bias") if affine else (), state_names)
+
+
+def _check_per_channel(where, x, params, state) -> None:
+    """BatchNorm2d's params and running statistics: one value per channel of ``x``, and
+    ``num_batches_tracked`` a scalar. The first vector sets the channels seen at init."""
+    vectors = {f"params {k!r}": params[k] for k in params}
+    vectors.update({f"state {k!r}": state[k] for k in ("running_mean", "running_var")
+                    if k in state})
+    for name, v in vectors.items():
+        _checks.check_shape(where, name, v, (None,))
+    if vectors:
+        channels = next(iter(vectors.values())).shape[0]
+        _checks.check_channels(where, jnp.shape(x), channels, context="(as at init)")
+        for name, v in vectors.items():
+            _checks.check_shape(where, name, v, (channels,))
+    if "num_batches_tracked" in state:
+        _checks.check_shape(where, "state 'num_batches_tracked'", state["num_batches_tracked"], ())
+
+
+@named_layer
+def BatchNorm2d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                track_running_stats: bool = True) -> Layer:
+    """Batch normalization over the channels of NCHW input.
+
+    params ``{"weight", "bias"}`` when ``affine``; state ``{"running_mean", "running_var"}``
+    when ``track_running_stats``. ``apply(train=True)`` normalizes with the batch statistics and
+    returns the running statistics updated as PyTorch does (the variance unbiased);
+    ``train=False`` normalizes with the running statistics. ``momentum=None`` is PyTorch's
+    cumulative average; the state then also counts ``num_batches_tracked``.
+    """
+    return _batch_norm("BatchNorm2d", (4,), "(N, C, H, W)", eps, momentum, affine,
+                       track_running_stats)
+
+
+@named_layer
+def BatchNorm1d(eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                track_running_stats: bool = True) -> Layer:
+    """Batch normalization over the channels of ``(N, C)`` or ``(N, C, L)`` input: the
+    statistics of a channel are taken over N (and L). Params and state as :func:`BatchNorm2d`."""
+    return _batch_norm("BatchNorm1d", (2, 3), "(N, C) or (N, C, L)", eps, momentum, affine,
+                       track_running_stats)
 
 
 @named_layer
@@ -338,13 +438,10 @@ def Flatten(start_dim: int = 1, end_dim: int = -1) -> Layer:
         check_vjp(where, vjp)
         return jnp.reshape(x, flat_shape(jnp.shape(x))), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
 
 
-@named_layer
-def Dropout(p: float = 0.5) -> Layer:
-    """Inverted dropout in train mode (needs ``key``), identity in eval mode."""
-    where = "Dropout"
+def _dropout(where: str, fn: Callable, p: float) -> Layer:
     _checks.check_probability(where, "p", p)
 
     def init(key, input_shape):
@@ -354,6 +451,101 @@ def Dropout(p: float = 0.5) -> Layer:
         check_vjp(where, vjp)
         if train and 0 < p < 1 and key is None:
             raise ValueError(f"{where}: apply(train=True) needs a PRNG key (key=...), got None")
-        return F.dropout(x, p, train, key=key, vjp=vjp), state
+        return fn(x, p, train, key=key, vjp=vjp), state
 
-    return Layer(init, apply)
+    return _layer(where, init, apply)
+
+
+@named_layer
+def Dropout(p: float = 0.5) -> Layer:
+    """Inverted dropout in train mode (needs ``key``), identity in eval mode."""
+    return _dropout("Dropout", F.dropout, p)
+
+
+@named_layer
+def Dropout2d(p: float = 0.5) -> Layer:
+    """Zeroes whole channels of ``(N, C, H, W)`` (or ``(N, C, L)``) input in train mode (needs
+    ``key``), scaling the kept ones by ``1 / (1 - p)``; identity in eval mode."""
+    where = "Dropout2d"
+    layer = _dropout(where, F.dropout2d, p)
+
+    def init(key, input_shape):
+        _checks.check_rank(where, input_shape, (3, 4), "(N, C, L) or (N, C, H, W)")
+        return layer.init(key, input_shape)
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _checks.check_rank(where, jnp.shape(x), (3, 4), "(N, C, L) or (N, C, H, W)")
+        return layer.apply(params, state, x, train=train, key=key, vjp=vjp)
+
+    return _layer(where, init, apply)
+
+
+@named_layer
+def LayerNorm(normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+              bias: bool = True) -> Layer:
+    """Layer normalization over the last ``len(normalized_shape)`` axes.
+
+    params ``weight`` (ones) and ``bias`` (zeros) of shape ``normalized_shape`` when
+    ``elementwise_affine`` (no ``bias`` when ``bias=False``); no state.
+    """
+    where = "LayerNorm"
+    shape = normalized_shape_tuple(where, normalized_shape)
+
+    def check(input_shape, context=""):
+        if tuple(input_shape[len(input_shape) - len(shape):]) != shape:
+            raise ValueError(f"{where}: expected an input whose last {len(shape)} axes are "
+                             f"{shape}{context}, got shape {tuple(input_shape)}")
+
+    def init(key, input_shape):
+        check(input_shape)
+        params = {"weight": jnp.ones(shape)} if elementwise_affine else {}
+        if elementwise_affine and bias:
+            params["bias"] = jnp.zeros(shape)
+        return tuple(input_shape), params, {}
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        check_vjp(where, vjp)
+        _checks.check_floating(where, x)
+        check(jnp.shape(x), " (as at init)")
+        return F.layer_norm(x, shape, params.get("weight"), params.get("bias"), eps,
+                            vjp=vjp), state
+
+    names = ("weight", "bias") if bias else ("weight",)
+    return _layer(where, init, apply, names if elementwise_affine else ())
+
+
+@named_layer
+def GroupNorm(num_groups: int, eps: float = 1e-5, affine: bool = True) -> Layer:
+    """Group normalization of ``(N, C, ...)`` input: ``num_groups`` groups of consecutive
+    channels. params ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)`` when ``affine``,
+    ``C`` read at init; no state."""
+    where = "GroupNorm"
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"{where}: num_groups must be a positive int, got {num_groups!r}")
+
+    def channels_of(input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(f"{where}: expected an input of shape (N, C, ...), "
+                             f"got shape {tuple(input_shape)}")
+        channels = input_shape[1]
+        if channels % num_groups:
+            raise ValueError(f"{where}: num_groups={num_groups} must divide the {channels} "
+                             f"channels (input shape {tuple(input_shape)})")
+        return channels
+
+    def init(key, input_shape):
+        channels = channels_of(input_shape)
+        params = {"weight": jnp.ones(channels), "bias": jnp.zeros(channels)} if affine else {}
+        return tuple(input_shape), params, {}
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        check_vjp(where, vjp)
+        _checks.check_floating(where, x)
+        if affine and jnp.ndim(x) >= 2:
+            _checks.check_channels(where, jnp.shape(x), params["weight"].shape[0],
+                                   context="(as at init)")
+        channels_of(jnp.shape(x))
+        return F.group_norm(x, num_groups, params.get("weight"), params.get("bias"), eps,
+                            vjp=vjp), state
+
+    return _layer(where, init, apply, ("weight", "bias") if affine else ())

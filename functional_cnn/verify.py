@@ -86,6 +86,8 @@ def fd_skip_reason(config: Mapping) -> str | None:
         return "exact zeros: relu/leaky_relu kink, no derivative to estimate"
     if config.get("ties"):
         return "tied maxima: max_pool2d kink, the derivative is a convention"
+    if config.get("kinks"):
+        return "inputs exactly at a kink (hardtanh's bounds, softplus's threshold, huber's delta)"
     if config.get("scale", 1) > 100:
         return "logits of 1e4: a difference of 1e-6 is below their float64 resolution"
     return None

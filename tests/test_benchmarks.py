@@ -40,3 +40,23 @@ def test_scaling_section_says_which_devices_it_measured():
     gpu = bench_devices.section("| rows |", "gpu (NVIDIA H100)", "gpu", "NVIDIA H100",
                                 "python -m x")
     assert "real accelerators (NVIDIA H100)" in gpu and "host" not in gpu
+def test_cpu_model_reads_the_model_name(tmp_path):
+    from experiments import _machine
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n"
+                   "model name\t: Intel(R) Xeon(R) Processor @ 2.50GHz\n"
+                   "flags\t\t: fpu sse4_2 avx2 fma avx512f avx512bw pdpe1gb\n\nprocessor\t: 1\n"
+                   "flags\t\t: fpu sse4_2 avx2\n")
+    assert _machine._from_cpuinfo(x86) == "Intel(R) Xeon(R) Processor @ 2.50GHz"
+    assert _machine.cpu_flags(x86) == ["avx2", "avx512bw", "avx512f", "fma", "sse4_2"]
+    arm = tmp_path / "arm"  # older ARM kernels: an index-free "Processor" line, no model name
+    arm.write_text("Processor\t: AArch64 Processor rev 4 (aarch64)\nprocessor\t: 0\n")
+    assert _machine._from_cpuinfo(arm) == "AArch64 Processor rev 4 (aarch64)"
+    assert _machine.cpu_flags(arm) == [] and _machine.cpu_flags(tmp_path / "missing") == []
+    (tmp_path / "bare").write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")
+    assert _machine._from_cpuinfo(tmp_path / "bare") is None
+    assert _machine._from_cpuinfo(tmp_path / "missing") is None
+    info = _machine.machine()
+    assert info["cpu_model"] and info["cpu_count"] >= 1
+    if _machine._from_cpuinfo():  # on Linux, the record names this machine's CPU
+        assert info["cpu_model"] == _machine._from_cpuinfo()

@@ -16,7 +16,8 @@ import numpy as np
 from jax import numpy as jnp
 
 from ..functional import REGISTRY
-from ..testing import SPACES, Case, OpSpace, _normal  # noqa: F401
+from ..functional._spaces import SPACES, Case, OpSpace  # noqa: F401  (re-exported)
+from ..functional._spaces import normal as _normal
 
 
 def space(op: str) -> OpSpace:

@@ -10,6 +10,7 @@ from jax import lax
 from jax import numpy as jnp
 
 from .. import _checks
+from . import _spaces as S
 from ._registry import check_vjp, register, two_gradients
 from ._windows import (Axis, add_window_views, check_window_fits, kernel_offsets, make_axis,
                        pad_spatial, tiles, unpad_spatial, window_views)
@@ -140,7 +141,8 @@ def _scatter_to_first(cfg, first, g):
     cols = jnp.arange(w_out)[None, :] * width.stride + b * width.dilation
     flat = (rows * width.padded_size + cols).reshape(n * c, h_out * w_out)
     dxp = jnp.zeros((n * c, height.padded_size * width.padded_size), g.dtype)
-    dxp = dxp.at[jnp.arange(n * c)[:, None], flat].add(g.reshape(n * c, -1))
+    # sizes spelled out: an empty batch (N = 0) leaves -1 nothing to infer from
+    dxp = dxp.at[jnp.arange(n * c)[:, None], flat].add(g.reshape(n * c, h_out * w_out))
     return dxp.reshape(n, c, height.padded_size, width.padded_size)
 
 
@@ -246,3 +248,45 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
                           count_include_pad, vjp=vjp)
     axes = pool_axes("avg_pool2d", jnp.shape(x), kernel_size, stride, padding, 1, ceil_mode)
     return _avg_pool2d(vjp, PoolConfig(axes, bool(count_include_pad)), x)
+
+
+# ------------------------------------------------ hyperparameter spaces (tests, audit)
+
+def _pool_input(rng, c, dtype):
+    x = S.normal(rng, (c["batch"], c["channels"]) + tuple(c["size"]), dtype)
+    return S.ties(x) if c.get("ties") else x
+
+
+def _pool_case(name, extra):
+    """Builder for a pooling op: the shared hyperparameters plus its own (``extra``)."""
+    def build(rng, c, dtype):
+        kw = dict(kernel_size=c["kernel"], stride=c["stride"], padding=c["padding"],
+                  ceil_mode=c["ceil_mode"], **{k: c[k] for k in extra})
+        fn = S.op(name)
+        return S.Case(name, c, {"x": _pool_input(rng, c, dtype)},
+                    lambda x, vjp="custom": fn(x, vjp=vjp, **kw),
+                    lambda torch, x: getattr(torch.nn.functional, name)(x, **kw))
+    return build
+
+
+_POOL = dict(batch=(2, 1), channels=(3, 1), size=((7, 6), (5, 5), (9, 8), (6, 9)),
+             kernel=(3, 2, 1, (2, 3)), stride=(None, 1, 2, 3, (1, 2)), padding=(0, 1, (1, 0)),
+             ceil_mode=(False, True))
+
+
+S.register_space(
+    "max_pool2d",
+    dict(_POOL, dilation=(1, 2, (2, 1)), ties=(False, True)),
+    _pool_case("max_pool2d", ["dilation"]),
+    ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "size": (6, 9)},
+     {"ties": True}, {"ties": True, "stride": 1, "padding": 1}, {"dilation": 2},
+     {"kernel": 3, "stride": 2, "size": (28, 28), "batch": 1},
+     {"batch": 1, "kernel": (2, 3), "ceil_mode": True, "padding": 1, "stride": 2}))
+
+S.register_space(
+    "avg_pool2d",
+    dict(_POOL, count_include_pad=(True, False)),
+    _pool_case("avg_pool2d", ["count_include_pad"]),
+    ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "padding": 1},
+     {"ceil_mode": True, "stride": 2, "padding": 1, "count_include_pad": False},
+     {"padding": 1, "count_include_pad": False}, {"batch": 1, "size": (5, 5)}))
