@@ -134,6 +134,7 @@ def _same_shapes(where: str, shapes) -> tuple[int, ...]:
     return shapes[0]
 
 
+@named_layer
 def fan_in_sum() -> Layer:
     """Sum a tuple of equally shaped inputs (never broadcast: a size-1 axis is an error)."""
     where = "fan_in_sum"
@@ -166,6 +167,7 @@ def _concat_axis(where: str, shapes, axis: int) -> int:
     return ax
 
 
+@named_layer
 def fan_in_concat(axis: int = 1) -> Layer:
     """Concatenate a tuple of inputs along ``axis`` (channels by default)."""
     where = "fan_in_concat"

@@ -284,7 +284,7 @@ def test_batchnorm_batch_zero_and_one_like_torch(make, make_torch, shape, torch)
                  0, 0, "running statistics kept")
     one = (1,) + shape
     if math.prod(one) // 3 < 2:  # one value per channel: an error in training, as torch
-        with pytest.raises(ValueError, match=r"batch_norm: training needs more than 1 value"):
+        with pytest.raises(ValueError, match=r"BatchNorm[12]d: training needs more than 1 value"):
             layer.apply(params, state, jnp.zeros(one), train=True)
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             module(torch.zeros(one))
