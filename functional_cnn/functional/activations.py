@@ -269,7 +269,7 @@ _gelu = _with_derivative(_gelu_forward, _gelu_derivative)
 def gelu(x, approximate: str = "none", *, vjp: str = "custom"):
     """``x Phi(x)`` with ``Phi`` the standard normal CDF, ``0.5 x (1 + erf(x / sqrt 2))``; with
     ``approximate="tanh"``, ``0.5 x (1 + tanh(u))``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``
-    (``torch.nn.functional.gelu``). Smooth: no subgradient to choose.
+    (``torch.nn.functional.gelu``). Smooth: both paths give the derivative everywhere.
 
     Backward rule: ``dx = g (Phi(x) + x phi(x))`` with ``phi(x) = exp(-x^2/2) / sqrt(2 pi)``;
     for tanh, ``dx = g (0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2))``,
@@ -295,7 +295,7 @@ _silu = _with_derivative(_silu_forward, _silu_derivative)
 
 @register()
 def silu(x, *, vjp: str = "custom"):
-    """``x sigmoid(x)`` (swish). Smooth: no subgradient to choose.
+    """``x sigmoid(x)`` (swish). Smooth: both paths give the derivative everywhere.
 
     Backward rule: ``dx = g s (1 + x (1 - s))`` with ``s = sigmoid(x)``.
     """

@@ -71,6 +71,7 @@ def dropout2d(x, p: float = 0.5, training: bool = True, *, key=None, vjp: str = 
     that this may change). Identity when ``training`` is False or ``p == 0``.
 
     Backward rule: the map is diagonal and linear, ``dx[n, c] = g[n, c] m[n, c] / (1 - p)``.
+    Linear in ``x`` given the mask: both paths scale the gradient by the same mask.
     """
     _checks.check_rank("dropout2d", jnp.shape(x), (3, 4), "(N, C, L) or (N, C, H, W)")
     return _masked("dropout2d", x, p, training, key, channel_mask_shape, vjp)

@@ -269,6 +269,7 @@ def nll_loss(log_probs, labels, reduction: str = "mean", *, vjp: str = "custom")
 
     Backward rule: linear, ``dlog_probs = -onehot(label) share(g)`` where ``share`` undoes the
     reduction (``g / N`` for mean, ``g`` for sum, ``g[n]`` for none).
+    Linear in ``log_probs``: both paths give the same gradient everywhere, ties included.
     """
     where = "nll_loss"
     check_vjp(where, vjp)

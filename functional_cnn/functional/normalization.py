@@ -244,6 +244,8 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, vjp: st
 
         dx      = (1 / (M sqrt(var + eps))) (M gx - sum(gx) - xhat sum(gx xhat))
         dweight = sum over the leading axes of g xhat,   dbias = the same sum of g
+    Smooth (``eps > 0``): both paths give the derivative everywhere, also for a constant
+    row (zero variance).
     """
     where = "layer_norm"
     shape = normalized_shape_tuple(where, normalized_shape)
@@ -273,6 +275,8 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, vjp: str = "c
 
         dx = (1 / (M sqrt(var + eps))) (M gx - sum(gx) - xhat sum(gx xhat))   per group
         dweight[c] = sum over N and space of g xhat,   dbias[c] = the same sum of g
+    Smooth (``eps > 0``): both paths give the derivative everywhere, also for a constant
+    group (zero variance).
     """
     where = "group_norm"
     _checked_input(where, x, vjp, 2, "(N, C, ...)")

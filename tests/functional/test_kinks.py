@@ -84,6 +84,28 @@ KINKS = {
         ({"shape": (2, 3), "reduction": "sum"},
          replace(logits=[[0.0, -0.0, 0.0], [-0.0, 0.0, -0.0]], targets=constant(0.25)))],
     "mse_loss": [({}, lambda inputs: {**inputs, "target": inputs["pred"].copy()})],
+    # smooth activations: where a zero-initialized layer feeds them, and saturation
+    "gelu": [({"shape": (2, 3)}, replace(x=zeros)),
+             ({"shape": (2, 3), "approximate": "tanh"}, replace(x=SATURATED))],
+    "silu": [({"shape": (2, 3)}, replace(x=SATURATED))],
+    # elu's kink at 0 (both signs of zero), softplus at beta x == threshold, hardtanh at its
+    # two bounds (the spaces' ``kinks=True`` configs place inputs exactly there)
+    "elu": [({"shape": (2, 3), "alpha": 0.5},
+             replace(x=[[0.0, -0.0, 1.0], [-1.0, 0.0, -30.0]]))],
+    "softplus": [({"shape": (2, 3, 4), "kinks": True, "beta": 2.0, "threshold": 2.0}, replace())],
+    "hardtanh": [({"shape": (2, 3, 4), "kinks": True}, replace()),
+                 ({"shape": (2, 3, 4), "kinks": True, "min_val": 0.0, "max_val": 0.0},
+                  replace())],
+    # a constant row or group: zero variance, x - mean == 0
+    "layer_norm": [({}, replace(x=constant(2.0)))],
+    "group_norm": [({}, replace(x=zeros))],  # exact in torch too (its float32 variance of
+    # a constant 2.0 rounds to a few 1e-7, which eps turns into 2e-5 of output)
+    "dropout2d": [({}, replace(x=zeros))],
+    # every class tied
+    "nll_loss": [({}, replace(log_probs=zeros))],
+    # |pred - target| == delta, where huber's two pieces meet
+    "huber_loss": [({"kinks": True}, replace()),
+                   ({"kinks": True, "delta": 2.0, "reduction": "none"}, replace())],
 }
 CASES = [(op, i) for op in sorted(KINKS) for i in range(len(KINKS[op]))]
 
