@@ -1,6 +1,6 @@
 """The article networks written the straightforward way in plain JAX: NCHW ``lax`` convolutions,
 ``reduce_window`` pooling, ``jax.nn.relu``, optax's cross-entropy, all differentiated by JAX.
-This is the "plain JAX autodiff" baseline of ``experiments.bench``; it takes the parameter and
+This is the "plain JAX autodiff" baseline of ``benchmarks.bench``; it takes the parameter and
 state pytrees of ``functional_cnn.models`` so that all implementations start from the same weights.
 """
 import jax

@@ -44,10 +44,10 @@ import sys  # noqa: E402
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` and ``experiments`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.torch_twins import time_to_accuracy as twin  # noqa: E402
-from benchmarks.tta_common import Record, first_evaluated_epoch, recipe_parser  # noqa: E402
+from experiments._tta_common import Record, first_evaluated_epoch, recipe_parser  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 ENV_VAR = "FUNCTIONAL_CNN_DATA"

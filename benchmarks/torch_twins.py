@@ -1,7 +1,7 @@
 """PyTorch twins of ``functional_cnn.models`` and ``experiments.time_to_accuracy.net``: the same
 layers and nesting (``nn.Sequential``), so ``fcn.load_state_dict(params, state,
 twin.state_dict())`` copies weights across unchanged.
-Used by the tests (the oracle), ``experiments.bench`` and ``benchmarks/time_to_accuracy_torch.py``.
+Used by the tests (the oracle), ``benchmarks.bench`` and ``benchmarks/time_to_accuracy_torch.py``.
 """
 
 

@@ -24,7 +24,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
+import optax
 
+from experiments._machine import machine
 from functional_cnn import data, dataparallel, train
 
 
@@ -49,6 +51,26 @@ class Protocol(NamedTuple):
     # transposes take XLA:CPU's slow path inside loops (jax #12868)
     article: dict = {}  # the article's figures, copied into the JSON
     eval_each_epoch: bool = True  # False where the evaluation set dwarfs the training set
+
+
+
+# ---------------------------------------------------------------- optimizers protocols share
+
+def article004_optimizers(peak_lr: float) -> dict:
+    """LeNet's and the MLP's choices (name -> (total steps -> optax transform)). The default,
+    ``adamw-cosine``: AdamW (torch's defaults) with the learning rate decayed from ``peak_lr``
+    to 0 along a cosine over the run; ``adamw``: torch's constant 1e-3; ``sgd``: the article's
+    (lr 0.01, momentum 0.5)."""
+    return {"adamw-cosine": lambda steps: train.adamw(optax.cosine_decay_schedule(peak_lr, steps)),
+            "adamw": lambda steps: train.adamw(),
+            "sgd": lambda steps: optax.sgd(0.01, momentum=0.5)}
+
+
+def one_cycle_adamw(steps: int, peak_lr: float) -> optax.GradientTransformation:
+    """AdamW (weight decay 5e-4) with a one-cycle cosine learning rate over ``steps``, peaking
+    at ``peak_lr`` a quarter of the way in (``best`` and ``time_to_accuracy``)."""
+    schedule = optax.cosine_onecycle_schedule(steps, peak_value=peak_lr, pct_start=0.25)
+    return train.adamw(schedule, weight_decay=5e-4)
 
 
 def parse_args(p: Protocol, argv=None):
@@ -140,21 +162,18 @@ def run(p: Protocol, argv=None) -> dict:
     train_set, eval_sets = _load(args, ranges)
     steps = math.ceil(len(train_set) / batch_size)
     optimizer = p.optimizers[args.optimizer](steps * max(args.epochs, 1))
-    make = functools.partial(
-        train.make_trainer, p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
+    trainer = train.make_trainer(
+        p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
         label_smoothing=p.label_smoothing,
         preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
-        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=p.scan, mesh=mesh)
-    if args.no_progress or not main:
-        trainer, bar = make(), None
-    else:
-        trainer, bar = train.progress_trainer(make, steps)
+        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=p.scan, mesh=mesh,
+        progress=None if args.no_progress or not main else train.ProgressBar())
     ts = trainer.init(jax.random.key(args.seed), (-1, 1) + train_set.images.shape[1:])
     primary, primary_set = next(iter(eval_sets.items()))
     ckpt = os.path.join(args.checkpoint, f"{p.name}.npz") if args.checkpoint else None
     fit = train.fit(trainer, ts, train_set, epochs=args.epochs, eval_data=primary_set,
                     eval_each_epoch=p.eval_each_epoch,
-                    checkpoint_path=ckpt, resume=args.resume, bar=bar,
+                    checkpoint_path=ckpt, resume=args.resume,
                     fingerprint={"experiment": p.name, "seed": args.seed,
                                  "optimizer": args.optimizer, "train_range": ranges[0],
                                  "dataset": args.dataset, "epochs": args.epochs},
@@ -188,6 +207,7 @@ def _record(p, args, ranges, fit, evals, primary, batch_size, mesh) -> dict:
         "train_range": list(ranges[0]), "eval_ranges": {k: list(v) for k, v in ranges[1].items()},
         "resumed_from_epoch": fit.resumed_from_epoch, "history": fit.history,
         "article": p.article, "jax_backend": jax.default_backend(),
+        "jax_version": jax.__version__, **machine(),  # float rounding depends on the CPU
         "command": "python -m experiments." + p.name + " " + " ".join(sys.argv[1:]),
     }
 

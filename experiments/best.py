@@ -5,12 +5,10 @@ one-cycle cosine learning rate, label smoothing 0.1, batch 128.
     python -m experiments.best --json runs/best.json --plot docs/figures/best.png
 """
 import jax
-import optax
 from jax import numpy as jnp
 
 import functional_cnn as fcn
-from functional_cnn import train
-from experiments._common import Protocol, run
+from experiments._common import Protocol, one_cycle_adamw, run
 
 SHIFT = 2
 
@@ -37,13 +35,9 @@ def net():
                       block, fcn.ReLU(), fcn.Flatten(), fcn.Linear(10))
 
 
-def one_cycle_adamw(steps):
-    schedule = optax.cosine_onecycle_schedule(steps, peak_value=3e-3, pct_start=0.25)
-    return train.adamw(schedule, weight_decay=5e-4)
-
-
 PROTOCOL = Protocol(
-    name="best", net=net, optimizers={"adamw-onecycle": one_cycle_adamw},
+    name="best", net=net,
+    optimizers={"adamw-onecycle": lambda steps: one_cycle_adamw(steps, peak_lr=3e-3)},
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
     batch_size=128, epochs=6, mean=0.1307, std=0.3081, label_smoothing=0.1,
     augment=random_shift, scan=False, article={"target": 0.995})

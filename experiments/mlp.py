@@ -6,11 +6,10 @@ learning rate decayed to 0 along a cosine over the run (constant AdamW ends near
     python -m experiments.mlp --json runs/mlp.json --plot docs/figures/mlp.png
 """
 from functional_cnn import models
-from experiments._common import Protocol, run
-from experiments.lenet import optimizers
+from experiments._common import Protocol, article004_optimizers, run
 
 PROTOCOL = Protocol(
-    name="mlp", net=models.mlp, optimizers=optimizers(1e-3),
+    name="mlp", net=models.mlp, optimizers=article004_optimizers(1e-3),
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
     batch_size=64, epochs=10, mean=0.1307, std=0.3081, scan=True,
     article={"accuracy": "about 97% (SGD lr 0.01 momentum 0.5)"})

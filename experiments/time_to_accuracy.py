@@ -19,10 +19,10 @@ START = time.perf_counter()  # first statement: imports below count
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import jax  # noqa: E402
-import optax  # noqa: E402
 
 import functional_cnn as fcn  # noqa: E402
-from benchmarks.tta_common import Record, first_evaluated_epoch, recipe_parser  # noqa: E402
+from experiments._common import one_cycle_adamw  # noqa: E402
+from experiments._tta_common import Record, first_evaluated_epoch, recipe_parser  # noqa: E402
 from functional_cnn import data, train  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
@@ -60,9 +60,8 @@ def main(argv=None):
     loading = _background(lambda: (data.load("MNIST", "train", args.data_dir),
                                    data.load("MNIST", "test", args.data_dir)))
     steps = args.epochs * -(-TRAIN_SIZE // args.batch_size)
-    schedule = optax.cosine_onecycle_schedule(steps, peak_value=args.peak_lr, pct_start=0.25)
     trainer = train.make_trainer(
-        net(), train.adamw(schedule, weight_decay=5e-4), batch_size=args.batch_size,
+        net(), one_cycle_adamw(steps, args.peak_lr), batch_size=args.batch_size,
         vjp=args.vjp, preprocess=lambda u8: data.normalize(u8, MEAN, STD))
     ts = trainer.init(jax.random.key(args.seed), (-1, 1, 28, 28))
     train_set, test_set = loading.result()

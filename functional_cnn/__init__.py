@@ -8,10 +8,14 @@ from . import checkpoint, data, functional, interop, models, train
 from .combinators import fan_in_concat, fan_in_sum, fan_out, parallel, residual, serial
 from .functional import REGISTRY, VJP_MODES
 from .functional.losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss
+from .functional.losses import huber_loss, nll_loss
 from .interop import load_state_dict, named_leaves, state_dict
+from .summary import summary
 from .layers import (AvgPool2d, BatchNorm2d, Conv2d, Dropout, Flatten, Identity, Layer,
                      LeakyReLU, Linear, LogSoftmax, MaxPool2d, ReLU, Sigmoid, Softmax, Tanh)
 from .layers import AdaptiveAvgPool2d, AdaptiveMaxPool2d, ConvTranspose2d, Upsample
+from .layers import (ELU, GELU, BatchNorm1d, Dropout2d, GroupNorm, Hardtanh, LayerNorm, SiLU,
+                     Softplus)
 
 __version__ = "0.1.0"
 
@@ -21,6 +25,8 @@ __all__ = [
     "ConvTranspose2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Upsample",
     "serial", "parallel", "fan_out", "fan_in_sum", "fan_in_concat", "residual",
     "cross_entropy", "binary_cross_entropy_with_logits", "mse_loss",
+    "LayerNorm", "GroupNorm", "BatchNorm1d", "Dropout2d", "GELU", "SiLU", "ELU", "Softplus",
+    "Hardtanh", "nll_loss", "huber_loss",
     "functional", "models", "interop", "data", "train", "checkpoint", "REGISTRY", "VJP_MODES",
-    "load_state_dict", "state_dict", "named_leaves",
+    "load_state_dict", "state_dict", "named_leaves", "summary",
 ]

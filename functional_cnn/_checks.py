@@ -5,11 +5,25 @@ static shapes and dtypes, so bad input is reported in Python before XLA sees it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 from jax import numpy as jnp
+
+
+def describe(value) -> str:
+    """What came, in a few words, for an error message: ``dict with keys ('weight',)``,
+    ``tuple of length 3``, ``array of shape (2, 3) float32``, ``int -1``, ``None``."""
+    if value is None:
+        return "None"
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__} with keys {tuple(value)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__} of length {len(value)}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"array of shape {tuple(value.shape)} {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
 
 
 def check_floating(where: str, x, what: str = "input") -> None:
@@ -73,3 +87,51 @@ def check_labels(where: str, labels, num_classes: int) -> None:
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"{where}: labels must lie in [0, {num_classes}), "
                              f"got values in [{lo}, {hi}]")
+
+
+def check_input_shape(where: str, shape) -> tuple[int, ...]:
+    """``init``'s input shape: a tuple (or list) of ints, each at least -1 (unknown batch)."""
+    if isinstance(shape, (tuple, list)) and all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= -1
+            for d in shape):
+        return tuple(int(d) for d in shape)
+    raise TypeError(f"{where}: init expected an input shape (a tuple of ints, the batch may be "
+                    f"-1), got {shape!r}")
+
+
+def is_key(key) -> bool:
+    """A PRNG key: a typed key (``jax.random.key``) or a raw ``uint32[2]`` (``PRNGKey``)."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is None:
+        return False
+    if jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return shape == ()
+    return dtype == jnp.uint32 and shape == (2,)
+
+
+def check_key(where: str, key, optional: bool = False) -> None:
+    """``key`` is one PRNG key (or None, where ``optional``)."""
+    if is_key(key) or (optional and key is None):
+        return
+    want = "a PRNG key (jax.random.key(seed))" + (" or None" if optional else "")
+    raise TypeError(f"{where}: expected {want}, got {describe(key)}")
+
+
+def check_keys(where: str, what: str, tree, names: Sequence[str]) -> None:
+    """``tree`` (a layer's params or state) is a dict with exactly the keys ``names``."""
+    if isinstance(tree, Mapping) and set(tree) == set(names):
+        return
+    want = f"{what} with keys {tuple(names)}" if names else f"empty {what} {{}}"
+    raise ValueError(f"{where}: expected {want}, got {describe(tree)}")
+
+
+def check_shape(where: str, name: str, value, expected: Sequence[int | None]) -> None:
+    """``value`` is an array of shape ``expected`` (``None``: any size on that axis)."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and len(shape) == len(expected) and all(
+            e is None or e == d for e, d in zip(expected, shape)):
+        return
+    dims = ["*" if e is None else str(e) for e in expected]
+    want = f"({dims[0]},)" if len(dims) == 1 else f"({', '.join(dims)})"
+    got = tuple(shape) if shape is not None else describe(value)
+    raise ValueError(f"{where}: expected {name} of shape {want}, got {got}")

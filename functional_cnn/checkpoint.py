@@ -1,9 +1,16 @@
-"""Checkpoints of pytrees: ``np.savez`` of the flattened leaves plus a JSON header, no pickle.
+"""Checkpoints of pytrees: an npz of the flattened leaves plus a JSON header and a SHA-256 of
+both, no pickle.
 
 The header records every leaf's tree path, shape and dtype, and any JSON metadata (step, epoch,
 history). :func:`load` restores into the structure of a *template* pytree (e.g. a freshly
 initialized train state), so nothing but arrays is ever deserialized, and a checkpoint of another
 network or optimizer is refused with a message that names the first leaf that differs.
+
+The file is a zip of ``.npy`` members (``np.load`` reads it) plus ``__sha256__``, the hex SHA-256
+of every other member's name and stored bytes. A load verifies it before parsing anything, so a
+truncated or corrupt file -- a flipped byte anywhere, in an array, the header or the zip's own
+bookkeeping -- is a :class:`CheckpointError` naming the file, never a wrong array or another
+library's exception.
 
 Writes are atomic: the file goes to a temporary name in the same directory, is flushed to disk,
 then ``os.replace``-d over the target, so a crash leaves either the old checkpoint or the new one.
@@ -11,6 +18,8 @@ PRNG keys (typed ``jax.random.key`` arrays) are stored as their raw key data.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -20,40 +29,64 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-FORMAT = "functional_cnn.checkpoint/1"
-_HEADER = "__header__"
+from ._keys import is_prng_key
+
+FORMAT = "functional_cnn.checkpoint/2"
+_HEADER = "__header__.npy"
+_CHECKSUM = "__sha256__"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is truncated, corrupt, or does not match the template it is loaded into."""
 
 
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def _flatten(tree):
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
     paths = [jax.tree_util.keystr(path) for path, _ in leaves]
-    arrays = [np.asarray(jax.random.key_data(x) if _is_key(x) else x) for _, x in leaves]
+    arrays = [np.asarray(jax.random.key_data(x) if is_prng_key(x) else x) for _, x in leaves]
     return paths, arrays
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _digest(members: dict[str, bytes]) -> bytes:
+    """Hex SHA-256 over every member's name and bytes, each length-prefixed (unambiguous)."""
+    h = hashlib.sha256()
+    for name in sorted(members):
+        for part in (name.encode(), members[name]):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    return h.hexdigest().encode()
+
+
+def _encode(tree, meta: dict | None) -> dict[str, bytes]:
+    """The zip members: header, one ``.npy`` per leaf, and the checksum of them all."""
+    paths, arrays = _flatten(tree)
+    header = {"format": FORMAT, "meta": meta or {},
+              "leaves": [{"path": p, "shape": list(a.shape), "dtype": str(a.dtype)}
+                         for p, a in zip(paths, arrays)]}
+    members = {f"leaf_{i}.npy": _npy(a) for i, a in enumerate(arrays)}
+    members[_HEADER] = _npy(np.frombuffer(json.dumps(header).encode(), np.uint8))
+    members[_CHECKSUM] = _digest(members)
+    return members
 
 
 def save(path: str | os.PathLike, tree, meta: dict | None = None) -> str:
     """Write ``tree``'s leaves and ``meta`` (JSON-serializable) to ``path`` atomically."""
     path = os.fspath(path)
-    paths, arrays = _flatten(tree)
-    header = {"format": FORMAT, "meta": meta or {},
-              "leaves": [{"path": p, "shape": list(a.shape), "dtype": str(a.dtype)}
-                         for p, a in zip(paths, arrays)]}
-    entries = {f"leaf_{i}": a for i, a in enumerate(arrays)}
-    entries[_HEADER] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    members = _encode(tree, meta)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **entries)
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+                for name, blob in members.items():
+                    zf.writestr(name, blob)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -64,14 +97,35 @@ def save(path: str | os.PathLike, tree, meta: dict | None = None) -> str:
     return path
 
 
+def _verified_members(blob: bytes) -> dict[str, bytes]:
+    """The zip's members once their checksum matches; raises on any mismatch or bad zip."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as zf:  # CRC-32 is checked on each read as well
+        members = {info.filename: zf.read(info) for info in zf.infolist()}
+    stored = members.pop(_CHECKSUM, None)
+    if stored is None:
+        raise KeyError(f"no {_CHECKSUM} member (a file of format /1 or older has none)")
+    if stored != _digest(members):
+        raise ValueError("SHA-256 mismatch")
+    return members
+
+
+def _parse(members: dict[str, bytes]):
+    def array(name):
+        return np.lib.format.read_array(io.BytesIO(members[name]), allow_pickle=False)
+
+    header = json.loads(array(_HEADER).tobytes().decode())
+    return header, [array(f"leaf_{i}.npy") for i in range(len(header["leaves"]))]
+
+
 def _read(path: str):
+    with open(path, "rb") as f:  # FileNotFoundError stays itself: absent is not corrupt
+        blob = f.read()
     try:
-        with np.load(path, allow_pickle=False) as z:
-            header = json.loads(bytes(z[_HEADER]).decode())
-            arrays = [z[f"leaf_{i}"] for i in range(len(header["leaves"]))]
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as err:
+        header, arrays = _parse(_verified_members(blob))
+    except Exception as err:
+        # Every failure of the reader, whatever layer raised it (zipfile's
+        # NotImplementedError/RuntimeError on a flipped flag, numpy, json), means the same
+        # thing to the caller: this file cannot be trusted.
         raise CheckpointError(f"checkpoint {path}: truncated or corrupt, cannot be read "
                               f"({type(err).__name__}: {err}); delete it to start over") from err
     if header.get("format") != FORMAT:
@@ -107,7 +161,7 @@ def load(path: str | os.PathLike, like):
                 f"checkpoint {path}: leaf {p} expected shape {want.shape} {want.dtype}, got "
                 f"{entry['path']} {got.shape} {got.dtype}; it was written by another network, "
                 f"optimizer or configuration")
-        if _is_key(template):
+        if is_prng_key(template):
             restored.append(jax.random.wrap_key_data(got, impl=jax.random.key_impl(template)))
         else:
             restored.append(jnp.asarray(got))

@@ -3,18 +3,57 @@
 Params and state of a combinator are tuples of its children's, so tree paths read like PyTorch's
 ``nn.Sequential`` names (``"2.0.weight"``). ``train``, ``vjp`` and a split of ``key`` are passed
 down to every child. Errors raised inside a child are re-raised with its position prepended, so
-a message reads ``serial[2] > serial[0] > Conv2d: expected 3 channels ...``.
+a message reads ``serial[2] > serial[0] > Conv2d: expected 3 channels ...``. ``serial`` and
+``parallel`` record their layers (``.children``) and how they feed them (``.wiring``), which
+:func:`functional_cnn.summary` walks; ``residual`` is a ``serial`` named ``"residual"``.
 """
 from __future__ import annotations
 
 import jax
 from jax import numpy as jnp
 
-from .layers import Identity, Layer
+from . import _checks
+from .layers import Identity, Layer, named_layer
 
 
-def _split(key, n):
+def _split(where, key, n):
+    """One key per child (``None`` for all where ``key`` is None: layers without parameters
+    or dropout need none, and those that do say so)."""
+    _checks.check_key(where, key, optional=True)
     return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def _check_children(where: str, what: str, tree, n: int) -> None:
+    """A combinator's params or state: a tuple of one entry per child (``zip`` would silently
+    drop the children past a shorter tuple)."""
+    if not isinstance(tree, (tuple, list)) or len(tree) != n:
+        raise ValueError(f"{where}: expected {what} as a tuple of {n} entries (one per layer), "
+                         f"got {_checks.describe(tree)}")
+
+
+def _check_no_params(where: str, params, state) -> None:
+    _checks.check_keys(where, "params", params, ())
+    _checks.check_keys(where, "state", state, ())
+
+
+def _input_shapes(where: str, input_shape, n: int | None = None) -> list[tuple[int, ...]]:
+    """``init``'s tuple of input shapes (``n`` of them, where given; at least one)."""
+    shapes = input_shape if isinstance(input_shape, (tuple, list)) else None
+    if shapes is None or (len(shapes) != n if n is not None else not shapes) or \
+            not all(isinstance(s, (tuple, list)) for s in shapes):
+        count = "" if n is None else f"{n} "
+        raise TypeError(f"{where}: init expected a tuple of {count}input shapes (one per "
+                        f"input), got {input_shape!r}")
+    return [_checks.check_input_shape(where, s) for s in shapes]
+
+
+def _input_arrays_shapes(where: str, inputs) -> list[tuple[int, ...]]:
+    """``apply``'s tuple of input arrays, as their shapes."""
+    if not isinstance(inputs, (tuple, list)) or not inputs or \
+            not all(hasattr(x, "shape") for x in inputs):
+        raise TypeError(f"{where}: expected a tuple of input arrays, got "
+                        f"{_checks.describe(inputs)}")
+    return [tuple(x.shape) for x in inputs]
 
 
 def _located(where: str, index: int, fn, *args, **kwargs):
@@ -32,72 +71,80 @@ def serial(*layers: Layer) -> Layer:
 
     def init(key, input_shape):
         params, states = [], []
-        for i, (layer, k) in enumerate(zip(layers, _split(key, len(layers)))):
+        for i, (layer, k) in enumerate(zip(layers, _split("serial", key, len(layers)))):
             input_shape, p, s = _located("serial", i, layer.init, k, input_shape)
             params.append(p)
             states.append(s)
         return input_shape, tuple(params), tuple(states)
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _check_children("serial", "params", params, len(layers))
+        _check_children("serial", "state", state, len(layers))
         new_states = []
         for i, (layer, p, s, k) in enumerate(zip(layers, params, state,
-                                                 _split(key, len(layers)))):
+                                                 _split("serial", key, len(layers)))):
             x, s = _located("serial", i, layer.apply, p, s, x, train=train, key=k, vjp=vjp)
             new_states.append(s)
         return x, tuple(new_states)
 
-    return Layer(init, apply)
+    return Layer(init, apply, name="serial", children=layers, wiring="serial")
 
 
 def parallel(*layers: Layer) -> Layer:
     """Apply the i-th layer to the i-th element of a tuple input; returns a tuple."""
 
-    def _check_arity(inputs, what):
-        if not isinstance(inputs, (tuple, list)) or len(inputs) != len(layers):
-            raise ValueError(f"parallel: expected a tuple of {len(layers)} {what} (one per "
-                             f"layer), got {type(inputs).__name__} of length "
-                             f"{len(inputs) if isinstance(inputs, (tuple, list)) else 'n/a'}")
-
     def init(key, input_shape):
-        _check_arity(input_shape, "input shapes")
+        shapes = _input_shapes("parallel", input_shape, len(layers))
         results = [_located("parallel", i, layer.init, k, shape) for i, (layer, k, shape)
-                   in enumerate(zip(layers, _split(key, len(layers)), input_shape))]
+                   in enumerate(zip(layers, _split("parallel", key, len(layers)), shapes))]
         shapes, params, states = zip(*results) if results else ((), (), ())
         return tuple(shapes), tuple(params), tuple(states)
 
     def apply(params, state, inputs, *, train=False, key=None, vjp="custom"):
-        _check_arity(inputs, "inputs")
+        for what, tree in (("inputs", inputs), ("params", params), ("state", state)):
+            _check_children("parallel", what, tree, len(layers))
         results = [_located("parallel", i, layer.apply, p, s, x, train=train, key=k, vjp=vjp)
                    for i, (layer, p, s, x, k) in enumerate(
-                       zip(layers, params, state, inputs, _split(key, len(layers))))]
+                       zip(layers, params, state, inputs, _split("parallel", key, len(layers))))]
         outputs, states = zip(*results) if results else ((), ())
         return tuple(outputs), tuple(states)
 
-    return Layer(init, apply)
+    return Layer(init, apply, name="parallel", children=layers, wiring="parallel")
 
 
+@named_layer
 def fan_out(n: int) -> Layer:
     """Copy the input into an ``n``-tuple."""
 
     def init(key, input_shape):
+        if not isinstance(input_shape, (tuple, list)):  # a shape, or a tuple of them
+            raise TypeError(f"fan_out: init expected an input shape, got {input_shape!r}")
         return (tuple(input_shape),) * n, {}, {}
 
     def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _check_no_params("fan_out", params, state)
         return (x,) * n, state
 
     return Layer(init, apply)
 
 
+def _same_shapes(where: str, shapes) -> tuple[int, ...]:
+    if len(set(shapes)) != 1:
+        raise ValueError(f"{where}: expected inputs of one shape, got shapes {shapes}")
+    return shapes[0]
+
+
+@named_layer
 def fan_in_sum() -> Layer:
-    """Sum a tuple of equally shaped inputs."""
+    """Sum a tuple of equally shaped inputs (never broadcast: a size-1 axis is an error)."""
+    where = "fan_in_sum"
 
     def init(key, input_shape):
-        shapes = [tuple(s) for s in input_shape]
-        if len(set(shapes)) != 1:
-            raise ValueError(f"fan_in_sum: expected inputs of one shape, got shapes {shapes}")
-        return shapes[0], {}, {}
+        return _same_shapes(where, _input_shapes(where, input_shape)), {}, {}
 
     def apply(params, state, inputs, *, train=False, key=None, vjp="custom"):
+        _check_no_params(where, params, state)
+        _same_shapes(where, _input_arrays_shapes(where, inputs))
         total = inputs[0]
         for x in inputs[1:]:
             total = total + x
@@ -106,21 +153,35 @@ def fan_in_sum() -> Layer:
     return Layer(init, apply)
 
 
+def _concat_axis(where: str, shapes, axis: int) -> int:
+    """``axis`` as a non-negative index, after checking that the inputs agree on the rest."""
+    ranks = {len(s) for s in shapes}
+    rank = ranks.pop() if len(ranks) == 1 else None
+    if rank is None or not -rank <= axis < rank:
+        raise ValueError(f"{where}: expected inputs of one rank with an axis {axis}, "
+                         f"got shapes {shapes}")
+    ax = axis % rank
+    if len({s[:ax] + s[ax + 1:] for s in shapes}) != 1:
+        raise ValueError(f"{where}: inputs must agree on every axis but {axis}, "
+                         f"got shapes {shapes}")
+    return ax
+
+
+@named_layer
 def fan_in_concat(axis: int = 1) -> Layer:
     """Concatenate a tuple of inputs along ``axis`` (channels by default)."""
+    where = "fan_in_concat"
 
     def init(key, input_shape):
-        shapes = [tuple(s) for s in input_shape]
-        ax = axis % len(shapes[0])
-        rest = {s[:ax] + s[ax + 1:] for s in shapes}
-        if len(rest) != 1:
-            raise ValueError(f"fan_in_concat: inputs must agree on every axis but {axis}, "
-                             f"got shapes {shapes}")
+        shapes = _input_shapes(where, input_shape)
+        ax = _concat_axis(where, shapes, axis)
         sizes = [s[ax] for s in shapes]
         size = -1 if any(d < 0 for d in sizes) else sum(sizes)
         return shapes[0][:ax] + (size,) + shapes[0][ax + 1:], {}, {}
 
     def apply(params, state, inputs, *, train=False, key=None, vjp="custom"):
+        _check_no_params(where, params, state)
+        _concat_axis(where, _input_arrays_shapes(where, inputs), axis)
         return jnp.concatenate(inputs, axis=axis), state
 
     return Layer(init, apply)
@@ -136,4 +197,5 @@ def residual(*layers: Layer, shortcut: Layer | None = None) -> Layer:
 
     Params/state: ``({}, (main_branch, shortcut), {})``.
     """
-    return serial(fan_out(2), parallel(serial(*layers), shortcut or Identity()), fan_in_sum())
+    block = serial(fan_out(2), parallel(serial(*layers), shortcut or Identity()), fan_in_sum())
+    return block._replace(name="residual")

@@ -120,15 +120,30 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(blob, np.uint8, offset=header).reshape(dims)
 
 
-def _download(name: str, root: str) -> None:
-    """Fetch ``name`` with torchvision into a temp dir, then move the archives into place."""
+def _new_dirs(path: str) -> list[str]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    new, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        new.append(path)
+        path = os.path.dirname(path)
+    return new
+
+
+def _download(name: str, root: str, missing: list[str]) -> None:
+    """Fetch ``name`` with torchvision into a temp dir, then move the archives into place.
+
+    On failure the error names the ``missing`` files, and nothing is left behind: not the temp
+    dir, nor any directory (``root`` included) that did not exist before.
+    """
     try:
         from torchvision import datasets  # lazily: `import functional_cnn` never needs torch
     except ImportError as err:
-        raise DataFileError(_missing_message(name, raw_dir(name, root), sum(_FILES.values(), ()),
+        raise DataFileError(_missing_message(name, raw_dir(name, root), missing,
                                              " and torchvision is not installed")) from err
+    created = _new_dirs(raw_dir(name, root))
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-download-", dir=root)
+    done = False
     try:
         for train in (True, False):
             getattr(datasets, name)(tmp, train=train, download=True)
@@ -137,11 +152,17 @@ def _download(name: str, root: str) -> None:
         for stem in sum(_FILES.values(), ()):
             os.replace(os.path.join(fetched, stem + ".gz"), os.path.join(raw_dir(name, root),
                                                                           stem + ".gz"))
+        done = True
     except Exception as err:  # offline, bad md5, ...: say which files and where
-        raise DataFileError(_missing_message(name, raw_dir(name, root), sum(_FILES.values(), ()),
+        raise DataFileError(_missing_message(name, raw_dir(name, root), missing,
                                              f" and downloading failed ({err})")) from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for directory in created if not done else ():
+            try:
+                os.rmdir(directory)  # only if still empty
+            except OSError:
+                pass
 
 
 def load_numpy(name: str = "MNIST", split: str = "train", root=None,
@@ -154,7 +175,7 @@ def load_numpy(name: str = "MNIST", split: str = "train", root=None,
     stems = _FILES[split]
     paths = [_find(directory, s) for s in stems]
     if None in paths and download:
-        _download(name, root)
+        _download(name, root, [s for s, p in zip(stems, paths) if p is None])
         paths = [_find(directory, s) for s in stems]
     if None in paths:
         missing = [s for s, p in zip(stems, paths) if p is None]
@@ -176,6 +197,27 @@ def load(name: str = "MNIST", split: str = "train", root=None, download: bool = 
     """
     images, labels = load_numpy(name, split, root, download)
     return Dataset(jnp.asarray(images), jnp.asarray(labels, jnp.int32))
+
+
+def check_labels(num_classes: int, where: str = "check_labels", **datasets: Dataset | None):
+    """Raise ``ValueError`` unless every label of every given data set lies in
+    ``[0, num_classes)``; the message names ``where``, the data set, the first bad example and
+    its label. ``None`` data sets are skipped.
+
+    A jitted training step cannot check label values (under jit an out-of-range label only
+    makes its loss and gradient NaN), so :func:`~functional_cnn.train.fit` calls this once,
+    on concrete values, before training: one host read of the labels and a compare.
+    """
+    for name, dataset in datasets.items():
+        if dataset is None:
+            continue
+        labels = np.asarray(dataset.labels)
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{where}: {name} labels must lie in [0, {num_classes}) (the "
+                             f"network's {num_classes} outputs), got {labels[i]} at index {i} "
+                             f"({bad.size} of {labels.size} labels outside)")
 
 
 def normalize(images: jax.Array, mean: float = 0.0, std: float = 1.0) -> jax.Array:

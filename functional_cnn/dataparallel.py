@@ -16,7 +16,8 @@ Multi-host: every process runs the same script. :func:`initialize_distributed` c
 ``FUNCTIONAL_CNN_COORDINATOR`` (``host:port`` of process 0), ``FUNCTIONAL_CNN_NUM_PROCESSES`` and
 ``FUNCTIONAL_CNN_PROCESS_ID``. Each process loads the whole data set and contributes it as its
 addressable (replicated) part of the global array (:func:`replicate`); each device then gathers
-its own rows of every batch. Nothing here runs at import.
+its own rows of every batch (``tests/test_parallel.py`` runs two processes on localhost against
+one). Nothing here runs at import.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ import os
 
 import jax
 import numpy as np
-from jax import numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ._keys import is_prng_key
 
 AXIS = "batch"
 ENV_COORDINATOR = "FUNCTIONAL_CNN_COORDINATOR"
@@ -126,10 +128,6 @@ def check_divides(batch_size: int, mesh: Mesh | None, where="make_trainer"):
             f"make_trainer(batch_size=...))")
 
 
-def _is_key(x) -> bool:
-    return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
 def replicate(tree, mesh: Mesh | None):
     """``tree`` with every array replicated over ``mesh`` (a no-op for arrays already there, and
     for ``mesh=None``). With several processes every process must pass the same values: each
@@ -143,7 +141,7 @@ def replicate(tree, mesh: Mesh | None):
             return x
         if jax.process_count() == 1:
             return jax.device_put(x, target)
-        if _is_key(x):
+        if is_prng_key(x):
             return jax.random.wrap_key_data(put(jax.random.key_data(x)),
                                             impl=jax.random.key_impl(x))
         local = np.asarray(x)

@@ -8,10 +8,16 @@ key) goes in and a new one comes out; the data stay on the device as uint8 and a
     trainer = make_trainer(net, optax.adamw(1e-3, weight_decay=1e-2), batch_size=64)
     ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
     result = fit(trainer, ts, train_set, epochs=10, eval_data=test_set)
+
+:func:`make_trainer` freezes its arguments into one :class:`TrainConfig`; every piece below (the
+step, the two epoch strategies, prediction) is a module-level function of that configuration,
+and the trainer holds them jitted.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -25,11 +31,13 @@ from jax import numpy as jnp
 
 from . import checkpoint as ckpt
 from . import dataparallel
-from .data import Dataset, batch_indices, normalize
+from .data import Dataset, batch_indices, check_labels, normalize
 from .functional.losses import cross_entropy
 from .layers import Layer
 
-REDUCTIONS = ("mean", "sum")
+# How a batch's per-example losses become the objective (``"none"``, which the losses accept,
+# is no objective).
+BATCH_REDUCTIONS = ("mean", "sum")
 
 
 class TrainState(NamedTuple):
@@ -47,21 +55,43 @@ def adamw(learning_rate=1e-3, weight_decay=1e-2) -> optax.GradientTransformation
     return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
 
 
-class Trainer(NamedTuple):
-    """Compiled functions of one configuration (network, optimizer, loss, batch size).
+class ProgressBar:
+    """A tqdm bar per epoch, moved by the compiled epoch's host callbacks.
 
-    ``init(key, input_shape) -> TrainState``; ``epoch(ts, images, labels) -> (ts, metrics)``
-    (jitted, ``ts`` donated); ``predict(params, state, images) -> logits`` (eval mode, jitted
-    per chunk of ``eval_batch_size``); ``place(tree)`` puts a pytree (a :class:`TrainState`, a
-    :class:`~functional_cnn.data.Dataset`) replicated on ``mesh`` (identity without a mesh).
+    The trainer calls ``update(i, loss_sum, correct, seen)`` after step ``i`` every
+    ``every(steps)`` steps (about ``updates_per_epoch`` times an epoch); :func:`fit` calls
+    ``open`` and ``close`` around each epoch. Any object with these four methods can be passed
+    as ``make_trainer(progress=...)``; outside an open epoch ``update`` does nothing.
     """
 
-    init: Callable
-    epoch: Callable
-    predict: Callable
-    config: dict
-    place: Callable = lambda tree: tree  # replicate a pytree (TrainState, Dataset) on the mesh
-    mesh: object = None  # the jax.sharding.Mesh the batches are split over, or None
+    def __init__(self, updates_per_epoch: int = 50):
+        self.updates_per_epoch = updates_per_epoch
+        self._bar = None
+
+    def every(self, steps: int) -> int:
+        return max(1, steps // self.updates_per_epoch)
+
+    def open(self, epoch: int, epochs: int, steps: int) -> None:
+        from tqdm import tqdm
+        self._bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", leave=True,
+                         dynamic_ncols=True)
+
+    def update(self, i, loss_sum, correct, seen) -> None:
+        if self._bar is not None:
+            seen = max(int(seen), 1)
+            self._bar.n = int(i) + 1
+            self._show(float(loss_sum) / seen, int(correct) / seen, refresh=False)
+            self._bar.refresh()
+
+    def close(self, steps: int, loss: float, accuracy: float) -> None:
+        if self._bar is not None:
+            self._bar.n = steps
+            self._show(loss, accuracy, refresh=True)
+            self._bar.close()
+            self._bar = None
+
+    def _show(self, loss, accuracy, refresh):
+        self._bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", refresh=refresh)
 
 
 def _default_loss(vjp, label_smoothing):
@@ -75,26 +105,233 @@ def _check_config(batch_size, reduction, eval_batch_size):
     if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
         raise ValueError(f"make_trainer: expected eval_batch_size a positive int, got "
                          f"{eval_batch_size!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"make_trainer: expected reduction in {REDUCTIONS}, got {reduction!r}")
+    if reduction not in BATCH_REDUCTIONS:
+        raise ValueError(f"make_trainer: expected reduction in {BATCH_REDUCTIONS}, got "
+                         f"{reduction!r}")
 
 
-def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = None, *,
-                 batch_size: int, loss: Callable | None = None, reduction: str = "mean",
-                 label_smoothing: float = 0.0, preprocess: Callable = normalize,
-                 augment: Callable | None = None, shuffle: bool = True, vjp: str = "custom",
-                 eval_batch_size: int = 1000, on_step: Callable | None = None,
-                 report_every: int = 1, scan: bool = True, mesh=None) -> Trainer:
-    """Build the jitted epoch and prediction functions.
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training configuration, frozen; :func:`make_trainer` documents the fields.
+
+    ``optimizer=None`` becomes :func:`adamw` and ``loss=None`` the cross-entropy with
+    ``label_smoothing``; the batch sizes, ``reduction`` and the mesh are checked here.
+    """
+
+    net: Layer
+    optimizer: optax.GradientTransformation | None
+    batch_size: int
+    loss: Callable | None = None
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    preprocess: Callable = normalize
+    augment: Callable | None = None
+    shuffle: bool = True
+    vjp: str = "custom"
+    eval_batch_size: int = 1000
+    scan: bool = True
+    mesh: object = None  # a 1-D jax.sharding.Mesh, or None: one device
+    progress: object = None  # a ProgressBar (or alike), or None: no callbacks in compiled code
+
+    def __post_init__(self):
+        _check_config(self.batch_size, self.reduction, self.eval_batch_size)
+        dataparallel.check_divides(self.batch_size, self.mesh)
+        if self.optimizer is None:  # frozen: the defaults are resolved once, here
+            object.__setattr__(self, "optimizer", adamw())
+        if self.loss is None:
+            object.__setattr__(self, "loss", _default_loss(self.vjp, self.label_smoothing))
+
+    def fingerprint(self) -> dict:
+        """The settings a checkpoint must have been written with to be resumed."""
+        return {"batch_size": self.batch_size, "reduction": self.reduction, "vjp": self.vjp,
+                "label_smoothing": self.label_smoothing, "shuffle": self.shuffle,
+                "augment": self.augment is not None, "scan": self.scan}
+
+    @property
+    def wait_each_call(self) -> bool:
+        """XLA:CPU with several (forced host) devices can deadlock when several steps with
+        all-reduces are in flight at once (the devices' rendezvous of different steps
+        interleave on a small thread pool): there the host waits for each call. One program
+        (scan) is not affected."""
+        mesh = self.mesh
+        return mesh is not None and mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+class Trainer(NamedTuple):
+    """Compiled functions of one :class:`TrainConfig`.
+
+    ``init(key, input_shape) -> TrainState``; ``epoch(ts, images, labels) -> (ts, metrics)``
+    (jitted, ``ts`` donated); ``predict(params, state, images) -> logits`` (eval mode, jitted
+    per chunk of ``eval_batch_size``); ``place(tree)`` puts a pytree (a :class:`TrainState`, a
+    :class:`~functional_cnn.data.Dataset`) replicated on the mesh (identity without a mesh).
+    """
+
+    config: TrainConfig
+    init: Callable
+    epoch: Callable
+    predict: Callable
+
+    @property
+    def mesh(self):
+        """The jax.sharding.Mesh the batches are split over, or None."""
+        return self.config.mesh
+
+    def place(self, tree):
+        return dataparallel.replicate(tree, self.config.mesh)
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def _jit(mesh):
+    """``jax.jit``; with a mesh every result is replicated: identical on every device (and
+    process), so the host can read metrics and checkpoints from any of them."""
+    if mesh is None:
+        return jax.jit
+    return functools.partial(jax.jit, out_shardings=dataparallel.replicated(mesh))
+
+
+def _fresh_state(cfg: TrainConfig, key, input_shape) -> TrainState:
+    init_key, train_key = jax.random.split(key)
+    _, params, state = cfg.net.init(init_key, input_shape)
+    return TrainState(params, state, cfg.optimizer.init(params), jnp.zeros((), jnp.int32),
+                      train_key)
+
+
+def _init(cfg: TrainConfig, fresh_state: Callable, key, input_shape) -> TrainState:
+    return dataparallel.replicate(fresh_state(key, tuple(input_shape)), cfg.mesh)
+
+
+def _objective(cfg: TrainConfig, model_state, x, labels, drop_key, params):
+    """The batch's reduced loss, and (new model state, loss sum, correct count)."""
+    logits, new_state = cfg.net.apply(params, model_state, x, train=True, key=drop_key,
+                                      vjp=cfg.vjp)
+    per_example = cfg.loss(logits, labels)
+    total = per_example.sum() if cfg.reduction == "sum" else per_example.mean()
+    correct = (logits.argmax(-1) == labels).sum()
+    return total, (new_state, per_example.sum(), correct)
+
+
+def _train_step(cfg: TrainConfig, ts: TrainState, images, labels, key):
+    """One optimizer step on one batch: (new state, (loss sum, correct count))."""
+    images, labels = dataparallel.constrain_batch(cfg.mesh, images, labels)
+    aug_key, drop_key = jax.random.split(key)
+    x = cfg.preprocess(images)
+    if cfg.augment is not None:
+        x = cfg.augment(aug_key, x)
+    objective = functools.partial(_objective, cfg, ts.state, x, labels, drop_key)
+    grads, (new_state, loss_sum, correct) = jax.grad(objective, has_aux=True)(ts.params)
+    updates, opt_state = cfg.optimizer.update(grads, ts.opt_state, ts.params)
+    params = optax.apply_updates(ts.params, updates)
+    return (TrainState(params, new_state, opt_state, ts.step + 1, ts.key),
+            (loss_sum.astype(jnp.float32), correct.astype(jnp.int32)))
+
+
+def _epoch_start(cfg: TrainConfig, ts: TrainState, labels):
+    """The epoch's key split and batch order; the state's key moves on to the next epoch."""
+    next_key, perm_key, step_key = jax.random.split(ts.key, 3)
+    full, tail = batch_indices(perm_key, labels.shape[0], cfg.batch_size, cfg.shuffle)
+    return ts._replace(key=next_key), full, tail, step_key
+
+
+def _step_at(cfg: TrainConfig, ts, totals, images, labels, idx, i, step_key):
+    """Step ``i`` on the examples ``idx``, its key folded from ``step_key``; totals summed."""
+    ts, (loss_sum, correct) = _train_step(cfg, ts, images[idx], labels[idx],
+                                          jax.random.fold_in(step_key, i))
+    return ts, (totals[0] + loss_sum, totals[1] + correct)
+
+
+def _zero_totals():  # fresh each epoch: the loop donates its totals
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+
+
+def _epoch_metrics(totals, n):
+    return {"loss": totals[0] / n, "accuracy": totals[1] / n}
+
+
+def _report_every(cfg: TrainConfig, n: int) -> int:
+    return cfg.progress.every(-(-n // cfg.batch_size))
+
+
+def _scan_epoch(cfg: TrainConfig, ts: TrainState, images, labels):
+    """The whole epoch as one program: a ``lax.scan`` over the full batches, then the tail."""
+    ts, full, tail, step_key = _epoch_start(cfg, ts, labels)
+    every = None if cfg.progress is None else _report_every(cfg, labels.shape[0])
+
+    def body(carry, idx):
+        ts, i, totals = carry
+        ts, totals = _step_at(cfg, ts, totals, images, labels, idx, i, step_key)
+        if every is not None:
+            seen = jnp.minimum((i + 1) * cfg.batch_size, 2 ** 31 - 1)
+            lax.cond(i % every == 0,
+                     lambda: jax.debug.callback(cfg.progress.update, i, *totals, seen),
+                     lambda: None)
+        return (ts, i + 1, totals), None
+
+    (ts, i, totals), _ = lax.scan(body, (ts, jnp.zeros((), jnp.int32), _zero_totals()), full)
+    if tail.shape[0]:  # the ragged last batch: its own (static) shape, never dropped
+        ts, totals = _step_at(cfg, ts, totals, images, labels, tail, i, step_key)
+    return ts, _epoch_metrics(totals, labels.shape[0])
+
+
+def _step_row(cfg: TrainConfig, ts, totals, images, labels, batches, row, i, step_key):
+    return _step_at(cfg, ts, totals, images, labels, batches[row], i, step_key)
+
+
+def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainState, images,
+                labels):
+    """The same steps, each a jitted call from Python (``start``, ``step``: the jitted
+    :func:`_epoch_start` and :func:`_step_row`): XLA:CPU runs NCHW convolutions inside a while
+    loop (``lax.scan``) several times slower than outside one (jax issue #12868)."""
+    ts, full, tail, step_key = start(ts, labels)
+    every = None if cfg.progress is None else _report_every(cfg, labels.shape[0])
+    totals = _zero_totals()
+    for i in range(full.shape[0]):
+        ts, totals = step(ts, totals, images, labels, full, i, i, step_key)
+        if cfg.wait_each_call:
+            jax.block_until_ready(totals)
+        if every is not None and i % every == 0:
+            cfg.progress.update(i, *totals, (i + 1) * cfg.batch_size)
+    if tail.shape[0]:
+        ts, totals = step(ts, totals, images, labels, tail[None], 0, full.shape[0], step_key)
+    return ts, _epoch_metrics(totals, labels.shape[0])
+
+
+def _placed_epoch(cfg: TrainConfig, epoch: Callable, ts: TrainState, images, labels):
+    # a no-op for arrays already replicated on the mesh (fit places them once)
+    return epoch(*dataparallel.replicate((ts, images, labels), cfg.mesh))
+
+
+def _logits(cfg: TrainConfig, params, state, chunk):
+    chunk, = dataparallel.constrain_batch(cfg.mesh, chunk)
+    return cfg.net.apply(params, state, cfg.preprocess(chunk), train=False, vjp=cfg.vjp)[0]
+
+
+def _predict(cfg: TrainConfig, logits: Callable, params, state, images):
+    # Chunks from Python rather than lax.map: convolutions are slow inside XLA:CPU loops.
+    chunks = []
+    for i in range(0, images.shape[0], cfg.eval_batch_size):
+        chunks.append(logits(params, state, images[i:i + cfg.eval_batch_size]))
+        if cfg.wait_each_call:
+            jax.block_until_ready(chunks[-1])
+    return jnp.concatenate(chunks)
+
+
+def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = None,
+                 **options) -> Trainer:
+    """Build the jitted epoch and prediction functions of ``TrainConfig(net, optimizer,
+    **options)``; ``batch_size`` is required.
 
     * ``optimizer``: any optax transform; default :func:`adamw` (torch's defaults).
     * ``loss(logits, labels) -> per-example losses (N,)``; default cross-entropy with
       ``label_smoothing``. The objective is their ``reduction`` (``"mean"`` or ``"sum"``) over
       each batch -- the ragged last batch is reduced over its own size, as PyTorch does.
-    * ``preprocess(uint8 images) -> float NCHW``, on the device; ``augment(key, x) -> x`` is
-      applied to training batches only.
-    * ``on_step(i, loss_sum, correct, seen)`` is a host callback every ``report_every`` steps
-      (progress bars); leave it ``None`` for no callbacks in the compiled code.
+    * ``preprocess(uint8 images) -> float NCHW`` (default :func:`~functional_cnn.data.normalize`),
+      on the device; ``augment(key, x) -> x`` is applied to training batches only;
+      ``shuffle=False`` keeps the data's order every epoch. ``vjp``: ``"custom"`` or
+      ``"autodiff"``; ``eval_batch_size``: the chunk :func:`evaluate` predicts at once (1000).
+    * ``progress``: a :class:`ProgressBar` (or an object with its methods), shown by :func:`fit`
+      and updated from the compiled epoch by host callbacks; ``None`` (default): no callbacks
+      in the compiled code.
     * ``scan=True``: the epoch is one jitted ``lax.scan`` over the batches (plus the ragged
       tail). ``scan=False`` calls the same jitted step once per batch from Python (data still on
       the device, same keys and order): on XLA:CPU that is several times faster for NCHW
@@ -109,145 +346,26 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       too, else computed replicated (every device runs the whole tail batch). ``None``: one
       device, no sharding.
     """
-    _check_config(batch_size, reduction, eval_batch_size)
-    dataparallel.check_divides(batch_size, mesh)
-    optimizer = optimizer or adamw()
-    loss = loss or _default_loss(vjp, label_smoothing)
-
+    cfg = TrainConfig(net, optimizer, **options)
+    jit = _jit(cfg.mesh)
     # One compiled program, not an eager op (and a compilation) per parameter and optimizer
     # slot; it runs once, so LLVM's optimization level 1 is plenty (its random bits compile
     # 3x faster than at the default level, to the same values): 2.2 s -> 0.6 s at start-up.
-    @functools.partial(jax.jit, static_argnums=1,
-                       compiler_options={"xla_backend_optimization_level": 1})
-    def fresh_state(key, input_shape) -> TrainState:
-        init_key, train_key = jax.random.split(key)
-        _, params, state = net.init(init_key, input_shape)
-        return TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32),
-                          train_key)
-
-    def init(key, input_shape) -> TrainState:
-        return place(fresh_state(key, tuple(input_shape)))
-
-    def place(tree):
-        return dataparallel.replicate(tree, mesh)
-
-    # With a mesh every jitted function returns replicated values: identical on every device
-    # (and process), so the host can read metrics and checkpoints from any of them.
-    jit = jax.jit if mesh is None else functools.partial(
-        jax.jit, out_shardings=dataparallel.replicated(mesh))
-
-    def step(ts: TrainState, images, labels, key):
-        images, labels = dataparallel.constrain_batch(mesh, images, labels)
-        aug_key, drop_key = jax.random.split(key)
-        x = preprocess(images)
-        if augment is not None:
-            x = augment(aug_key, x)
-
-        def objective(params):
-            logits, new_state = net.apply(params, ts.state, x, train=True, key=drop_key, vjp=vjp)
-            per_example = loss(logits, labels)
-            total = per_example.sum() if reduction == "sum" else per_example.mean()
-            correct = (logits.argmax(-1) == labels).sum()
-            return total, (new_state, per_example.sum(), correct)
-
-        grads, (new_state, loss_sum, correct) = jax.grad(objective, has_aux=True)(ts.params)
-        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
-        return (TrainState(params, new_state, opt_state, ts.step + 1, ts.key),
-                (loss_sum.astype(jnp.float32), correct.astype(jnp.int32)))
-
-    def report(i, loss_sum, correct):
-        if on_step is None:
-            return
-        seen = jnp.minimum((i + 1) * batch_size, 2 ** 31 - 1)
-        lax.cond(i % report_every == 0,
-                 lambda: jax.debug.callback(on_step, i, loss_sum, correct, seen),
-                 lambda: None)
-
-    def start(ts: TrainState, labels):
-        """The epoch's key split and batch order; the state's key moves on to the next epoch."""
-        next_key, perm_key, step_key = jax.random.split(ts.key, 3)
-        full, tail = batch_indices(perm_key, labels.shape[0], batch_size, shuffle)
-        return ts._replace(key=next_key), full, tail, step_key
-
-    def step_at(ts, totals, images, labels, idx, i, step_key):
-        ts, (l, c) = step(ts, images[idx], labels[idx], jax.random.fold_in(step_key, i))
-        return ts, (totals[0] + l, totals[1] + c)
-
-    def finish(totals, n):
-        return {"loss": totals[0] / n, "accuracy": totals[1] / n}
-
-    def zeros():  # fresh each epoch: the loop donates its totals
-        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-
-    def scan_epoch(ts: TrainState, images, labels):
-        ts, full, tail, step_key = start(ts, labels)
-
-        def body(carry, idx):
-            ts, i, totals = carry
-            ts, totals = step_at(ts, totals, images, labels, idx, i, step_key)
-            report(i, *totals)
-            return (ts, i + 1, totals), None
-
-        (ts, i, totals), _ = lax.scan(body, (ts, jnp.zeros((), jnp.int32), zeros()), full)
-        if tail.shape[0]:  # the ragged last batch: its own (static) shape, never dropped
-            ts, totals = step_at(ts, totals, images, labels, tail, i, step_key)
-        return ts, finish(totals, labels.shape[0])
-
-    jit_start = jit(start, donate_argnums=0)
-    def step_row(ts, totals, images, labels, batches, row, i, step_key):
-        return step_at(ts, totals, images, labels, batches[row], i, step_key)
-
-    jit_step = jit(step_row, donate_argnums=(0, 1))
-
-    # XLA:CPU with several (forced host) devices can deadlock when several steps with
-    # all-reduces are in flight at once (the devices' rendezvous of different steps interleave
-    # on a small thread pool): wait for each step there. One program (scan) is not affected.
-    serialize = (mesh is not None and mesh.size > 1
-                 and mesh.devices.flat[0].platform == "cpu")
-
-    def loop_epoch(ts: TrainState, images, labels):
-        # The same steps, each a jitted call from Python: XLA:CPU runs NCHW convolutions inside
-        # a while loop (lax.scan) several times slower than outside one (jax issue #12868).
-        ts, full, tail, step_key = jit_start(ts, labels)
-        totals = zeros()
-        for i in range(full.shape[0]):
-            ts, totals = jit_step(ts, totals, images, labels, full, i, i, step_key)
-            if serialize:
-                jax.block_until_ready(totals)
-            if on_step is not None and i % report_every == 0:
-                on_step(i, *totals, (i + 1) * batch_size)
-        if tail.shape[0]:
-            ts, totals = jit_step(ts, totals, images, labels, tail[None], 0,
-                                  full.shape[0], step_key)
-        return ts, finish(totals, labels.shape[0])
-
-    @jit
-    def logits_of(params, state, chunk):
-        chunk, = dataparallel.constrain_batch(mesh, chunk)
-        return net.apply(params, state, preprocess(chunk), train=False, vjp=vjp)[0]
-
-    def predict(params, state, images):
-        # Chunks from Python rather than lax.map: convolutions are slow inside XLA:CPU loops.
-        chunks = []
-        for i in range(0, images.shape[0], eval_batch_size):
-            chunks.append(logits_of(params, state, images[i:i + eval_batch_size]))
-            if serialize:  # see loop_epoch
-                jax.block_until_ready(chunks[-1])
-        return jnp.concatenate(chunks)
-
-    config = {"batch_size": batch_size, "reduction": reduction, "vjp": vjp,
-              "label_smoothing": label_smoothing, "shuffle": shuffle,
-              "augment": augment is not None, "scan": scan}
-    compiled = jit(scan_epoch, donate_argnums=0) if scan else loop_epoch
-    if mesh is None:
-        epoch = compiled
+    fresh_state = jax.jit(functools.partial(_fresh_state, cfg), static_argnums=1,
+                          compiler_options={"xla_backend_optimization_level": 1})
+    if cfg.scan:
+        epoch = jit(functools.partial(_scan_epoch, cfg), donate_argnums=0)
     else:
-        def epoch(ts: TrainState, images, labels):
-            # a no-op for arrays already replicated on the mesh (fit places them once)
-            return compiled(*place((ts, images, labels)))
-    return Trainer(init, epoch, predict, config, place, mesh)
+        epoch = functools.partial(
+            _loop_epoch, cfg, jit(functools.partial(_epoch_start, cfg), donate_argnums=0),
+            jit(functools.partial(_step_row, cfg), donate_argnums=(0, 1)))
+    if cfg.mesh is not None:
+        epoch = functools.partial(_placed_epoch, cfg, epoch)
+    predict = functools.partial(_predict, cfg, jit(functools.partial(_logits, cfg)))
+    return Trainer(cfg, functools.partial(_init, cfg, fresh_state), epoch, predict)
 
+
+# ----------------------------------------------------------------------------- evaluation, fit
 
 class Evaluation(NamedTuple):
     accuracy: float
@@ -294,34 +412,27 @@ def _restore(path, ts, fingerprint, log):
     return ts, meta
 
 
-class _Bar:
-    """The current epoch's tqdm bar, updated from the compiled epoch's host callbacks."""
-
-    def __init__(self):
-        self.bar = None
-
-    def __call__(self, i, loss_sum, correct, seen):
-        if self.bar is not None:
-            seen = max(int(seen), 1)
-            self.bar.n = int(i) + 1
-            self.bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}",
-                                 acc=f"{int(correct) / seen:.4f}", refresh=False)
-            self.bar.refresh()
-
-
-def progress_trainer(make: Callable[..., Trainer], steps_per_epoch: int, **kwargs):
-    """``make(on_step=..., report_every=...)`` wired to a tqdm bar; returns (trainer, bar)."""
-    bar = _Bar()
-    every = max(1, steps_per_epoch // 50)
-    return make(on_step=bar, report_every=every, **kwargs), bar
+def _train_epoch(trainer: Trainer, ts: TrainState, data: Dataset, epoch: int, epochs: int):
+    """Epoch ``epoch`` of ``epochs``, shown on the trainer's progress: (ts, history record)."""
+    progress = trainer.config.progress
+    steps = math.ceil(len(data) / trainer.config.batch_size)
+    if progress is not None:
+        progress.open(epoch, epochs, steps)
+    t0 = time.perf_counter()
+    ts, metrics = trainer.epoch(ts, data.images, data.labels)
+    record = {"epoch": epoch, "train_loss": float(metrics["loss"]),
+              "train_accuracy": float(metrics["accuracy"])}
+    record["seconds"] = time.perf_counter() - t0
+    if progress is not None:
+        progress.close(steps, record["train_loss"], record["train_accuracy"])
+    return ts, record
 
 
 def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
         eval_data: Dataset | None = None, eval_each_epoch: bool = True,
         checkpoint_path: str | None = None, resume: bool = False, fingerprint: dict | None = None,
-        bar: _Bar | None = None, log: Callable = print,
-        stop_after: int | None = None) -> FitResult:
-    """Run ``epochs`` epochs of ``trainer.epoch`` from ``ts``.
+        log: Callable = print, stop_after: int | None = None) -> FitResult:
+    """Run ``epochs`` epochs of ``trainer.epoch`` from ``ts``, with the trainer's progress.
 
     With ``checkpoint_path`` the train state and history are saved (atomically) after every
     epoch; ``resume=True`` continues from that file, which gives exactly the result of an
@@ -332,8 +443,12 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: expected epochs a non-negative int, got {epochs!r}")
-    fingerprint = {**trainer.config, **(fingerprint or {}), "examples": len(train_data)}
-    fingerprint = _jsonable(fingerprint)
+    one = jax.ShapeDtypeStruct((1, *train_data.images.shape[1:]), train_data.images.dtype)
+    classes = jax.eval_shape(trainer.predict, ts.params, ts.state, one).shape[-1]
+    check_labels(classes, "fit", train_data=train_data, eval_data=eval_data)
+    fingerprint = {**trainer.config.fingerprint(), **(fingerprint or {}),
+                   "examples": len(train_data)}
+    fingerprint = _json_round_trip(fingerprint)
     history, start = [], 0
     if resume and checkpoint_path and os.path.exists(checkpoint_path):
         ts, meta = _restore(checkpoint_path, ts, fingerprint, log)
@@ -344,38 +459,20 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
     ts, train_data = trainer.place((ts, train_data))
     if eval_data is not None:
         eval_data = trainer.place(eval_data)
-    steps = math.ceil(len(train_data) / trainer.config["batch_size"])
-    train_seconds = sum(h["seconds"] for h in history)
     evaluation = None
     for e in range(start, min(epochs, stop_after or epochs)):
-        if bar is not None:
-            from tqdm import tqdm
-            bar.bar = tqdm(total=steps, desc=f"epoch {e + 1}/{epochs}", unit="step",
-                           leave=True, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        ts, metrics = trainer.epoch(ts, train_data.images, train_data.labels)
-        record = {"epoch": e + 1, "train_loss": float(metrics["loss"]),
-                  "train_accuracy": float(metrics["accuracy"])}
-        record["seconds"] = time.perf_counter() - t0
-        train_seconds += record["seconds"]
+        ts, record = _train_epoch(trainer, ts, train_data, e + 1, epochs)
         evaluation = None
         if eval_data is not None and (eval_each_epoch or e == epochs - 1):
             evaluation = evaluate(trainer, ts, eval_data)
             record["eval_accuracy"] = evaluation.accuracy
-        if bar is not None and bar.bar is not None:
-            bar.bar.n = steps
-            bar.bar.set_postfix(loss=f"{record['train_loss']:.4f}",
-                                acc=f"{record['train_accuracy']:.4f}", refresh=True)
-            bar.bar.close()
-            bar.bar = None
         history.append(record)
         if checkpoint_path and dataparallel.is_main_process():  # one writer in a multi-host run
             ckpt.save(checkpoint_path, ts, {"epoch": e + 1, "history": history,
                                             "fingerprint": fingerprint})
-    return FitResult(ts, history, train_seconds, start, evaluation)
+    return FitResult(ts, history, sum(h["seconds"] for h in history), start, evaluation)
 
 
-def _jsonable(d: dict) -> dict:
-    """A dict as it reads back from JSON (tuples become lists), so fingerprints compare equal."""
-    import json
+def _json_round_trip(d: dict) -> dict:
+    """``d`` as it reads back from JSON (tuples become lists), so fingerprints compare equal."""
     return json.loads(json.dumps(d))

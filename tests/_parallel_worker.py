@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from functional_cnn import data, dataparallel, models, train
-from functional_cnn import testing as T
+from functional_cnn import verify
 
 
 # the shared MNIST, read once (tests/test_parallel.py runs this only when it is there)
@@ -35,7 +35,7 @@ def one_epoch(net, n_images, batch_size, devices, scan, optimizer):
 def compare(name, **kw):
     t0 = time.perf_counter()
     (p4, l4, e4, spread), (p1, l1, e1, _) = (one_epoch(devices=d, **kw) for d in (4, 1))
-    return {"case": name, "params_rel_err": T.max_errors(p4, p1)[1], "loss4": l4, "loss1": l1,
+    return {"case": name, "params_rel_err": verify.max_errors(p4, p1)[1], "loss4": l4, "loss1": l1,
             "eval_loss4": e4, "eval_loss1": e1, "spread": spread,
             "seconds": time.perf_counter() - t0}
 

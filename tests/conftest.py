@@ -1,9 +1,11 @@
-"""Shared fixtures: a single-threaded torch oracle, hypothesis profiles, ``needs_mnist``."""
+"""Shared fixtures: a single-threaded torch oracle, hypothesis profiles, ``needs_mnist``;
+``assert_close`` is the package's own (``functional_cnn.verify``)."""
 import os
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+from functional_cnn.verify import assert_close  # noqa: F401  (the tests' import point)
 
 settings.register_profile(
     "default", deadline=None, max_examples=25, print_blob=True,
@@ -30,18 +32,6 @@ def torch():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     return torch
-
-
-def assert_close(actual, expected, rtol, atol, what=""):
-    """Leaf-wise ``|a - e| <= atol + rtol * max|e|`` (scale of the whole leaf, not per element)."""
-    import jax
-    for i, (a, e) in enumerate(zip(jax.tree.leaves(actual), jax.tree.leaves(expected))):
-        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        assert a.shape == e.shape, f"{what} leaf {i}: shape {a.shape} != {e.shape}"
-        scale = float(np.max(np.abs(e))) if e.size else 0.0
-        err = float(np.max(np.abs(a - e))) if e.size else 0.0
-        assert err <= atol + rtol * scale, (
-            f"{what} leaf {i}: max abs error {err:.3g} > {atol} + {rtol} * {scale:.3g}")
 
 
 def float64():

@@ -59,6 +59,7 @@ def test_short_run_writes_the_json(tmp_path, torch):
     assert code == (0 if saved["reached"] else 1)
     assert saved["framework"] == "torch" and saved["threads"] == torch.get_num_threads()
     assert saved["target"] == 0.5 and isinstance(saved["reached"], bool)
+    assert saved["cpu_model"] and saved["cpu_count"] >= 1  # the figure's machine
     assert len(saved["history"]) == 1
     entry = saved["history"][0]
     assert entry["epoch"] == 1 and 0.0 <= entry["test_accuracy"] <= 1.0

@@ -111,3 +111,63 @@ def test_state_round_trip_names_like_torch_sequential():
                                             "0.weight": np.zeros((2, 1, 2, 2))})
     with pytest.raises(ValueError, match="no matching leaf: \\['extra'\\]"):
         fcn.load_state_dict(params, state, {**fcn.state_dict(params, state), "extra": 1.0})
+
+
+def test_combinators_record_their_children_and_wiring():
+    conv, relu = fcn.Conv2d(2, 3), fcn.ReLU()
+    net = fcn.serial(conv, fcn.parallel(relu, relu))
+    assert net.children[0] is conv and net.wiring == "serial" and net.name == "serial"
+    assert net.children[1].children == (relu, relu) and net.children[1].wiring == "parallel"
+    assert repr(net) == "serial(Conv2d(2, kernel_size=3), parallel(ReLU(), ReLU()))"
+    block = fcn.residual(fcn.ReLU())
+    assert repr(block) == "residual(fan_out(2), parallel(serial(ReLU()), Identity()), fan_in_sum())"
+    assert block.wiring == "serial" and fcn.fan_out(2).children == ()
+
+
+def test_serial_and_parallel_reject_params_for_fewer_layers():
+    # zip used to stop at the shorter tuple: serial returned the first two layers' output
+    net = fcn.serial(fcn.Linear(3), fcn.ReLU(), fcn.Linear(2))
+    _, params, state = net.init(jax.random.key(0), (4, 5))
+    x = jnp.ones((4, 5))
+    assert net.apply(params, state, x)[0].shape == (4, 2)
+    with pytest.raises(ValueError, match=r"^serial: expected params as a tuple of 3 entries "
+                                         r"\(one per layer\), got tuple of length 2"):
+        net.apply(params[:2], state[:2], x)
+    with pytest.raises(ValueError, match=r"^serial: expected state as a tuple of 3 entries "
+                                         r"\(one per layer\), got dict with keys \(\)"):
+        net.apply(params, {}, x)
+    pair = fcn.parallel(fcn.Linear(3), fcn.Linear(2))
+    _, params, state = pair.init(jax.random.key(0), ((4, 5), (4, 6)))
+    inputs = (jnp.ones((4, 5)), jnp.ones((4, 6)))
+    assert [y.shape for y in pair.apply(params, state, inputs)[0]] == [(4, 3), (4, 2)]
+    with pytest.raises(ValueError, match=r"^parallel: expected params as a tuple of 2 entries"):
+        pair.apply(params[:1], state[:1], inputs)
+    with pytest.raises(ValueError, match=r"^parallel: expected inputs as a tuple of 2 entries "
+                                         r"\(one per layer\), got tuple of length 1"):
+        pair.apply(params, state, inputs[:1])
+
+
+def test_combinators_without_params_reject_params():
+    block = fcn.residual(fcn.Linear(3))  # serial(fan_out, parallel(serial(Linear), Identity), fan_in_sum)
+    _, params, state = block.init(jax.random.key(0), (2, 3))
+    x = jnp.ones((2, 3))
+    misplaced = (params[1][0][0], params[1], params[2])  # Linear's params where fan_out's go
+    with pytest.raises(ValueError, match=r"^serial\[0\] > fan_out: expected empty params \{\}, "
+                                         r"got dict with keys \('weight', 'bias'\)"):
+        block.apply(misplaced, state, x)
+    with pytest.raises(ValueError, match=r"^serial\[1\] > parallel\[1\] > Identity: expected "
+                                         r"empty params \{\}, got dict with keys"):
+        block.apply((params[0], (params[1][0], params[1][0][0]), params[2]), state, x)
+    with pytest.raises(ValueError, match=r"^serial\[2\] > fan_in_sum: expected empty state"):
+        block.apply(params, (state[0], state[1], (1,)), x)
+
+
+def test_keys_are_checked_where_they_are_split():
+    net = fcn.serial(fcn.Dropout(0.5), fcn.ReLU())
+    _, params, state = net.init(None, (2, 3))  # nothing here draws parameters: no key needed
+    with pytest.raises(TypeError, match=r"^serial: expected a PRNG key \(jax.random.key\(seed\)\) "
+                                        r"or None, got int 3"):
+        net.apply(params, state, jnp.ones((2, 3)), train=True, key=3)
+    legacy = jax.random.PRNGKey(0)  # a raw uint32[2] key is a key too
+    assert net.apply(params, state, jnp.ones((2, 3)), train=True, key=legacy)[0].shape == (2, 3)
+    assert fcn.Linear(2).init(legacy, (1, 3))[1]["weight"].shape == (2, 3)

@@ -1,6 +1,8 @@
 """The MNIST loader on tiny IDX files written here (.gz and raw), and its error messages."""
 import gzip
 import os
+import sys
+import types
 
 import jax
 import numpy as np
@@ -60,14 +62,38 @@ def test_missing_file_names_file_directory_and_remedy(tmp_path):
     assert "--data-dir" in msg and data.ENV_VAR in msg
 
 
-def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
-    def boom(name, root):  # stands in for an offline torchvision download
-        raise data.DataFileError(data._missing_message(name, data.raw_dir(name, root),
-                                                       ["x"], " and downloading failed"))
-    monkeypatch.setattr(data, "_download", boom)
-    with pytest.raises(FileNotFoundError, match="downloading failed"):
+@pytest.fixture
+def offline_torchvision(monkeypatch):
+    """A torchvision whose downloads fail as they do without a network (after creating their
+    folders, as torchvision does)."""
+    def offline(root, train, download):
+        os.makedirs(os.path.join(root, "MNIST", "raw"), exist_ok=True)
+        raise RuntimeError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    fake = types.ModuleType("torchvision")
+    fake.datasets = types.SimpleNamespace(MNIST=offline, FashionMNIST=offline, KMNIST=offline)
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+
+
+def test_failed_download_names_only_the_missing_files(tmp_path, offline_torchvision):
+    make_split(tmp_path, "train", 3, True)
+    os.remove(tmp_path / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz")
+    with pytest.raises(data.DataFileError, match="downloading failed.*name resolution") as err:
+        data.load("MNIST", "train", root=tmp_path)  # download=True, the default
+    msg = str(err.value)
+    assert "missing train-labels-idx1-ubyte(.gz) in" in msg
+    assert "train-images" not in msg and "t10k" not in msg
+    assert sorted(os.listdir(tmp_path)) == ["MNIST"]  # no temp dir left
+    assert os.listdir(tmp_path / "MNIST" / "raw") == ["train-images-idx3-ubyte.gz"]
+
+
+def test_failed_download_leaves_nothing_behind(tmp_path, offline_torchvision):
+    root = tmp_path / "no" / "such" / "data"
+    with pytest.raises(data.DataFileError, match="downloading failed"):
+        data.load("MNIST", "test", root=root)
+    assert os.listdir(tmp_path) == []  # not root, not its new parents, not MNIST/raw
+    with pytest.raises(data.DataFileError, match="downloading failed"):
         data.load("KMNIST", "test", root=tmp_path)
-    assert not (tmp_path / "KMNIST").exists()
+    assert os.listdir(tmp_path) == []  # an existing root stays, empty
 
 
 def test_truncated_and_wrong_files_are_named(tmp_path):
@@ -105,3 +131,14 @@ def test_normalize_and_batches():
     assert sorted(np.concatenate([np.ravel(full), tail]).tolist()) == list(range(23))
     full2, _ = data.batch_indices(jax.random.key(1), 23, 5)
     assert not np.array_equal(full, full2)  # a new key, a new order
+
+
+def test_check_labels_names_the_set_the_example_and_the_label():
+    ds = data.Dataset(np.zeros((5, 28, 28), np.uint8), np.array([0, 9, 3, 12, 5], np.int32))
+    data.check_labels(13, train=ds, other=None)  # 12 < 13 and None is skipped
+    with pytest.raises(ValueError, match=r"fit: test labels must lie in \[0, 10\) \(the "
+                                         r"network's 10 outputs\), got 12 at index 3 \(1 of 5"):
+        data.check_labels(10, "fit", test=ds)
+    negative = data.Dataset(ds.images, np.array([0, 9, 3, 12, -2], np.int32))
+    with pytest.raises(ValueError, match=r"got -2 at index 4 \(1 of 5"):
+        data.check_labels(13, "fit", test=negative)

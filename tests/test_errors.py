@@ -130,3 +130,113 @@ def test_labels_outside_the_classes_are_rejected_when_concrete():
 def test_functional_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+@pytest.mark.parametrize("layer,init_shape,x,vjp,message", [
+    (fcn.Linear(5), (2, 7), jnp.ones((2, 7), jnp.int32), "custom",
+     r"^Linear: expected a floating-point input, got dtype int32"),
+    (fcn.BatchNorm2d(), (2, 3, 4, 4), jnp.ones((2, 3, 4, 4)), "manual",
+     r"^BatchNorm2d: vjp must be one of \('custom', 'autodiff'\), got 'manual'"),
+    (fcn.AvgPool2d(2), (1, 1, 4, 4), jnp.ones((1, 1, 4, 4)), "manual",
+     r"^AvgPool2d: vjp must be one of"),
+])
+def test_the_ops_checks_inside_a_layer_name_the_layer(layer, init_shape, x, vjp, message):
+    """A layer leaves dtype, vjp and geometry to its op, which checks them once."""
+    with pytest.raises((TypeError, ValueError), match=message):
+        applied(layer, init_shape, x, vjp=vjp)
+
+
+def _params_of(net, shape=(1, 1, 28, 28)):
+    _, params, state = net.init(KEY, shape)
+    return params, state
+
+
+def test_another_networks_params_name_the_layer_and_the_mismatch():
+    x = jnp.ones((2, 1, 28, 28))
+    lenet = _params_of(fcn.models.lenet())
+    with pytest.raises(ValueError, match=r"^serial: expected params as a tuple of 6 entries "
+                                         r"\(one per layer\), got tuple of length 8"):
+        fcn.models.mytorch_net().apply(*lenet, x)
+    # same length, other layers: the first layer that does not fit says how
+    net = fcn.serial(fcn.Conv2d(32, 3), fcn.ReLU(), fcn.Flatten(), fcn.Linear(10))
+    other = _params_of(fcn.serial(fcn.Conv2d(10, 5), fcn.ReLU(), fcn.Flatten(), fcn.Linear(10)))
+    with pytest.raises(ValueError, match=r"^serial\[0\] > Conv2d: expected params 'weight' of "
+                                         r"shape \(32, \*, 3, 3\), got \(10, 1, 5, 5\)"):
+        net.apply(*other, x)
+
+
+@pytest.mark.parametrize("layer,shape,edit,message", [
+    (fcn.Conv2d(4, 3), (1, 2, 5, 5), lambda p, s: ({"weight": p["weight"]}, s),
+     r"Conv2d: expected params with keys \('weight', 'bias'\), got dict with keys \('weight',\)"),
+    (fcn.Conv2d(4, 3, bias=False), (1, 2, 5, 5), lambda p, s: ({**p, "bias": jnp.ones(4)}, s),
+     r"Conv2d: expected params with keys \('weight',\), got dict with keys \('weight', 'bias'\)"),
+    (fcn.Conv2d(4, 3), (1, 2, 5, 5), lambda p, s: ({**p, "bias": jnp.ones(5)}, s),
+     r"Conv2d: expected params 'bias' of shape \(4,\), got \(5,\)"),
+    (fcn.Conv2d(4, 3), (1, 2, 5, 5), lambda p, s: ({**p, "weight": jnp.ones((4, 2, 3))}, s),
+     r"Conv2d: expected params 'weight' of shape \(4, \*, 3, 3\), got \(4, 2, 3\)"),
+    (fcn.Linear(3), (2, 5), lambda p, s: ({**p, "weight": jnp.ones((4, 5))}, s),
+     r"Linear: expected params 'weight' of shape \(3, \*\), got \(4, 5\)"),
+    (fcn.Linear(3), (2, 5), lambda p, s: ({**p, "bias": jnp.ones((1, 3))}, s),
+     r"Linear: expected params 'bias' of shape \(3,\), got \(1, 3\)"),
+    (fcn.Linear(3), (2, 5), lambda p, s: ((p["weight"], p["bias"]), s),
+     r"Linear: expected params with keys \('weight', 'bias'\), got tuple of length 2"),
+    (fcn.ReLU(), (2, 5), lambda p, s: ({"weight": jnp.ones(3)}, s),
+     r"ReLU: expected empty params \{\}, got dict with keys \('weight',\)"),
+    (fcn.MaxPool2d(2), (1, 2, 4, 4), lambda p, s: (p, None),
+     r"MaxPool2d: expected empty state \{\}, got None"),
+    (fcn.BatchNorm2d(), (2, 3, 4, 4), lambda p, s: (p, {"running_mean": s["running_mean"]}),
+     r"BatchNorm2d: expected state with keys \('running_mean', 'running_var'\), "
+     r"got dict with keys \('running_mean',\)"),
+    (fcn.BatchNorm2d(), (2, 3, 4, 4), lambda p, s: (p, {**s, "running_var": jnp.ones(4)}),
+     r"BatchNorm2d: expected state 'running_var' of shape \(3,\), got \(4,\)"),
+    (fcn.BatchNorm2d(momentum=None), (2, 3, 4, 4),
+     lambda p, s: (p, {**s, "num_batches_tracked": jnp.zeros(3)}),
+     r"BatchNorm2d: expected state 'num_batches_tracked' of shape \(\), got \(3,\)"),
+])
+def test_layer_params_and_state_are_checked(layer, shape, edit, message):
+    _, params, state = layer.init(KEY, shape)
+    params, state = edit(params, state)
+    with pytest.raises(ValueError, match=message):
+        layer.apply(params, state, jnp.ones(shape), train=True)
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda: fcn.parallel(fcn.ReLU(), fcn.ReLU()).init(KEY, (-1, 3)), TypeError,
+     r"^parallel: init expected a tuple of 2 input shapes \(one per input\), got \(-1, 3\)"),
+    (lambda: fcn.models.lenet().init(None, (-1, 1, 28, 28)), TypeError,
+     r"^serial\[0\] > Conv2d: expected a PRNG key \(jax.random.key\(seed\)\), got None"),
+    (lambda: fcn.serial(fcn.ReLU(), fcn.Linear(2)).init(None, (-1, 3)), TypeError,
+     r"^serial\[1\] > Linear: expected a PRNG key .*got None"),
+    (lambda: fcn.models.mlp().init(0, (-1, 1, 28, 28)), TypeError,
+     r"^serial: expected a PRNG key \(jax.random.key\(seed\)\) or None, got int 0"),
+    (lambda: fcn.ReLU().init(None, -1), TypeError,
+     r"^ReLU: init expected an input shape \(a tuple of ints, the batch may be -1\), got -1"),
+    (lambda: fcn.serial(fcn.Flatten()).init(None, (2, "3")), TypeError,
+     r"^serial\[0\] > Flatten: init expected an input shape .*got \(2, '3'\)"),
+    (lambda: fcn.fan_in_sum().init(None, (2, 3)), TypeError,
+     r"^fan_in_sum: init expected a tuple of input shapes \(one per input\), got \(2, 3\)"),
+    (lambda: fcn.fan_in_concat(axis=2).init(None, ((2, 3), (2, 4))), ValueError,
+     r"^fan_in_concat: expected inputs of one rank with an axis 2, got shapes \[\(2, 3\), \(2, 4\)\]"),
+])
+def test_init_arguments_are_checked(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("layer,inputs,error,message", [
+    # (2, 3) + (1, 3) would broadcast: a silently wrong sum, not an error, before the check
+    (fcn.fan_in_sum(), (jnp.ones((2, 3)), jnp.ones((1, 3))), ValueError,
+     r"^fan_in_sum: expected inputs of one shape, got shapes \[\(2, 3\), \(1, 3\)\]"),
+    (fcn.fan_in_sum(), (jnp.ones((2, 3)), jnp.ones((2, 4))), ValueError,
+     r"^fan_in_sum: expected inputs of one shape, got shapes \[\(2, 3\), \(2, 4\)\]"),
+    (fcn.fan_in_sum(), jnp.ones((2, 3)), TypeError,
+     r"^fan_in_sum: expected a tuple of input arrays, got array of shape \(2, 3\) float32"),
+    (fcn.fan_in_concat(), (jnp.ones((2, 3, 4)), jnp.ones((2, 3, 5))), ValueError,
+     r"^fan_in_concat: inputs must agree on every axis but 1, got shapes "
+     r"\[\(2, 3, 4\), \(2, 3, 5\)\]"),
+    (fcn.fan_in_concat(), (jnp.ones((2, 3, 4)), jnp.ones((2, 3))), ValueError,
+     r"^fan_in_concat: expected inputs of one rank with an axis 1"),
+])
+def test_fan_in_apply_checks_its_inputs(layer, inputs, error, message):
+    with pytest.raises(error, match=message):
+        layer.apply({}, {}, inputs)

@@ -27,7 +27,7 @@ def test_one_epoch_smoke(name, tmp_path):
     result = module.run(module.PROTOCOL, argv)
     saved = json.loads(out.read_text())
     for field in ("test_accuracy", "final_train_loss", "train_seconds", "epochs", "vjp",
-                  "devices", "processes"):
+                  "devices", "processes", "cpu_model", "cpu_flags", "jax_version"):
         assert field in saved
     assert saved["devices"] == jax.device_count()  # default: every device of the run
     assert saved["epochs"] == 1 and saved["vjp"] == "custom"
@@ -115,3 +115,4 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     assert [h["epoch"] for h in result["history"]] == [1]
     assert 0.9 <= result["history"][0]["test_accuracy"] <= 1.0
     assert 0 < result["seconds"] == result["history"][-1]["seconds"]
+    assert result["cpu_model"] and result["framework"] == "functional_cnn"

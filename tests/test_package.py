@@ -14,7 +14,7 @@ FORBIDDEN = {"vjp", "grad", "jvp", "linearize", "linear_transpose", "value_and_g
 
 
 def test_import_does_not_import_torch():
-    code = "import sys, functional_cnn, functional_cnn.testing; " \
+    code = "import sys, functional_cnn, functional_cnn.audit, functional_cnn.verify; " \
            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout.strip()
@@ -36,11 +36,12 @@ def test_backward_rules_never_call_jax_differentiation():
 
 def test_registry_lists_every_public_op_and_loss():
     assert set(fcn.functional.ops("loss")) == {"cross_entropy", "binary_cross_entropy_with_logits",
-                                               "mse_loss"}
+                                               "mse_loss", "nll_loss", "huber_loss"}
     assert set(fcn.functional.ops("op")) == {
         "linear", "conv2d", "max_pool2d", "avg_pool2d", "batch_norm", "relu", "leaky_relu",
         "sigmoid", "tanh", "softmax", "log_softmax", "dropout",
-        "conv_transpose2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "interpolate"}
+        "conv_transpose2d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "interpolate",
+        "layer_norm", "group_norm", "dropout2d", "gelu", "silu", "elu", "softplus", "hardtanh"}
     for name, info in REGISTRY.items():
         assert getattr(fcn.functional, name) is info.fn
     for name in fcn.functional.ops("loss"):

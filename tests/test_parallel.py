@@ -1,17 +1,21 @@
 """Data-parallel training (functional_cnn.dataparallel): 4 forced host devices give the same
-parameters, BatchNorm statistics and loss as 1; clear errors; multi-host configuration."""
+parameters, BatchNorm statistics and loss as 1; two processes joined by jax.distributed give the
+same as one; clear errors; multi-host configuration."""
 import json
 import os
 import pathlib
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import pytest
 
-from functional_cnn import dataparallel, train
+from functional_cnn import checkpoint, dataparallel, train, verify
 from tests.conftest import needs_mnist
-from tests.test_train import small_net
+from tests._train_helpers import small_net, tiny_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RTOL = 1e-5  # float32: the sharded reductions add in another order
@@ -48,8 +52,90 @@ def test_four_devices_match_one_device(tmp_path):
     assert "--batch-size 12" in errors["cli"]
 
 
+def free_port() -> int:
+    """A port nobody listens on now (the coordinator binds it on every interface)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def run_together(commands, logs, env, timeout):
+    """Run ``commands`` at once, each in its own session with its output in ``logs``; as soon
+    as one fails, or when ``timeout`` seconds have passed, kill every one still running (the
+    others would wait for it in a collective until the heartbeat gives up, minutes later).
+    Returns the exit codes, None for a process that was killed."""
+    procs = []
+    try:
+        for command, log in zip(commands, logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                              cwd=ROOT, env=env, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs) \
+                and not any(p.poll() for p in procs):
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # its own session: only what it started
+                p.wait()
+    return [None if p.returncode == -signal.SIGKILL else p.returncode for p in procs]
+
+
+def two_process_run(argv, tmp_path, attempts=2):
+    """``python -m experiments.lenet ARGV`` as processes 0 and 1 of one jax.distributed
+    run on localhost; process I writes to tmp_path/pI (only 0 should). Another attempt on a new
+    port if the coordinator's port was taken in between."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FUNCTIONAL_CNN_") or k == "FUNCTIONAL_CNN_DATA"}
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    for _ in range(attempts):
+        port = free_port()
+        commands = [[sys.executable, "-m", "experiments.lenet", *argv,
+                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                     "--process-id", str(i), "--json", str(tmp_path / f"p{i}" / "r.json"),
+                     "--checkpoint", str(tmp_path / f"p{i}")] for i in (0, 1)]
+        logs = [tmp_path / f"p{i}.log" for i in (0, 1)]
+        codes = run_together(commands, logs, env, timeout=300)
+        output = "\n".join(f"--- process {i} ({'killed' if c is None else f'exit {c}'}):\n"
+                           f"{log.read_text()[-3000:]}"
+                           for i, (c, log) in enumerate(zip(codes, logs)))
+        if codes == [0, 0] or "Failed to add port" not in output:
+            return codes, output
+    return codes, output
+
+
+@needs_mnist  # trains on the shared MNIST, as the README's multi-host commands do
+def test_two_processes_match_one_process(tmp_path):
+    """The README's multi-host commands on one machine: two processes on localhost, one CPU
+    device each, joined by jax.distributed.initialize (gloo collectives), train a LeNet epoch
+    to the parameters, momentum and loss of one process on the same data. SGD, because Adam
+    would turn rounding noise in near-zero gradients into full-size steps."""
+    from experiments import lenet
+    # 69 = 4 x 16 + a ragged 5 that does not divide by 2: the tail batch runs replicated
+    argv = ["--epochs", "1", "--train-range", "0", "69", "--eval-limit", "40", "--no-progress",
+            "--optimizer", "sgd", "--batch-size", "16", "--devices", "2"]
+    codes, output = two_process_run(argv, tmp_path)
+    assert codes == [0, 0], output
+    two = json.loads((tmp_path / "p0" / "r.json").read_text())
+    assert not (tmp_path / "p1").exists(), "only process 0 writes the JSON and checkpoints"
+    argv[-1] = "1"
+    one = lenet.run(lenet.PROTOCOL, argv + ["--checkpoint", str(tmp_path / "one")])
+    assert (two["processes"], two["devices"], one["processes"], one["devices"]) == (2, 2, 1, 1)
+    header, leaves2 = checkpoint._read(tmp_path / "p0" / "lenet.npz")
+    _, leaves1 = checkpoint._read(tmp_path / "one" / "lenet.npz")
+    paths = [entry["path"] for entry in header["leaves"]]
+    assert len(leaves2) == len(leaves1) == 14, paths  # 6 params, 6 momenta, the step, the key
+    assert int(leaves2[paths.index(".step")]) == int(leaves1[paths.index(".step")]) == 5
+    for entry, a, b in zip(header["leaves"], leaves2, leaves1):
+        assert verify.max_errors(a, b)[1] < 1e-5, (entry["path"], verify.max_errors(a, b))
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-5)
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    assert two["test_accuracy"] == one["test_accuracy"]
+
+
 def test_one_device_mesh_matches_no_mesh():
-    from tests.test_train import tiny_data
     ds = tiny_data()
     out = []
     for mesh in (None, dataparallel.make_mesh(1)):

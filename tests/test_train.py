@@ -1,4 +1,5 @@
-"""The engine: exact ragged-batch losses, scan == per-step loop, exact resume, bad config."""
+"""The engine: exact ragged-batch losses, scan == per-step loop, exact resume, progress, bad
+config."""
 import jax
 import numpy as np
 import optax
@@ -8,17 +9,7 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from functional_cnn import checkpoint as ckpt
 from functional_cnn import data, train
-
-
-def tiny_data(n=23, seed=0):
-    rng = np.random.default_rng(seed)
-    return data.Dataset(jnp.asarray(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)),
-                        jnp.asarray(rng.integers(0, 10, n), jnp.int32))
-
-
-def small_net():  # BatchNorm, so a padded batch would change the result
-    return fcn.serial(fcn.Conv2d(4, 3, stride=2), fcn.BatchNorm2d(), fcn.ReLU(), fcn.Flatten(),
-                      fcn.Linear(10))
+from tests._train_helpers import small_net, tiny_data
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -117,3 +108,69 @@ def test_evaluate_and_bad_config():
         train.make_trainer(small_net(), batch_size=2, reduction="none")
     with pytest.raises(ValueError, match="expected epochs a non-negative int"):
         train.fit(trainer, ts, ds, epochs=-1)
+
+
+def linear_net():  # the cheapest to compile: progress does not depend on the network
+    return fcn.serial(fcn.Flatten(), fcn.Linear(10))
+
+
+class RecordingProgress:
+    """The progress protocol, recording every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def every(self, steps):
+        self.calls.append(("every", steps))
+        return 2
+
+    def open(self, epoch, epochs, steps):
+        self.calls.append(("open", epoch, epochs, steps))
+
+    def update(self, i, loss_sum, correct, seen):
+        self.calls.append(("update", int(i), int(seen), float(loss_sum), int(correct)))
+
+    def close(self, steps, loss, accuracy):
+        self.calls.append(("close", steps, loss, accuracy))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_progress_is_passed_once_and_fit_drives_it(scan):
+    progress = RecordingProgress()
+    trainer = train.make_trainer(linear_net(), batch_size=5, scan=scan, progress=progress)
+    result = train.fit(trainer, trainer.init(jax.random.key(0), (-1, 1, 28, 28)), tiny_data(),
+                       epochs=2)
+    jax.effects_barrier()  # the compiled epoch's callbacks have all run
+    calls = progress.calls
+    assert ("every", 5) in calls  # 23 examples in batches of 5: 4 full and a tail of 3
+    for epoch, record in enumerate(result.history, start=1):
+        opened = calls.index(("open", epoch, 2, 5))
+        closed = calls.index(("close", 5, record["train_loss"], record["train_accuracy"]))
+        updates = [c for c in calls[opened:closed] if c[0] == "update"]
+        assert [(i, seen) for _, i, seen, _, _ in updates] == [(0, 5), (2, 15)]
+        assert all(loss > 0 and 0 <= correct <= seen for _, _, seen, loss, correct in updates)
+
+
+def test_progress_bar_shows_each_epoch(capsys):
+    trainer = train.make_trainer(linear_net(), batch_size=5, scan=False,
+                                 progress=train.ProgressBar())
+    result = train.fit(trainer, trainer.init(jax.random.key(0), (-1, 1, 28, 28)), tiny_data(),
+                       epochs=1)
+    shown = capsys.readouterr().err
+    assert "epoch 1/1" in shown and "5/5" in shown
+    assert f"loss={result.history[0]['train_loss']:.4f}" in shown
+
+
+def test_fit_checks_labels_against_the_outputs_before_training():
+    # Under jit a bad label would only give NaN; fit checks the sets once, up front.
+    trainer = train.make_trainer(small_net(), batch_size=5)
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    for which, bad_label in (("train_data", 10), ("eval_data", -1)):
+        sets = {"train_data": tiny_data(), "eval_data": tiny_data(11, seed=1)}
+        labels = np.asarray(sets[which].labels).copy()
+        labels[4] = bad_label
+        sets[which] = data.Dataset(sets[which].images, jnp.asarray(labels))
+        with pytest.raises(ValueError, match=rf"fit: {which} labels must lie in \[0, 10\) .* "
+                                             rf"got {bad_label} at index 4 \(1 of"):
+            train.fit(trainer, ts, epochs=1, log=lambda m: None, **sets)
+        assert int(ts.step) == 0  # not trained (nor donated)

@@ -80,6 +80,19 @@ def make_axis(in_size: int, kernel: int, stride: int, dilation: int, pad_lo: int
     return Axis(in_size, out, kernel, stride, dilation, pad_lo, exact_hi)
 
 
+def check_window_fits(where: str, in_shape, axes: Sequence[Axis], pads) -> None:
+    """Raise when a window is larger than the padded input (no output position on an axis).
+
+    ``pads``: the requested ``(lo, hi)`` padding of each spatial axis (``axes`` hold ``pad_hi``
+    adjusted to the windows' reach, which is not what the message should report)."""
+    if any(a.out_size < 1 for a in axes):
+        padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_shape[2:], pads))
+        window = tuple(a.span for a in axes)
+        raise ValueError(f"{where}: the window {window[0]}x{window[1]} (kernel with dilation) "
+                         f"is larger than the padded input {padded[0]}x{padded[1]} "
+                         f"(input shape {tuple(in_shape)})")
+
+
 def pad_spatial(x, axes: Sequence[Axis], value):
     """Pad (or crop, where ``pad_hi < 0``) the trailing spatial axes of an NC... array."""
     config = [(0, 0, 0)] * (x.ndim - len(axes)) + [(a.pad_lo, a.pad_hi, 0) for a in axes]

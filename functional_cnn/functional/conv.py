@@ -9,9 +9,10 @@ from jax import lax
 from jax import numpy as jnp
 
 from .. import _checks
+from . import _spaces as S
 from ._registry import check_vjp, register, two_gradients
-from ._windows import (Axis, add_window_views, make_axis, pad_spatial, transposed_axis,
-                       unpad_spatial, window_views)
+from ._windows import (Axis, add_window_views, check_window_fits, make_axis, pad_spatial,
+                       transposed_axis, unpad_spatial, window_views)
 
 # XLA:CPU runs a convolution on its fast (Eigen) path only in the canonical layout: input
 # NHWC, kernel HWIO, output NHWC. Outside loops its layout pass rewrites other layouts, but inside
@@ -58,9 +59,20 @@ def _single_channel(cfg, in_channels: int) -> bool:
 
 
 def _patches(cfg, x):
-    """im2col: ``(N, C*kh*kw, H_out*W_out)``, rows in the weight's (c, a, b) order."""
+    """im2col: ``(N, C*kh*kw, H_out*W_out)``, rows in the weight's (c, a, b) order.
+
+    Every reshape here spells its sizes out: with ``-1`` an empty batch (N = 0) has no size to
+    infer."""
     views = jnp.stack(window_views(pad_spatial(x, cfg.axes, 0), cfg.axes), axis=2)
-    return views.reshape(x.shape[0], -1, cfg.axes[0].out_size * cfg.axes[1].out_size)
+    return views.reshape(x.shape[0], x.shape[1] * _taps(cfg), _out_pixels(cfg))
+
+
+def _taps(cfg) -> int:
+    return cfg.axes[0].kernel * cfg.axes[1].kernel
+
+
+def _out_pixels(cfg) -> int:
+    return cfg.axes[0].out_size * cfg.axes[1].out_size
 
 
 def _matmul_per_sample(w2, m):
@@ -72,16 +84,16 @@ def _matmul_per_sample(w2, m):
 def _im2col_forward(cfg, x, weight):
     """``y[n] = W (O, C*kh*kw) @ P[n]``: already NCHW, no transposes."""
     y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
-    return y.reshape(x.shape[0], -1, cfg.axes[0].out_size, cfg.axes[1].out_size)
+    return y.reshape(x.shape[0], weight.shape[0], cfg.axes[0].out_size, cfg.axes[1].out_size)
 
 
 def _im2col_grads(cfg, x, weight, g):
     """``dx = col2im(W^T g[n])`` (each patch row added back at its window offset);
     ``dW = sum_n g[n] P[n]^T``."""
     n, c = g.shape[0], weight.shape[1]
-    g2 = g.reshape(n, g.shape[1], -1)
+    g2 = g.reshape(n, g.shape[1], _out_pixels(cfg))
     d_patches = _matmul_per_sample(weight.reshape(weight.shape[0], -1).T, g2)
-    d_patches = d_patches.reshape(n, c, -1, *g.shape[2:])
+    d_patches = d_patches.reshape(n, c, _taps(cfg), *g.shape[2:])
     views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
     dx = unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
     dw = lax.dot_general(g2, _patches(cfg, x), (((2,), (2,)), ((0,), (0,)))).sum(axis=0)
@@ -317,15 +329,6 @@ def conv_config(where: str, in_shape, weight_shape, stride, padding, dilation,
     return ConvConfig(axes, groups)
 
 
-def check_window_fits(where: str, in_shape, axes, pads) -> None:
-    if any(a.out_size < 1 for a in axes):
-        padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_shape[2:], pads))
-        window = tuple(a.span for a in axes)
-        raise ValueError(f"{where}: the window {window[0]}x{window[1]} (kernel with dilation) "
-                         f"is larger than the padded input {padded[0]}x{padded[1]} "
-                         f"(input shape {tuple(in_shape)})")
-
-
 @register()
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
            vjp: str = "custom"):
@@ -357,6 +360,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     * *im2col* (one input channel, rows too wide for the band): batched matrix products over the
       patches ``P[n] (kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
       ``dx = col2im(W^T g[n])``.
+
+    Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
     """
     check_vjp("conv2d", vjp)
     _checks.check_floating("conv2d", x)
@@ -454,6 +459,9 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
 
     where ``gp`` is ``g`` padded by ``p`` (and cropped by ``output_padding``). Both are
     correlations written like conv2d's forward, so the rule is differentiable again.
+
+    Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative (a zero weight
+    included).
     """
     check_vjp("conv_transpose2d", vjp)
     _checks.check_floating("conv_transpose2d", x)
@@ -464,3 +472,77 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
                                 padding, output_padding, groups, dilation)
     _check_bias("conv_transpose2d", bias, weight.shape[1] * groups)
     return _conv_transpose2d(vjp, cfg, x, weight, bias)
+
+
+# ------------------------------------------------ hyperparameter spaces (tests, audit)
+
+def _conv2d_case(rng, c, dtype):
+    g = c["groups"]
+    x = S.normal(rng, (c["batch"], c["in_per_group"] * g) + tuple(c["size"]), dtype)
+    kernel = c["kernel"] if isinstance(c["kernel"], tuple) else (c["kernel"],) * 2
+    w = S.normal(rng, (c["out_per_group"] * g, c["in_per_group"]) + kernel, dtype)
+    inputs = {"x": x, "weight": w}
+    if c["bias"]:
+        inputs["bias"] = S.normal(rng, (w.shape[0],), dtype)
+    kw = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=g)
+    return S.Case("conv2d", c, inputs,
+                lambda x, w, b=None, vjp="custom": conv2d(x, w, b, vjp=vjp, **kw),
+                lambda torch, x, w, b=None: torch.nn.functional.conv2d(x, w, b, **kw))
+
+
+S.register_space(
+    "conv2d",
+    dict(batch=(2, 1), in_per_group=(3, 1, 2), out_per_group=(2, 1), groups=(1, 2, 3),
+         size=((8, 7), (5, 5), (9, 6)), kernel=(3, 1, 2, (3, 2)),
+         stride=(1, 2, 3, (2, 1)), padding=(0, 1, 2, (1, 0), "same", "valid"),
+         dilation=(1, 2, (1, 2), (2, 1)), bias=(True, False)),
+    _conv2d_case,
+    ({"kernel": 2, "stride": 3}, {"padding": "same", "dilation": 2},
+     {"padding": "same", "kernel": 2}, {"groups": 3, "stride": 2, "padding": 1},
+     {"batch": 1, "size": (5, 5), "kernel": 3, "padding": 2, "stride": 2},
+     {"dilation": (1, 2), "stride": (2, 1), "kernel": (3, 2)},
+     {"in_per_group": 1, "groups": 1},  # the single-channel (im2col) fast path
+     {"in_per_group": 1, "groups": 1, "stride": 2, "padding": 1, "dilation": 2,
+      "kernel": (3, 2), "batch": 1},
+     # the banded fast path (several channels, narrow): stride and dilation on the height,
+     # stride on the width, "same" padding
+     {"in_per_group": 3, "groups": 1, "kernel": 3, "size": (9, 6), "stride": (2, 1),
+      "dilation": (2, 1), "padding": (1, 0)},
+     {"in_per_group": 2, "groups": 1, "kernel": (3, 2), "size": (5, 5), "stride": (1, 2),
+      "padding": 0, "dilation": 1},
+     {"in_per_group": 2, "groups": 1, "kernel": 3, "size": (5, 5), "padding": "same",
+      "stride": 1, "dilation": 1}))
+
+
+def _conv_transpose2d_case(rng, c, dtype):
+    g = c["groups"]
+    x = S.normal(rng, (c["batch"], c["in_per_group"] * g) + tuple(c["size"]), dtype)
+    kernel = c["kernel"] if isinstance(c["kernel"], tuple) else (c["kernel"],) * 2
+    w = S.normal(rng, (c["in_per_group"] * g, c["out_per_group"]) + kernel, dtype)
+    inputs = {"x": x, "weight": w}
+    if c["bias"]:
+        inputs["bias"] = S.normal(rng, (c["out_per_group"] * g,), dtype)
+    kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
+              groups=g, dilation=c["dilation"])
+    return S.Case("conv_transpose2d", c, inputs,
+                  lambda x, w, b=None, vjp="custom": conv_transpose2d(x, w, b, vjp=vjp, **kw),
+                  lambda torch, x, w, b=None: torch.nn.functional.conv_transpose2d(x, w, b, **kw))
+
+
+S.register_space(
+    "conv_transpose2d",
+    dict(batch=(2, 1), in_per_group=(2, 1, 3), out_per_group=(3, 1, 2), groups=(1, 2),
+         size=((4, 3), (3, 3), (5, 4), (1, 1)), kernel=(3, 1, 2, (3, 2)),
+         stride=(1, 2, 3, (2, 1)), padding=(0, 1, 2, (1, 0)), output_padding=(0, 1, (1, 0)),
+         dilation=(1, 2, (1, 2)), bias=(True, False)),
+    _conv_transpose2d_case,
+    ({"stride": 2, "output_padding": 1, "padding": 1},
+     {"stride": 3, "kernel": 2},  # stride above kernel: rows no window writes
+     {"output_padding": 1, "dilation": 2},  # output_padding < dilation (stride 1)
+     {"padding": 2, "kernel": 1, "stride": 2},  # padding past the kernel's reach
+     {"groups": 2, "stride": 2, "padding": 1, "output_padding": (1, 0), "kernel": (3, 2)},
+     {"batch": 1, "size": (1, 1), "kernel": 3, "padding": 1},
+     # the rule's dx is a conv2d forward: its im2col path (one output channel, wide rows)
+     # and its lax path (wide rows, several channels)
+     {"out_per_group": 1, "size": (3, 9), "kernel": 1, "stride": 2},
+     {"out_per_group": 3, "size": (3, 9), "kernel": (2, 1), "stride": (1, 3)}))

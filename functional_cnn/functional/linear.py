@@ -5,6 +5,7 @@ from jax import lax
 from jax import numpy as jnp
 
 from .. import _checks
+from . import _spaces as S
 from ._registry import check_vjp, register, two_gradients
 
 
@@ -41,6 +42,8 @@ def linear(x, weight, bias=None, *, vjp: str = "custom"):
         dx = g W                     (..., out) @ (out, in)
         dW = sum_m g[m]^T x[m]       (out, in)
         db = sum_m g[m]              (out,)
+
+    Linear in each input: no kinks, both paths give the one derivative.
     """
     check_vjp("linear", vjp)
     _checks.check_floating("linear", x)
@@ -53,3 +56,24 @@ def linear(x, weight, bias=None, *, vjp: str = "custom"):
         raise ValueError(f"linear: expected bias of shape ({weight.shape[0]},), "
                          f"got {tuple(bias.shape)}")
     return _linear(vjp, None, x, weight, bias)
+
+
+# ------------------------------------------------ hyperparameter spaces (tests, audit)
+
+def _linear_case(rng, c, dtype):
+    x = S.normal(rng, tuple(c["batch_shape"]) + (c["in_features"],), dtype)
+    w = S.normal(rng, (c["out_features"], c["in_features"]), dtype)
+    inputs = {"x": x, "weight": w}
+    if c["bias"]:
+        inputs["bias"] = S.normal(rng, (c["out_features"],), dtype)
+    return S.Case("linear", c, inputs,
+                lambda x, w, b=None, vjp="custom": linear(x, w, b, vjp=vjp),
+                lambda torch, x, w, b=None: torch.nn.functional.linear(x, w, b))
+
+
+S.register_space(
+    "linear",
+    dict(batch_shape=((4,), (1,), (2, 3)), in_features=(5, 1, 8), out_features=(4, 1),
+         bias=(True, False)),
+    _linear_case,
+    ({"batch_shape": (1,)}, {"in_features": 1, "out_features": 1, "bias": False}))

@@ -13,10 +13,11 @@ from jax import lax
 from jax import numpy as jnp
 
 from .. import _checks
+from . import _spaces as S
 from ._registry import check_vjp, register, two_gradients
-from ._windows import (Axis, Taps, adaptive_taps, add_window_views, kernel_offsets, make_axis,
-                       pad_spatial, separable_product, tap_views, tiles, unpad_spatial,
-                       window_views)
+from ._windows import (Axis, Taps, adaptive_taps, add_window_views, check_window_fits,
+                       kernel_offsets, make_axis, pad_spatial, separable_product, tap_views, tiles,
+                       unpad_spatial, window_views)
 
 
 class PoolConfig(NamedTuple):
@@ -87,12 +88,7 @@ def pool_axes(where: str, in_shape, kernel_size, stride, padding, dilation,
                          f"(as in PyTorch), got padding {pads} for kernel {kernel}")
     axes = tuple(make_axis(n, k, s, d, p, p, bool(ceil_mode))
                  for n, k, s, d, p in zip(in_shape[2:], kernel, stride, dilation, pads))
-    if any(a.out_size < 1 for a in axes):
-        padded = tuple(n + 2 * p for n, p in zip(in_shape[2:], pads))
-        window = tuple(a.span for a in axes)
-        raise ValueError(f"{where}: the window {window[0]}x{window[1]} (kernel with dilation) "
-                         f"is larger than the padded input {padded[0]}x{padded[1]} "
-                         f"(input shape {tuple(in_shape)})")
+    check_window_fits(where, in_shape, axes, [(p, p) for p in pads])
     return axes
 
 
@@ -118,8 +114,30 @@ def _window_maxima(cfg, x):
     rule's forward; 1.2-1.5x faster steps than gathering the value at ``first``)."""
     stacked = jnp.stack(cfg.views(x, -jnp.inf), axis=-1)
     offsets = lax.broadcasted_iota(jnp.int32, stacked.shape, stacked.ndim - 1)
-    return lax.reduce((stacked, offsets), (np.array(-np.inf, x.dtype), np.int32(0)),
-                      _first_max, (stacked.ndim - 1,))
+    value, first = lax.reduce((stacked, offsets), (np.array(-np.inf, x.dtype), np.int32(0)),
+                              _first_max, (stacked.ndim - 1,))
+    return value, _padding_never_wins(cfg, value, first)
+
+
+def _first_inside(a: Axis) -> np.ndarray:
+    """Per output position of one axis, the first kernel offset inside the unpadded input."""
+    positions = ((np.arange(a.out_size) * a.stride - a.pad_lo)[:, None]
+                 + np.arange(a.kernel)[None, :] * a.dilation)
+    return np.argmax((positions >= 0) & (positions < a.in_size), axis=1)
+
+
+def _padding_never_wins(cfg, value, first):
+    """PyTorch's choice for a window whose maximum is ``-inf`` (all its input elements are
+    ``-inf``): its first element inside the input, never the ``-inf`` padding (which would
+    swallow the gradient). A constant per window, and no work when no window starts in the
+    padding. Adaptive windows have no padding: their offset 0 (``argmax``'s pick) is inside."""
+    if not isinstance(cfg, PoolConfig):
+        return first
+    height, width = (_first_inside(a) for a in cfg.axes)
+    inside = (height[:, None] * cfg.axes[1].kernel + width[None, :]).astype(np.int32)
+    if not inside.any():
+        return first
+    return jnp.where(value == -jnp.inf, inside, first)
 
 
 @_window_maxima.defjvp
@@ -147,7 +165,9 @@ def _max_forward(cfg, x):
     differentiate a dilated reduce_window max at all.) The selects fuse into the pool's
     consumers, which XLA:CPU runs faster than a gather (LeNet's step and evaluation)."""
     views = cfg.views(x, -jnp.inf)
-    return _at_offset(views, jnp.argmax(jnp.stack(views, axis=-1), axis=-1))
+    first = jnp.argmax(jnp.stack(views, axis=-1), axis=-1)
+    first = _padding_never_wins(cfg, lax.stop_gradient(_at_offset(views, first)), first)
+    return _at_offset(views, first)
 
 
 def _max_fwd(cfg, x):
@@ -211,6 +231,10 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
     Only the winning offsets are saved. The scatter is an interleave when the windows tile the
     input (stride == kernel) and one scatter-add otherwise.
+
+    Both paths (the rule and autodiff) take PyTorch's subgradient at ties: the first maximum;
+    a window whose input elements are all ``-inf`` passes its cotangent to its first element
+    inside the input, never to the padding; a NaN is the maximum of its window.
     """
     check_vjp("max_pool2d", vjp)
     _checks.check_floating("max_pool2d", x)
@@ -275,7 +299,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
         dxp[n, c, i s + a, j s + b] += g[n, c, i, j] / N[i, j]   for all offsets (a, b)
         dx = dxp without its padding
 
-    ``N`` is a compile-time constant, so nothing is saved from the forward pass.
+    ``N`` is a compile-time constant, so nothing is saved from the forward pass. Linear: both
+    paths give the one derivative, with PyTorch's ``N`` at the padded and overhanging edges.
     """
     check_vjp("avg_pool2d", vjp)
     _checks.check_floating("avg_pool2d", x)
@@ -354,6 +379,9 @@ def adaptive_avg_pool2d(x, output_size, *, vjp: str = "custom"):
     (:class:`_windows.Taps`): a NaN or inf input then reaches every output of its plane
     (``0 * inf``), where PyTorch confines it to the windows holding it. ``A`` is a
     compile-time constant, so nothing is saved from the forward pass.
+
+    Linear: both paths give the one derivative, PyTorch's equal shares, also where windows
+    overlap or repeat an input (a constant input included).
     """
     check_vjp("adaptive_avg_pool2d", vjp)
     _checks.check_floating("adaptive_avg_pool2d", x)
@@ -381,6 +409,10 @@ def adaptive_max_pool2d(x, output_size, *, vjp: str = "custom"):
         dx[n, c, rows[a*, i], cols[b*, j]] += g[n, c, i, j]       one scatter-add
 
     Only the winning offsets are saved.
+
+    Both paths (the rule and autodiff) take PyTorch's subgradient at ties: the first maximum
+    in scan order (a constant input, overlapping windows); a window whose elements are all
+    ``-inf`` passes its cotangent to its first element; a NaN is the maximum of its window.
     """
     check_vjp("adaptive_max_pool2d", vjp)
     _checks.check_floating("adaptive_max_pool2d", x)
@@ -388,3 +420,74 @@ def adaptive_max_pool2d(x, output_size, *, vjp: str = "custom"):
         return _unbatched(adaptive_max_pool2d, x, output_size, vjp=vjp)
     cfg = adaptive_config("adaptive_max_pool2d", jnp.shape(x), output_size)
     return _max_pool2d(vjp, cfg, x)
+
+
+# ------------------------------------------------ hyperparameter spaces (tests, audit)
+
+def _pool_input(rng, c, dtype):
+    x = S.normal(rng, (c["batch"], c["channels"]) + tuple(c["size"]), dtype)
+    return S.ties(x) if c.get("ties") else x
+
+
+def _pool_case(name, extra):
+    """Builder for a pooling op: the shared hyperparameters plus its own (``extra``)."""
+    def build(rng, c, dtype):
+        kw = dict(kernel_size=c["kernel"], stride=c["stride"], padding=c["padding"],
+                  ceil_mode=c["ceil_mode"], **{k: c[k] for k in extra})
+        fn = S.op(name)
+        return S.Case(name, c, {"x": _pool_input(rng, c, dtype)},
+                    lambda x, vjp="custom": fn(x, vjp=vjp, **kw),
+                    lambda torch, x: getattr(torch.nn.functional, name)(x, **kw))
+    return build
+
+
+_POOL = dict(batch=(2, 1), channels=(3, 1), size=((7, 6), (5, 5), (9, 8), (6, 9)),
+             kernel=(3, 2, 1, (2, 3)), stride=(None, 1, 2, 3, (1, 2)), padding=(0, 1, (1, 0)),
+             ceil_mode=(False, True))
+
+
+S.register_space(
+    "max_pool2d",
+    dict(_POOL, dilation=(1, 2, (2, 1)), ties=(False, True)),
+    _pool_case("max_pool2d", ["dilation"]),
+    ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "size": (6, 9)},
+     {"ties": True}, {"ties": True, "stride": 1, "padding": 1}, {"dilation": 2},
+     {"kernel": 3, "stride": 2, "size": (28, 28), "batch": 1},
+     {"batch": 1, "kernel": (2, 3), "ceil_mode": True, "padding": 1, "stride": 2}))
+
+S.register_space(
+    "avg_pool2d",
+    dict(_POOL, count_include_pad=(True, False)),
+    _pool_case("avg_pool2d", ["count_include_pad"]),
+    ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "padding": 1},
+     {"ceil_mode": True, "stride": 2, "padding": 1, "count_include_pad": False},
+     {"padding": 1, "count_include_pad": False}, {"batch": 1, "size": (5, 5)}))
+
+
+def _adaptive_pool_case(name):
+    """Builder for an adaptive pool: the input and ``output_size``."""
+    def build(rng, c, dtype):
+        fn, size = S.op(name), c["output_size"]
+        return S.Case(name, c, {"x": _pool_input(rng, c, dtype)},
+                      lambda x, vjp="custom": fn(x, size, vjp=vjp),
+                      lambda torch, x: getattr(torch.nn.functional, name)(x, size))
+    return build
+
+
+# adaptive pools: sizes that do not divide (7 -> 3: overlapping windows), that do (the
+# sliding-window path), outputs larger than the input, None keeping an input size
+_ADAPTIVE = dict(batch=(2, 1), channels=(3, 1), size=((7, 5), (6, 6), (4, 3), (1, 1)),
+                 output_size=((3, 2), 3, 1, (None, 2), (9, 4), (5, None)))
+_ADAPTIVE_EDGES = ({"size": (7, 7), "output_size": 3}, {"size": (6, 6), "output_size": (3, 2)},
+                   {"size": (4, 3), "output_size": (9, 4)}, {"output_size": 1},
+                   {"output_size": (5, None)}, {"batch": 1, "size": (1, 1)})
+
+S.register_space("adaptive_avg_pool2d", _ADAPTIVE, _adaptive_pool_case("adaptive_avg_pool2d"),
+                 _ADAPTIVE_EDGES)
+
+S.register_space(
+    "adaptive_max_pool2d",
+    dict(_ADAPTIVE, ties=(False, True)),
+    _adaptive_pool_case("adaptive_max_pool2d"),
+    _ADAPTIVE_EDGES + ({"ties": True}, {"ties": True, "size": (6, 6), "output_size": 2},
+                       {"ties": True, "size": (4, 3), "output_size": (9, 4)}))

@@ -18,6 +18,7 @@ import numpy as np
 from jax import numpy as jnp
 
 from .. import _checks
+from . import _spaces as S
 from ._registry import check_vjp, register, two_gradients
 from ._windows import Taps, gather_taps, scatter_taps, separable_product
 
@@ -181,9 +182,43 @@ def interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=N
     local like PyTorch. ``bilinear`` runs as two dense matrix products each way, so a NaN or
     inf input reaches every output of its plane (``0 * inf``), where PyTorch confines it to its
     neighbours. ``A`` is a compile-time constant; nothing is saved from the forward pass.
+
+    Linear: both paths give the one derivative, PyTorch's weights ``A`` (at a constant input,
+    an output size equal to the input's, and ``align_corners`` with a 1-wide output too).
     """
     check_vjp("interpolate", vjp)
     _checks.check_floating("interpolate", x)
     cfg = interp_config("interpolate", jnp.shape(x), jnp.result_type(x), size, scale_factor, mode,
                         align_corners)
     return _interpolate(vjp, cfg, x)
+
+
+# ------------------------------------------------ hyperparameter spaces (tests, audit)
+
+def _interpolate_case(rng, c, dtype):
+    kind, value = c["target"]  # ("size", int or pair) or ("scale", number or pair)
+    kw = dict(size=value if kind == "size" else None,
+              scale_factor=value if kind == "scale" else None, mode=c["mode"],
+              align_corners=c["align_corners"])
+    x = S.normal(rng, (c["batch"], c["channels"]) + tuple(c["size"]), dtype)
+    return S.Case("interpolate", c, {"x": x},
+                  lambda x, vjp="custom": interpolate(x, vjp=vjp, **kw),
+                  lambda torch, x: torch.nn.functional.interpolate(x, **kw))
+
+
+S.register_space(
+    "interpolate",
+    dict(batch=(2, 1), channels=(3, 1), size=((5, 4), (3, 7), (1, 1), (6, 6)),
+         target=(("scale", 2), ("size", (7, 9)), ("scale", 1.7), ("scale", (0.6, 2.5)),
+                 ("size", 2), ("scale", 1.1), ("size", (5, 4)), ("scale", (3, 1.5))),
+         mode=("nearest", "bilinear"), align_corners=(None, False, True)),
+    _interpolate_case,
+    ({"target": ("size", (7, 9))}, {"target": ("scale", 1.7)},
+     {"target": ("scale", (0.6, 2.5))}, {"target": ("scale", 1.1)},  # out == in, scaled
+     {"mode": "bilinear", "align_corners": False},
+     {"mode": "bilinear", "align_corners": True, "target": ("size", (7, 9))},
+     {"mode": "bilinear", "align_corners": False, "target": ("scale", (0.6, 2.5))},
+     {"mode": "bilinear", "align_corners": True, "target": ("size", (1, 3))},
+     {"mode": "bilinear", "align_corners": False, "target": ("scale", 1.1)},
+     {"batch": 1, "size": (1, 1), "mode": "bilinear", "align_corners": False,
+      "target": ("size", (3, 2))}))

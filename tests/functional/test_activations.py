@@ -35,3 +35,87 @@ def test_sigmoid_and_tanh_saturate_without_nans():
         y, g = jax.value_and_grad(lambda x: op(x).sum())(x)
         assert np.isfinite(float(y)) and bool(jnp.all(jnp.isfinite(g)))
         np.testing.assert_allclose(g[jnp.array([0, 2])], 0.0)
+
+
+# ------------------------------------------------------------- gelu, silu, elu, softplus, hardtanh
+
+def _grad(op, x, vjp, **kw):
+    return jax.grad(lambda x: op(x, vjp=vjp, **kw).sum())(x)
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_subgradients_at_the_kinks_follow_torch(vjp, torch):
+    x = jnp.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0])
+    cases = [(F.hardtanh, dict(min_val=-1.0, max_val=1.0), "hardtanh"),  # 0 AT the bounds
+             (F.hardtanh, dict(min_val=0.0, max_val=0.0), "hardtanh"),
+             (F.elu, dict(alpha=0.5), "elu"),  # alpha (the left derivative) at 0
+             (F.softplus, dict(beta=2.0, threshold=1.0), "softplus")]  # log branch at 0.5
+    for op, kw, torch_name in cases:
+        xt = torch.tensor(np.asarray(x), requires_grad=True)
+        getattr(torch.nn.functional, torch_name)(xt, **kw).sum().backward()
+        np.testing.assert_allclose(_grad(op, x, vjp, **kw), xt.grad.numpy(), rtol=1e-6,
+                                   err_msg=f"{torch_name} {kw}")
+    np.testing.assert_array_equal(_grad(F.hardtanh, x, vjp), [0, 0, 1, 1, 1, 0, 0])
+    np.testing.assert_allclose(_grad(F.elu, jnp.array([0.0]), vjp, alpha=0.5), [0.5])
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_softplus_is_the_identity_above_the_threshold(vjp):
+    x = jnp.array([20.5, 1e4, 10.0])
+    y = F.softplus(x, vjp=vjp)
+    np.testing.assert_array_equal(y[:2], x[:2])
+    np.testing.assert_allclose(y[2], np.log1p(np.exp(10.0)), rtol=1e-6)
+    np.testing.assert_array_equal(_grad(F.softplus, x[:2], vjp), [1.0, 1.0])
+    # beta scales the switch: beta x > threshold
+    np.testing.assert_array_equal(F.softplus(jnp.array([3.0]), beta=10.0, threshold=20.0), [3.0])
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_large_inputs_give_no_nans(vjp):
+    # elu's and softplus's exp() of the branch not taken would overflow: both paths guard it.
+    x = jnp.array([-1e4, -100.0, 0.0, 100.0, 1e4])
+    for op in (F.gelu, F.silu, F.elu, F.softplus, F.hardtanh):
+        y, g = jax.value_and_grad(lambda x: op(x, vjp=vjp).sum())(x)
+        assert np.isfinite(float(y)) and bool(jnp.all(jnp.isfinite(g))), op.__name__
+    np.testing.assert_allclose(_grad(F.elu, x, vjp), [0, 0, 1, 1, 1], atol=1e-30)
+    np.testing.assert_allclose(_grad(F.softplus, x, vjp), [0, 0, 0.5, 1, 1], atol=1e-30)
+
+
+def test_gelu_exact_uses_erf_and_tanh_is_the_approximation():
+    from math import erf, sqrt, tanh, pi
+    x = [-3.0, -0.5, 0.0, 1.0, 2.5]
+    exact = [v * 0.5 * (1 + erf(v / sqrt(2))) for v in x]
+    approx = [0.5 * v * (1 + tanh(sqrt(2 / pi) * (v + 0.044715 * v ** 3))) for v in x]
+    np.testing.assert_allclose(F.gelu(jnp.array(x)), exact, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(F.gelu(jnp.array(x), "tanh"), approx, rtol=1e-6, atol=1e-7)
+    assert np.max(np.abs(np.array(exact) - np.array(approx))) > 1e-4  # they do differ
+
+
+@pytest.mark.parametrize("name,kw", [("elu", dict(alpha=0.5)), ("hardtanh", {}),
+                                     ("softplus", dict(beta=2.0, threshold=1.0))])
+def test_second_derivative_at_the_kinks_is_the_same_on_both_paths(name, kw, torch):
+    x = jnp.array([-1.0, -0.25, 0.0, 0.5, 1.0])  # elu's 0, hardtanh's bounds, softplus's 0.5
+    op = getattr(F, name)
+    second = {vjp: jax.vmap(jax.grad(jax.grad(lambda v, vjp=vjp: op(v, vjp=vjp, **kw))))(x)
+              for vjp in ("custom", "autodiff")}
+    np.testing.assert_allclose(second["custom"], second["autodiff"], rtol=1e-6)
+    xt = torch.tensor(np.asarray(x), requires_grad=True)
+    (g,) = torch.autograd.grad(getattr(torch.nn.functional, name)(xt, **kw).sum(), xt,
+                               create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), xt)
+    np.testing.assert_allclose(second["custom"], h.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("call,error,message", [
+    (lambda x: F.gelu(x, "fast"), ValueError, r"gelu: approximate must be 'none' or 'tanh', "
+                                              r"got 'fast'"),
+    (lambda x: F.hardtanh(x, 1.0, -1.0), ValueError,
+     r"hardtanh: min_val must not exceed max_val, got min_val=1.0, max_val=-1.0"),
+    (lambda x: F.softplus(x, beta=0), ValueError, r"softplus: beta must be nonzero"),
+    (lambda x: F.silu(x.astype(jnp.int32)), TypeError,
+     r"silu: expected a floating-point input, got dtype int32"),
+    (lambda x: F.elu(x, vjp="numeric"), ValueError, r"elu: vjp must be one of"),
+])
+def test_bad_arguments_raise_before_xla(call, error, message):
+    with pytest.raises(error, match=message):
+        call(jnp.ones(3))

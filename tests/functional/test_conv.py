@@ -7,12 +7,12 @@ import pytest
 from jax import numpy as jnp
 
 import functional_cnn.functional as F
-from functional_cnn import testing as T
+from functional_cnn.audit import cases as C
 from functional_cnn.functional import conv
 
 
 def _path_of(config):
-    case = T.build("conv2d", config)
+    case = C.build("conv2d", config)
     x, w = case.inputs["x"], case.inputs["weight"]
     cfg = conv.conv_config("test", x.shape, w.shape, config["stride"], config["padding"],
                            config["dilation"], config["groups"])
@@ -21,7 +21,7 @@ def _path_of(config):
 
 def _transpose_rule_path_of(config):
     """The formulation of the conv2d forward that conv_transpose2d's rule runs for dx."""
-    case = T.build("conv_transpose2d", config)
+    case = C.build("conv_transpose2d", config)
     x, w = case.inputs["x"], case.inputs["weight"]
     cfg = conv.conv_transpose_config("test", x.shape, w.shape, config["stride"],
                                      config["padding"], config["output_padding"],
@@ -34,7 +34,7 @@ def _transpose_rule_path_of(config):
                                         ("conv_transpose2d", _transpose_rule_path_of)])
 def test_edge_cases_run_every_conv_formulation(op, path_of):
     # the hypothesis and torch tests walk these cases: each formulation must be among them
-    assert {path_of(c) for c in T.edge_cases(op)} == {"im2col", "banded", "lax"}
+    assert {path_of(c) for c in C.edge_cases(op)} == {"im2col", "banded", "lax"}
 
 
 @pytest.mark.parametrize("shape, weight, stride, padding, path", [

@@ -1,6 +1,6 @@
 """Time to 99.0% MNIST test accuracy: this library against the same recipe in plain PyTorch.
 
-    python -m experiments.bench_time_to_accuracy [--rounds 5] [--report docs/BENCHMARKS.md]
+    python -m benchmarks.bench_time_to_accuracy [--rounds 5] [--report docs/BENCHMARKS.md]
 
 Runs ``python -m experiments.time_to_accuracy`` and ``python benchmarks/time_to_accuracy_torch.py``
 as fresh processes, alternating, ``--rounds`` times each, and reads each one's JSON (wall time
@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from experiments._report import BENCHMARKS, ROOT, command, write_section
+from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 
 RUNS = {  # name -> command (the JSON path is appended)
     "functional_cnn, cold start": [sys.executable, "-m", "experiments.time_to_accuracy"],
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             json.dump(results, f, indent=1)
     if args.report != "none":
         write_section(args.report, "tta", section(
-            results, args.rounds, command("experiments.bench_time_to_accuracy", argv)))
+            results, args.rounds, command("benchmarks.bench_time_to_accuracy", argv)))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark one AdamW training step: hand-written VJPs vs JAX autodiff vs PyTorch eager.
 
-    python -m experiments.bench [--models lenet,mytorch_net,mlp] [--batch 64,256,1024]
+    python -m benchmarks.bench [--models lenet,mytorch_net,mlp] [--batch 64,256,1024]
                                 [--rounds 9] [--json PATH] [--report docs/BENCHMARKS.md]
 
 For every model and batch size, three implementations of the same step (same network, same
@@ -30,8 +30,9 @@ from tqdm import tqdm
 import functional_cnn as fcn
 import functional_cnn.functional as F
 from functional_cnn import data, train
-from experiments._report import BENCHMARKS, command, write_section
-from experiments._timing import calls, race
+from experiments._machine import cpu_model
+from benchmarks._report import BENCHMARKS, command, write_section
+from functional_cnn.audit.timing import calls, race
 
 # this library's two gradient paths, and the straightforward network in plain JAX (autodiff)
 IMPLEMENTATIONS = ("custom", "autodiff", "plain")
@@ -185,7 +186,8 @@ def _versions(torch):
             "jaxlib": jaxlib.__version__, "optax": optax.__version__,
             "torch": None if torch is None else torch.__version__,
             "torch_threads": None if torch is None else torch.get_num_threads(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}"}
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {jax.devices()[0].platform}",
+            "cpu_model": cpu_model()}
 
 
 def _fmt(t):
@@ -288,7 +290,7 @@ def main(argv=None):
         figures = os.path.join(os.path.dirname(args.report), "figures")
         os.makedirs(figures, exist_ok=True)
         chart(result, os.path.join(figures, "bench_steps.png"))
-        write_section(args.report, "bench", markdown(result, command("experiments.bench", argv)))
+        write_section(args.report, "bench", markdown(result, command("benchmarks.bench", argv)))
     return 0
 
 

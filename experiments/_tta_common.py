@@ -8,6 +8,8 @@ import argparse
 import json
 import time
 
+from experiments._machine import machine
+
 
 def recipe_parser(description: str) -> argparse.ArgumentParser:
     """The flags both scripts take, with the recipe's defaults."""
@@ -47,8 +49,8 @@ class Record:
         """Print the summary, write the JSON (with ``fields``); the exit code (0: reached)."""
         reached = bool(self.history) and self.history[-1]["test_accuracy"] >= self.target
         seconds = self.history[-1]["seconds"] if self.history else None
-        result = {**fields, "target": self.target, "reached": reached, "seconds": seconds,
-                  "history": self.history}
+        result = {**fields, **machine(), "target": self.target, "reached": reached,
+                  "seconds": seconds, "history": self.history}
         print(f"{'reached' if reached else 'did NOT reach'} {self.target:.1%}"
               + (f" in {seconds:.1f} s from process start" if seconds is not None else ""))
         if json_path:

@@ -6,8 +6,8 @@ round after round (the order rotates each round), and reports the median images/
 and device count. The table goes into ``docs/BENCHMARKS.md`` between ``<!-- scaling:begin -->``
 and ``<!-- scaling:end -->`` (the rest of that file is left alone).
 
-    FUNCTIONAL_CNN_DATA=../shared/datasets python -m experiments.bench_devices
-    python -m experiments.bench_devices --devices 1 2 4 8 --rounds 7 --no-write
+    FUNCTIONAL_CNN_DATA=../shared/datasets python -m benchmarks.bench_devices
+    python -m benchmarks.bench_devices --devices 1 2 4 8 --rounds 7 --no-write
 
 On a CPU the N devices are ``--xla_force_host_platform_device_count=N`` host devices sharing the
 same cores; on a machine with several accelerators pass ``--platform gpu`` to use real devices.
@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
-from experiments._report import BENCHMARKS, ROOT, command, write_section
+from experiments._machine import cpu_model
+from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 
 # name -> (network, global batch size, scan); batch sizes divide by 1, 2, 4, 8
 CASES = {"lenet": ("lenet", 64, False), "mytorch_net (BatchNorm)": ("mytorch_net", 40, False),
@@ -77,7 +77,7 @@ def start(n: int, images: int, platform_name: str):
     else:  # real accelerators: the first n of them
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(n)))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.bench_devices", "--worker",
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_devices", "--worker",
                              "--images", str(images)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     return proc
@@ -125,13 +125,13 @@ def table(medians, devices, info, images, rounds):
                     + " | ".join(cells) + " |")
     import jax
     setup = (f"{first['backend']} ({first['device_kind']}), {os.cpu_count()} cores, "
-             f"{platform.processor() or platform.machine()}, jax {jax.__version__}; "
+             f"{cpu_model()}, jax {jax.__version__}; "
              f"{images} {first['source']} training images per epoch, AdamW, median of {rounds} "
              f"alternating rounds after compilation")
     return "\n".join(rows), setup
 
 
-def section(rows, setup, platform_name, command):
+def section(rows, setup, platform_name, device_kind, command):
     if platform_name == "cpu":
         note = (
             "On the CPU the N devices are `--xla_force_host_platform_device_count=N` *host* "
@@ -143,10 +143,11 @@ def section(rows, setup, platform_name, command):
             "to avoid a collective deadlock). The "
             "point of these runs is that the same code runs sharded and, as "
             "`tests/test_parallel.py` checks, gives the same parameters and loss as on one "
-            "device. **No GPU was lent to this task**, so there is no accelerator row yet: on "
-            "a machine with several GPUs run the command with `--platform gpu`.")
+            "device. Accelerators are measured by the same command with `--platform gpu`, on "
+            "a machine with several of them.")
     else:
-        note = "Real accelerators, the first N of them (`CUDA_VISIBLE_DEVICES`)."
+        note = (f"The N devices are real accelerators ({device_kind}), the first N of them "
+                "(`CUDA_VISIBLE_DEVICES`).")
     return (f"## Data-parallel scaling (`--devices N`)\n\n"
             f"Training throughput, images per second (speed relative to 1 device). {setup}.\n\n"
             f"{rows}\n\n{note}\n\nReproduce: `{command}` (writes this section).\n")
@@ -169,9 +170,11 @@ def main(argv=None):
     print(setup)
     print(rows)
     reproduce = ("FUNCTIONAL_CNN_DATA=../shared/datasets "
-                 + command("experiments.bench_devices", argv))
+                 + command("benchmarks.bench_devices", argv))
     if not args.no_write:
-        write_section(BENCHMARKS, "scaling", section(rows, setup, args.platform, reproduce))
+        write_section(BENCHMARKS, "scaling", section(rows, setup, args.platform,
+                                                    info[args.devices[0]]["device_kind"],
+                                                    reproduce))
         print(f"wrote the scaling section of {BENCHMARKS}")
     if args.json:
         with open(args.json, "w") as f:
