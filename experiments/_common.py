@@ -185,7 +185,7 @@ def run(p: Protocol, argv=None) -> dict:
         return result
     _summary(p, result)
     if args.json:
-        _write_json(args.json, result)
+        write_json(args.json, result)
     if args.plot:
         from experiments.plots import report_figure
         ev = evals[primary]
@@ -220,7 +220,7 @@ def _summary(p, r):
           f"optimizer={r['optimizer']} devices={r['devices']}")
 
 
-def _write_json(path, result):
+def write_json(path, result):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

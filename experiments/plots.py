@@ -55,3 +55,35 @@ def report_figure(path: str, title: str, history: list, labels, predictions, ima
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def denoise_figure(path: str, title: str, history: list, clean, noisy, denoised) -> str:
+    """Clean / noisy / denoised digits in three rows, and the training loss per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(clean)
+    fig = plt.figure(figsize=(12, 5), dpi=72)
+    outer = fig.add_gridspec(1, 2, width_ratios=(3, 1))
+    grid = outer[0, 0].subgridspec(3, n)
+    for row, (name, images) in enumerate((("clean", clean), ("noisy", noisy),
+                                          ("denoised", denoised))):
+        for k in range(n):
+            ax = fig.add_subplot(grid[row, k])
+            ax.imshow(np.clip(images[k, 0], 0, 1), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_ylabel(name)
+    ax = fig.add_subplot(outer[0, 1])
+    curve = [point for h in history for point in h["curve"]]
+    if curve:
+        ax.plot(*zip(*curve))
+    ax.set(xlabel="step", ylabel="train MSE (mean of 50 steps)", title="loss", yscale="log")
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

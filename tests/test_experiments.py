@@ -116,3 +116,21 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     assert 0.9 <= result["history"][0]["test_accuracy"] <= 1.0
     assert 0 < result["seconds"] == result["history"][-1]["seconds"]
     assert result["cpu_model"] and result["framework"] == "functional_cnn"
+
+
+@needs_mnist
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_denoise_smoke(vjp, tmp_path):
+    from experiments import denoise
+    out, png = tmp_path / "d.json", tmp_path / "d.png"
+    result = denoise.main(["--train-limit", "256", "--test-limit", "200", "--width", "4",
+                           "--vjp", vjp, "--json", str(out), "--plot", str(png)])
+    saved = json.loads(out.read_text())
+    for field in ("test_psnr_db", "noisy_psnr_db", "train_seconds", "epochs", "vjp", "seed",
+                  "cpu_model", "jax_version", "history"):
+        assert field in saved
+    assert saved == json.loads(json.dumps(result))
+    # sigma 0.5 on [0, 1] pixels, unclipped: the noisy MSE is 0.25, 6.02 dB (200 x 784 draws)
+    assert abs(saved["noisy_psnr_db"] - 6.02) < 0.1
+    assert np.isfinite(saved["test_psnr_db"]) and saved["history"][0]["curve"]
+    assert png.stat().st_size > 10_000
