@@ -40,7 +40,7 @@ def conv_block(channels, act=fcn.SiLU):
     return [fcn.Conv2d(channels, 3, padding=1), fcn.GroupNorm(4), act()]
 
 
-def unet(width: int = 16) -> fcn.Layer:
+def unet(width: int = 8) -> fcn.Layer:
     """Two levels of a U-Net on 28x28: ``width`` channels at full size, ``2 width`` at 14x14,
     ``4 width`` at 7x7; each skip concatenates the encoder's features with the decoder's."""
     def skip(*inner):
@@ -146,7 +146,7 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--peak-lr", type=float, default=3e-3)
-    ap.add_argument("--width", type=int, default=16)
+    ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--train-limit", type=int, default=None, help="train on the first N images")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate the first N images")
     ap.add_argument("--seed", type=int, default=0)
