@@ -384,7 +384,10 @@ S.register_space(
 
 S.register_space(
     "layer_norm",
-    dict(shape=((2, 3, 4), (1, 5), (2, 3, 4, 5), (3, 1)), normalized_dims=(1, 2),
+    # no (..., 1) rows in the sampled space: one value per row makes xhat 0, where torch's
+    # float32 weight gradient is rounding noise of 1e-5 and ours exactly 0 (the edge case
+    # (3, 1) below checks that row without affine parameters)
+    dict(shape=((2, 3, 4), (1, 5), (2, 3, 4, 5), (3, 2)), normalized_dims=(1, 2),
          affine=_AFFINES, eps=_NORM_EPS),
     _affine_norm_case("layer_norm", lambda c: tuple(c["shape"]), _trailing, _trailing),
     ({"shape": (2, 3, 4, 5), "normalized_dims": 2}, {"affine": "bias"},
