@@ -471,7 +471,7 @@ def _batch_norm(where: str, ranks, layout: str, eps, momentum, affine,
 
 
 def _check_per_channel(where, x, params, state) -> None:
-    """BatchNorm2d's params and running statistics: one value per channel of ``x``, and
+    """The BatchNorm layers' params and running statistics: one value per channel of ``x``, and
     ``num_batches_tracked`` a scalar. The first vector sets the channels seen at init."""
     vectors = {f"params {k!r}": params[k] for k in params}
     vectors.update({f"state {k!r}": state[k] for k in ("running_mean", "running_var")
