@@ -167,6 +167,9 @@ def main(argv=None):
         return worker(args.images)
     medians, info = measure(args.devices, args.images, args.rounds, args.platform)
     rows, setup = table(medians, args.devices, info, args.images, args.rounds)
+    if args.platform == "cpu":  # the cores the host devices share: what they can do at best
+        from benchmarks._peak import matmul_peak, peak_text
+        setup += "; " + peak_text(matmul_peak())
     print(setup)
     print(rows)
     reproduce = ("FUNCTIONAL_CNN_DATA=../shared/datasets "
