@@ -1,48 +1,79 @@
-"""What the two time-to-accuracy scripts (``experiments/time_to_accuracy.py`` and its PyTorch
-twin ``benchmarks/time_to_accuracy_torch.py``) share: the recipe's command line, so both run
-the same hyperparameters, and the record they print and write. Plain Python: importing it adds
-nothing to either side's start-up time."""
+"""What the two time-to-accuracy scripts (``experiments/time_to_accuracy.py`` and the plain
+PyTorch one, ``benchmarks/time_to_accuracy_torch.py``) share: the command line of a recipe
+(each script passes its own defaults: the recipes are free, each side runs its best), the
+one-cycle learning rate both compute, and the record they print and write. Plain Python:
+importing it adds nothing to either side's start-up time."""
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 
 from experiments._machine import machine
 
+TRAIN_SIZE = 60000  # MNIST's training set: the plan is made before the data has loaded
 
-def recipe_parser(description: str) -> argparse.ArgumentParser:
-    """The flags both scripts take, with the recipe's defaults."""
+
+def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
+    """The flags both scripts take; ``defaults`` (keyed by the flags' dest) set the recipe."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--target", type=float, default=0.99)
-    parser.add_argument("--epochs", type=int, default=2, help="the schedule's length")
-    parser.add_argument("--max-epochs", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--peak-lr", type=float, default=3e-2)
-    parser.add_argument("--eval-from", type=int, default=None,
-                        help="first epoch to evaluate after (default: --epochs)")
+    parser.add_argument("--steps", type=int, help="the one-cycle schedule's length in steps; "
+                        "the test set is evaluated after it")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--peak-lr", type=float)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",")),
+                        help="the two convolutions' output channels, e.g. 16,32")
+    parser.add_argument("--kernel", type=int, help="both convolutions' kernel size")
+    parser.add_argument("--hidden", type=int, help="the hidden linear layer's width (0: none)")
+    parser.add_argument("--extra-rounds", type=int, default=0,
+                        help="if the target is missed: rounds of --steps more steps at the "
+                             "schedule's final rate, each evaluated")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir")
     parser.add_argument("--json")
+    parser.set_defaults(**defaults)
     return parser
 
 
-def first_evaluated_epoch(args) -> int:
-    return args.epochs if args.eval_from is None else args.eval_from
+def plan(args) -> list[int]:
+    """Where the test set is evaluated: after ``--steps``, then after each extra round."""
+    if args.steps * args.batch_size > TRAIN_SIZE * 10:
+        raise SystemExit(f"--steps {args.steps} x --batch-size {args.batch_size} is over ten "
+                         "epochs: not a time-to-accuracy recipe")
+    return [args.steps * (1 + r) for r in range(1 + args.extra_rounds)]
+
+
+def one_cycle(step: int, steps: int, peak: float, pct_start: float = 0.25) -> float:
+    """``optax.cosine_onecycle_schedule(steps, peak, pct_start)`` at ``step`` (after the end:
+    its final value), written out so the torch side needs neither optax nor ``torch.optim``:
+    a cosine rise from ``peak / 25`` to ``peak`` over the first ``int(pct_start * steps)``
+    steps, then a cosine fall to ``peak / 25 / 1e4``."""
+    rise = int(pct_start * steps)
+    start, end = peak / 25, peak / 25 / 1e4
+    if step < rise:
+        return start + (peak - start) * (1 - math.cos(math.pi * step / rise)) / 2
+    fall = min(step - rise, steps - rise) / (steps - rise)
+    return end + (peak - end) * (1 + math.cos(math.pi * fall)) / 2
 
 
 class Record:
-    """The evaluated epochs of one run, timed from ``start`` (the process's first statement)."""
+    """The evaluations of one run, timed from ``start`` (the process's first statement)."""
 
     def __init__(self, start: float, target: float):
         self.start, self.target, self.history = start, target, []
 
-    def epoch(self, epoch: int, accuracy: float) -> bool:
-        """Record and print one evaluation; True once the target is reached."""
-        self.history.append({"epoch": epoch, "test_accuracy": accuracy,
+    def evaluated(self, steps: int, images: int, accuracy: float) -> bool:
+        """Record and print one evaluation after ``steps`` steps (``images`` training images
+        seen); True once the target is reached."""
+        self.history.append({"steps": steps, "images": images, "epochs": images / TRAIN_SIZE,
+                             "test_accuracy": accuracy,
                              "seconds": time.perf_counter() - self.start})
-        print(f"epoch {epoch}: test accuracy {accuracy:.4f} at "
-              f"{self.history[-1]['seconds']:.1f} s", flush=True)
+        print(f"after {steps} steps ({images / TRAIN_SIZE:.2f} epochs): test accuracy "
+              f"{accuracy:.4f} at {self.history[-1]['seconds']:.2f} s", flush=True)
         return accuracy >= self.target
 
     def finish(self, json_path: str | None, **fields) -> int:
@@ -52,7 +83,7 @@ class Record:
         result = {**fields, **machine(), "target": self.target, "reached": reached,
                   "seconds": seconds, "history": self.history}
         print(f"{'reached' if reached else 'did NOT reach'} {self.target:.1%}"
-              + (f" in {seconds:.1f} s from process start" if seconds is not None else ""))
+              + (f" in {seconds:.2f} s from process start" if seconds is not None else ""))
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(result, f, indent=1)

@@ -1,0 +1,137 @@
+"""Compile a trainer's programs ahead of time, concurrently, while the data load: start-up.
+
+A jitted function compiles on its first call, so a fresh process compiles one program after the
+other, each when it is first needed: the initial state, the epoch (the longest: a whole
+training step), then the prediction chunk and the evaluation's scores. Their shapes are known
+before the data have loaded, and XLA compiles with the GIL released, so :func:`precompile`
+lowers and compiles all of them on a small thread pool and returns at once; the caller loads
+the data meanwhile::
+
+    trainer = precompile(make_trainer(net, optimizer, batch_size=128), (-1, 1, 28, 28),
+                         train_images=jax.ShapeDtypeStruct((60000, 28, 28), jnp.uint8),
+                         eval_images=jax.ShapeDtypeStruct((10000, 28, 28), jnp.uint8))
+    train_set, test_set = data.load("MNIST", "train"), data.load("MNIST", "test")
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))  # waits for its program only
+
+The returned trainer computes exactly what the original does (the same programs, compiled
+earlier): each of its functions calls the executable compiled for the arguments' shapes and
+dtypes when there is one (waiting for it if it is still compiling) and the ordinary jitted
+function, compiling on first use, otherwise. A compilation error is raised where the program
+is first called, as without precompiling.
+
+One device and the scanned epoch only (``mesh=None``, ``scan=True``): a mesh's sharded
+programs and the per-step loop keep compiling on first use.
+"""
+from __future__ import annotations
+
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import jax
+from jax import numpy as jnp
+
+from . import train
+
+LABELS_DTYPE = jnp.int32  # functional_cnn.data's labels
+
+
+def _signature(args) -> tuple:
+    """What an executable is compiled for: the tree, and each leaf's shape and dtype (or, for
+    a static Python value such as an input shape, the value itself)."""
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple((tuple(x.shape), str(x.dtype)) if hasattr(x, "shape") else x
+                       for x in leaves)
+
+
+class _AheadOfTime:
+    """``jitted``, with executables compiled ahead for some argument signatures.
+
+    ``pending``: callables, each waiting for one compile job and returning its
+    ``{signature: executable}``; they are waited for on the first call only."""
+
+    def __init__(self, jitted: Callable, pending: list[Callable[[], dict]]):
+        self.jitted, self.pending, self.compiled = jitted, pending, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = {}
+            for wait in self.pending:
+                self.compiled.update(wait())
+        return self.compiled.get(_signature(args), self.jitted)(*args)
+
+
+def _labels(n: int):
+    return jax.ShapeDtypeStruct((n,), LABELS_DTYPE)
+
+
+def _compile_init(lowered, key, input_shape) -> dict:
+    compiled = lowered.compile()
+    # the compiled program takes the key only: the input shape was a static argument
+    return {_signature((key, input_shape)): lambda key, input_shape: compiled(key)}
+
+
+def _compile_epoch(epoch, ts, images) -> dict:
+    labels = _labels(images.shape[0])
+    return {_signature((ts, images, labels)): epoch.lower(ts, images, labels).compile()}
+
+
+def _eval_chunks(cfg: train.TrainConfig, n: int) -> list[int]:
+    """The chunk sizes :func:`train._predict` splits ``n`` examples into."""
+    sizes = {min(cfg.eval_batch_size, n)}
+    if n > cfg.eval_batch_size and n % cfg.eval_batch_size:
+        sizes.add(n % cfg.eval_batch_size)
+    return sorted(sizes)
+
+
+def _compile_chunks(cfg, logits, ts, images) -> tuple[dict, jax.ShapeDtypeStruct]:
+    """The prediction chunks of ``images``-shaped data, and one chunk's logits (abstract)."""
+    compiled = {}
+    for size in _eval_chunks(cfg, images.shape[0]):
+        chunk = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype)
+        lowered = logits.lower(ts.params, ts.state, chunk)
+        compiled[_signature((ts.params, ts.state, chunk))] = lowered.compile()
+    return compiled, lowered.out_info
+
+
+def _compile_scores(chunks: Future, n: int) -> dict:
+    """The scores of all ``n`` examples' logits (their width: from the chunks' program)."""
+    _, chunk_logits = chunks.result()
+    all_logits = jax.ShapeDtypeStruct((n, chunk_logits.shape[-1]), chunk_logits.dtype)
+    compiled = train._scores.lower(all_logits, _labels(n)).compile()
+    return {_signature((all_logits, _labels(n))): compiled}
+
+
+def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_images=None,
+               key=None, workers: int = 2) -> train.Trainer:
+    """``trainer`` with its programs compiling ahead, on ``workers`` threads (see the module
+    docstring). ``input_shape`` as for ``trainer.init``; ``train_images`` / ``eval_images``:
+    ``jax.ShapeDtypeStruct`` (or arrays) like the data sets' images (labels are int32), or
+    None to leave that program to compile on first use. ``key``: a PRNG key like the one
+    ``init`` will get (default ``jax.random.key(0)``'s type)."""
+    cfg = trainer.config
+    if cfg.mesh is not None or not cfg.scan:
+        raise ValueError("precompile: expected a one-device trainer with scan=True, got "
+                         f"mesh={cfg.mesh!r}, scan={cfg.scan}")
+    key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
+    input_shape = tuple(input_shape)
+    fresh_state = train._fresh_state_program(cfg)
+    init_lowered = fresh_state.lower(key, input_shape)  # its result's shapes: needed below
+    ts = init_lowered.out_info
+    epoch = train._scan_epoch_program(cfg)
+    logits = jax.jit(functools.partial(train._logits, cfg))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
+    epochs, chunks, scores = [], [], []
+    if train_images is not None:  # the longest first
+        epochs.append(pool.submit(_compile_epoch, epoch, ts, train_images).result)
+    init = [pool.submit(_compile_init, init_lowered, key, input_shape).result]
+    if eval_images is not None:
+        chunk_job = pool.submit(_compile_chunks, cfg, logits, ts, eval_images)
+        chunks.append(lambda: chunk_job.result()[0])
+        scores.append(pool.submit(_compile_scores, chunk_job, eval_images.shape[0]).result)
+    pool.shutdown(wait=False)
+    return train.Trainer(
+        cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, init)),
+        _AheadOfTime(epoch, epochs),
+        functools.partial(train._predict, cfg, _AheadOfTime(logits, chunks)),
+        _AheadOfTime(train._scores, scores))
