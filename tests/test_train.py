@@ -174,3 +174,38 @@ def test_fit_checks_labels_against_the_outputs_before_training():
                                              rf"got {bad_label} at index 4 \(1 of"):
             train.fit(trainer, ts, epochs=1, log=lambda m: None, **sets)
         assert int(ts.step) == 0  # not trained (nor donated)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_steps_per_epoch_trains_on_the_first_batches_of_the_order(scan):
+    """steps_per_epoch=2 of batch 5: the first two batches of the epoch's permutation, the
+    same steps a full epoch starts with, and the metrics average over those 10 examples."""
+    ds = tiny_data()
+    options = dict(batch_size=5, scan=scan)
+    part = train.make_trainer(small_net(), optax.sgd(0.05), steps_per_epoch=2, **options)
+    whole = train.make_trainer(small_net(), optax.sgd(0.05), **options)
+    key = jax.random.key(5)
+    ts, metrics = part.epoch(part.init(key, (-1, 1, 28, 28)), ds.images, ds.labels)
+    assert int(ts.step) == 2
+    # the same order and keys: the whole epoch's first two steps, on 10 of the 23 examples
+    ts_whole = whole.init(key, (-1, 1, 28, 28))
+    _, full, _, step_key = train._epoch_start(whole.config, ts_whole, ds.labels)
+    for i in range(2):
+        ts_whole, _ = train._step_at(whole.config, ts_whole, (0.0, 0), ds.images, ds.labels,
+                                     full[i], i, step_key)
+    for x, y in zip(jax.tree.leaves(ts.params), jax.tree.leaves(ts_whole.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert 0.0 <= float(metrics["accuracy"]) * 10 <= 10
+    assert float(metrics["accuracy"]) * 10 == pytest.approx(round(float(metrics["accuracy"]) * 10))
+
+
+def test_steps_per_epoch_is_checked():
+    ds = tiny_data()  # 23 examples: four full batches of 5
+    trainer = train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, steps_per_epoch=5)
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    with pytest.raises(ValueError, match=r"steps_per_epoch=5 needs 25 examples .* got a data "
+                                         r"set of 23"):
+        trainer.epoch(ts, ds.images, ds.labels)
+    for bad in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="expected steps_per_epoch None or a positive int"):
+            train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, steps_per_epoch=bad)

@@ -1,0 +1,75 @@
+"""``functional_cnn.precompile``: the programs compiled ahead give exactly what the trainer's
+own jitted functions give, are really used (no compilation on the call), and shapes they were
+not compiled for still work."""
+import jax
+import numpy as np
+import optax
+import pytest
+from jax import numpy as jnp
+
+from functional_cnn import train
+from functional_cnn.precompile import _AheadOfTime, precompile
+from tests._train_helpers import small_net, tiny_data
+
+
+def _abstract(ds):
+    return jax.ShapeDtypeStruct(ds.images.shape, ds.images.dtype)
+
+
+def _trainer(**options):
+    return train.make_trainer(small_net(), optax.adam(1e-2), batch_size=5, **options)
+
+
+def test_precompiled_trainer_matches_the_plain_one():
+    train_set, test_set = tiny_data(23), tiny_data(12, seed=1)
+    plain = _trainer(eval_batch_size=5)  # 12 test images: chunks of 5, 5 and a tail of 2
+    ahead = precompile(_trainer(eval_batch_size=5), (-1, 1, 28, 28),
+                       train_images=_abstract(train_set), eval_images=_abstract(test_set))
+    results = []
+    for trainer in (plain, ahead):
+        ts = trainer.init(jax.random.key(2), (-1, 1, 28, 28))
+        ts, metrics = trainer.epoch(ts, train_set.images, train_set.labels)
+        results.append((ts, metrics, train.evaluate(trainer, ts, test_set)))
+    (a, ma, ea), (b, mb, eb) = results
+    for x, y in zip(jax.tree.leaves((a.params, a.state)), jax.tree.leaves((b.params, b.state))):
+        np.testing.assert_array_equal(x, y)
+    assert float(ma["loss"]) == float(mb["loss"])
+    assert ea.loss == eb.loss and ea.accuracy == eb.accuracy
+    np.testing.assert_array_equal(ea.predictions, eb.predictions)
+
+
+def test_the_compiled_programs_are_the_ones_called():
+    train_set, test_set = tiny_data(20), tiny_data(10, seed=1)
+    ahead = precompile(_trainer(eval_batch_size=10), (-1, 1, 28, 28),
+                       train_images=_abstract(train_set), eval_images=_abstract(test_set))
+    epoch = ahead.epoch
+    assert isinstance(epoch, _AheadOfTime)
+    ts = ahead.init(jax.random.key(0), (-1, 1, 28, 28))
+    epoch(ts, train_set.images, train_set.labels)
+    # the jitted fallback never ran: its cache holds no compiled program
+    assert epoch.jitted._cache_size() == 0
+    assert len(epoch.compiled) == 1
+
+
+def test_other_shapes_fall_back_to_the_jitted_functions():
+    train_set, other = tiny_data(20), tiny_data(15, seed=3)
+    ahead = precompile(_trainer(), (-1, 1, 28, 28), train_images=_abstract(train_set))
+    ts = ahead.init(jax.random.key(0), (-1, 1, 28, 28))
+    ts, metrics = ahead.epoch(ts, other.images, other.labels)  # 15 images: compiled on use
+    assert int(ts.step) == 3 and np.isfinite(float(metrics["loss"]))
+    assert ahead.epoch.jitted._cache_size() == 1
+
+
+def test_precompile_refuses_a_mesh_or_the_step_loop():
+    with pytest.raises(ValueError, match="expected a one-device trainer with scan=True"):
+        precompile(_trainer(scan=False), (-1, 1, 28, 28))
+
+
+def test_compilation_errors_surface_at_the_call():
+    bad = jax.ShapeDtypeStruct((20, 28, 28), jnp.uint8)
+    trainer = train.make_trainer(small_net(), optax.adam(1e-2), batch_size=5,
+                                 steps_per_epoch=9)  # 9 x 5 > 20 images: raises when traced
+    ahead = precompile(trainer, (-1, 1, 28, 28), train_images=bad)
+    ts = ahead.init(jax.random.key(0), (-1, 1, 28, 28))
+    with pytest.raises(ValueError, match="steps_per_epoch=9 needs 45 examples"):
+        ahead.epoch(ts, jnp.zeros((20, 28, 28), jnp.uint8), jnp.zeros((20,), jnp.int32))
