@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import math
@@ -125,10 +126,14 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu() -> str:
+    return f"{cpu_model()} | isa {_isa_digest()}"  # read once: it does not change
+
+
 def machine_key() -> str:
-    """What a measurement holds for: CPU model, cores, ISA flags, jax version and backend."""
-    return (f"{cpu_model()} | {_cores()} cores | isa {_isa_digest()} | jax {jax.__version__} | "
-            f"{jax.default_backend()}")
+    """What a measurement holds for: CPU model, ISA flags, cores, jax version and backend."""
+    return f"{_cpu()} | {_cores()} cores | jax {jax.__version__} | {jax.default_backend()}"
 
 
 # --------------------------------------------------------------------------------- the cache
