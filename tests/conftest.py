@@ -7,6 +7,11 @@ from hypothesis import HealthCheck, settings
 
 from functional_cnn.verify import assert_close  # noqa: F401  (the tests' import point)
 
+# conv2d picks each part's formulation by the static gates, not by measuring every random
+# shape hypothesis draws (mode "auto"); subprocesses inherit it. tests/functional/
+# test_conv_formulation.py sets "auto" where it tests it.
+os.environ["FUNCTIONAL_CNN_CONV"] = "gates"
+
 settings.register_profile(
     "default", deadline=None, max_examples=25, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

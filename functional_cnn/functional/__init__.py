@@ -4,6 +4,7 @@ One module per op family; every public op takes ``vjp="custom"`` (the hand-writt
 ``vjp="autodiff"`` (JAX differentiates the same forward). :data:`REGISTRY` lists them all.
 """
 from . import _spaces
+from ._formulation import conv_formulation, conv_formulations
 from ._registry import REGISTRY, VJP_MODES, OpInfo, ops
 from .activations import leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
 from .activations import elu, gelu, hardtanh, silu, softplus
@@ -24,4 +25,4 @@ __all__ = ["REGISTRY", "VJP_MODES", "OpInfo", "ops", "linear", "conv2d", "max_po
            "log_softmax", "dropout", "cross_entropy", "binary_cross_entropy_with_logits",
            "mse_loss",
            "layer_norm", "group_norm", "dropout2d", "gelu", "silu", "elu", "softplus", "hardtanh",
-           "nll_loss", "huber_loss"]
+           "nll_loss", "huber_loss", "conv_formulation", "conv_formulations"]

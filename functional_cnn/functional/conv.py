@@ -2,13 +2,16 @@
 ``conv_transpose2d``."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 from jax import lax
 from jax import numpy as jnp
 
 from .. import _checks
+from . import _formulation
 from . import _spaces as S
 from ._registry import check_vjp, register, two_gradients
 from ._windows import (Axis, add_window_views, check_window_fits, make_axis, pad_spatial,
@@ -24,6 +27,7 @@ _CANONICAL = ("NHWC", "HWIO", "NHWC")
 class ConvConfig(NamedTuple):
     axes: tuple[Axis, Axis]  # (height, width) geometry, pad_hi adjusted to the windows' reach
     groups: int
+    mode: str = "gates"  # how each part's formulation is chosen: _formulation.mode() at the call
 
 
 def _strides(cfg):
@@ -46,16 +50,26 @@ def _hwio(weight):
     return weight.transpose(2, 3, 1, 0)
 
 
-# ----------------------------------------- im2col: one input channel, rows too wide for a band
+# ------------------------------------------- im2col: the patches as one matrix per sample
 
 def _single_channel(cfg, in_channels: int) -> bool:
-    """The im2col path: one input channel (first layers on images like MNIST), no groups.
+    """The im2col gate: one input channel (first layers on images like MNIST), no groups.
 
     There a convolution is a tiny contraction (kh*kw terms), which XLA:CPU's convolution handles
     poorly; as a batched matrix product over im2col patches it runs about twice as fast (article
     001's first layer, 1->32 k3 s2, forward + weight gradient).
     """
     return cfg.groups == 1 and in_channels == 1
+
+
+def _im2col_applies(cfg, x_shape, weight_shape) -> bool:
+    """Where im2col can run at all (a candidate to measure): no groups, and patches of at most
+    :data:`_IM2COL_MAX_ELEMENTS` (they hold ``kh*kw`` copies of the input)."""
+    patches = x_shape[0] * x_shape[1] * _taps(cfg) * _out_pixels(cfg)
+    return cfg.groups == 1 and patches <= _IM2COL_MAX_ELEMENTS
+
+
+_IM2COL_MAX_ELEMENTS = 1 << 25  # 128 MiB of float32 patches
 
 
 def _patches(cfg, x):
@@ -75,8 +89,12 @@ def _out_pixels(cfg) -> int:
     return cfg.axes[0].out_size * cfg.axes[1].out_size
 
 
+def _pixels_flat(cfg, g):
+    """``(N, O, H_out, W_out) -> (N, O, H_out*W_out)``."""
+    return g.reshape(g.shape[0], g.shape[1], _out_pixels(cfg))
+
+
 def _matmul_per_sample(w2, m):
-    """``w2 @ m[n]`` for every sample ``n``: ``(r, k) x (N, k, c) -> (N, r, c)``."""
     return lax.dot_general(jnp.broadcast_to(w2, (m.shape[0],) + w2.shape), m,
                            (((2,), (1,)), ((0,), (0,))))
 
@@ -87,44 +105,54 @@ def _im2col_forward(cfg, x, weight):
     return y.reshape(x.shape[0], weight.shape[0], cfg.axes[0].out_size, cfg.axes[1].out_size)
 
 
-def _im2col_grads(cfg, x, weight, g):
-    """``dx = col2im(W^T g[n])`` (each patch row added back at its window offset);
-    ``dW = sum_n g[n] P[n]^T``."""
+def _im2col_input_grad(cfg, weight, g):
+    """``dx = col2im(W^T g[n])``: each patch row added back at its window offset."""
     n, c = g.shape[0], weight.shape[1]
-    g2 = g.reshape(n, g.shape[1], _out_pixels(cfg))
-    d_patches = _matmul_per_sample(weight.reshape(weight.shape[0], -1).T, g2)
+    d_patches = _matmul_per_sample(weight.reshape(weight.shape[0], -1).T, _pixels_flat(cfg, g))
     d_patches = d_patches.reshape(n, c, _taps(cfg), *g.shape[2:])
     views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
-    dx = unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
-    dw = lax.dot_general(g2, _patches(cfg, x), (((2,), (2,)), ((0,), (0,)))).sum(axis=0)
-    return dx, dw.reshape(g.shape[1], c, *(a.kernel for a in cfg.axes))
+    return unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
+
+
+def _im2col_weight_grad(cfg, x, g):
+    """``dW = sum_n g[n] P[n]^T``."""
+    dw = lax.dot_general(_pixels_flat(cfg, g), _patches(cfg, x), (((2,), (2,)), ((0,), (0,))))
+    return dw.sum(axis=0).reshape(g.shape[1], x.shape[1], *(a.kernel for a in cfg.axes))
 
 
 # ------------------------------------------------------- banded: few channels, narrow rows
 
 
-def _banded(cfg, x_shape, weight_shape) -> bool:
-    """The banded fast path: few input channels, narrow enough rows (no groups, no dilation
-    along the width), like both convolutions of LeNet.
+def _banded_applies(cfg, x_shape, weight_shape) -> bool:
+    """Where the band can run at all (a candidate to measure): no groups, no dilation along the
+    width, and a band of at most :data:`_BAND_MAX_ELEMENTS` entries (it is built every step).
 
     An output row ``i`` is then one matrix product of the ``kh`` padded input rows it reads
     with a *banded* weight matrix (:func:`_band`), so the whole convolution is one large
     matmul over row blocks copied whole, not an im2col of ``kh*kw`` small windows. The band
-    costs ``W_pad / kw`` times the multiplies of a direct convolution; XLA:CPU's matmul is fast
-    enough to pay for that up to about 6x, where its convolution handles few channels poorly.
+    costs ``W_pad / kw`` times the multiplies of a direct convolution.
     """
-    width, c = cfg.axes[1], x_shape[1]
-    band_size = cfg.axes[0].kernel * c * width.padded_size * weight_shape[0] * width.out_size
-    return (cfg.groups == 1 and width.dilation == 1 and c <= _BAND_MAX_CHANNELS
-            and width.padded_size <= _BAND_MAX_RATIO * width.kernel
-            and band_size <= _BAND_MAX_ELEMENTS)
+    width = cfg.axes[1]
+    band_size = cfg.axes[0].kernel * x_shape[1] * width.padded_size * weight_shape[0] * \
+        width.out_size
+    return cfg.groups == 1 and width.dilation == 1 and band_size <= _BAND_MAX_ELEMENTS
+
+
+def _banded(cfg, x_shape, weight_shape) -> bool:
+    """The band's gate: where it applies, with few input channels and narrow enough rows, like
+    both convolutions of LeNet. XLA:CPU's matmul is fast enough to pay for the band's extra
+    multiplies up to about ``W_pad / kw = 6``, where its convolution handles few channels
+    poorly (measured on one Intel Xeon; mode "auto" measures instead)."""
+    width = cfg.axes[1]
+    return (_banded_applies(cfg, x_shape, weight_shape) and x_shape[1] <= _BAND_MAX_CHANNELS
+            and width.padded_size <= _BAND_MAX_RATIO * width.kernel)
 
 
 # Where the band wins, forward + backward at batch 128 (the shapes in tests/functional/
 # test_conv.py and more): 1.3-2x faster than the next best on LeNet's 1->10 k5 on 28x28
 # (W_pad/kw 5.6) and 10->20 k5 on 12x12 (2.4), 8->16 k5 on 24x24 (4.8); slower from 16 input
 # channels with 3x3 kernels (16->32 on 14x14: 2.3x; 32->64 s2 on 6x6: 1.7x) and on article
-# 001's 1->32 k3 s2 on 28x28 (W_pad/kw 10: 2x slower than im2col).
+# 001's 1->32 k3 s2 on 28x28 (W_pad/kw 10: 2x slower than im2col). (One Intel Xeon, 2 cores.)
 _BAND_MAX_CHANNELS = 12
 _BAND_MAX_RATIO = 6
 _BAND_MAX_ELEMENTS = 1 << 22  # the band's entries (16 MiB in float32): it is built every step
@@ -186,13 +214,22 @@ def _banded_forward(cfg, x, weight):
     return y.transpose(0, 2, 1, 3)  # (N, H_out, O, W_out) -> NCHW
 
 
-def _banded_grads(cfg, x, weight, g):
-    """``dR = G T^T`` added back by :func:`_unrows`; ``dT = R^T G`` folded by :func:`_unband`."""
-    xp = pad_spatial(x, cfg.axes, 0)
-    rows, g_rows = _rows(cfg, xp), g.transpose(0, 2, 1, 3)  # g as (N, H_out, O, W_out)
-    d_rows = lax.dot_general(g_rows, _band(cfg, weight), (((2, 3), (2, 3)), ((), ())))
-    d_band = lax.dot_general(rows, g_rows, (((0, 1), (0, 1)), ((), ())))
-    return unpad_spatial(_unrows(cfg, d_rows, xp.shape), cfg.axes), _unband(cfg, d_band)
+def _g_rows(g):
+    """The cotangent as ``G[n, i, o, j]`` (N, H_out, O, W_out): row ``i`` beside ``R[n, i]``."""
+    return g.transpose(0, 2, 1, 3)
+
+
+def _banded_input_grad(cfg, weight, g):
+    """``dR = G T^T``, each row's cotangent added back where it was read (:func:`_unrows`)."""
+    d_rows = lax.dot_general(_g_rows(g), _band(cfg, weight), (((2, 3), (2, 3)), ((), ())))
+    padded_shape = (g.shape[0], weight.shape[1]) + tuple(a.padded_size for a in cfg.axes)
+    return unpad_spatial(_unrows(cfg, d_rows, padded_shape), cfg.axes)
+
+
+def _banded_weight_grad(cfg, x, g):
+    """``dT = R^T G``, folded back onto the weight by :func:`_unband`."""
+    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
+    return _unband(cfg, lax.dot_general(rows, _g_rows(g), (((0, 1), (0, 1)), ((), ()))))
 
 
 # ------------------------------------------- lax: XLA's convolution, the general rule
@@ -238,20 +275,35 @@ def _lax_weight_grad(cfg, x, g):
     return dw.transpose(3, 0, 1, 2)
 
 
-def _lax_grads(cfg, x, weight, g):
-    return _lax_input_grad(cfg, weight, g), _lax_weight_grad(cfg, x, g)
-
-
 # --------------------------------------------------------------- one op, three formulations
 
-# path -> (forward(cfg, x, weight) without bias, grads(cfg, x, weight, g) -> (dx, dW))
-_FORMULATIONS = {"banded": (_banded_forward, _banded_grads),
-                 "im2col": (_im2col_forward, _im2col_grads),
-                 "lax": (_lax_forward, _lax_grads)}
+class Formulation(NamedTuple):
+    """One way to compute a convolution's three sums, each usable alone (they are independent:
+    a forward of one formulation and gradients of another are exact together)."""
+
+    applies: Callable  # (cfg, x_shape, weight_shape) -> bool: can it run this shape at all
+    forward: Callable  # (cfg, x, weight) -> y, without bias
+    dx: Callable  # (cfg, weight, g) -> the input gradient
+    dw: Callable  # (cfg, x, g) -> the weight gradient
+
+
+def _always(cfg, x_shape, weight_shape) -> bool:
+    return True
+
+
+_FORMULATIONS = {
+    "banded": Formulation(_banded_applies, _banded_forward, _banded_input_grad,
+                          _banded_weight_grad),
+    "im2col": Formulation(_im2col_applies, _im2col_forward, _im2col_input_grad,
+                          _im2col_weight_grad),
+    "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad)}
+
+# each part's array arguments after cfg: what a measurement feeds it
+_PART_INPUTS = {"forward": ("x", "weight"), "dx": ("weight", "g"), "dw": ("x", "g")}
 
 
 def _path(cfg, x_shape, weight_shape) -> str:
-    """Which formulation of the same sums runs, by shape: ``"banded"`` (few channels, narrow
+    """The gates (mode ``"gates"``; every part alike): ``"banded"`` (few channels, narrow
     rows: :func:`_banded`), else ``"im2col"`` (one input channel: :func:`_single_channel`),
     else ``"lax"`` (XLA's convolution: the general rule)."""
     if _banded(cfg, x_shape, weight_shape):
@@ -259,12 +311,36 @@ def _path(cfg, x_shape, weight_shape) -> str:
     return "im2col" if _single_channel(cfg, x_shape[1]) else "lax"
 
 
+def _signature(part, cfg, x_shape, weight_shape, dtype) -> str:
+    """The cache key of one part: every shape, the whole geometry and the dtype."""
+    h, w = cfg.axes
+    return (f"conv2d.{part} x={tuple(map(int, x_shape))} w={tuple(map(int, weight_shape))} "
+            f"{jnp.dtype(dtype).name} stride=({h.stride},{w.stride}) "
+            f"dilation=({h.dilation},{w.dilation}) "
+            f"pad=(({h.pad_lo},{h.pad_hi}),({w.pad_lo},{w.pad_hi})) groups={cfg.groups}")
+
+
+def _chosen(part: str, cfg, x_shape, weight_shape, dtype, gate: str):
+    """The function ``(cfg, *arrays)`` that computes ``part`` of the convolution with input
+    ``x_shape``: the formulation :func:`_formulation.choose` picks among those that apply, by
+    ``cfg.mode`` (``gate`` in mode "gates")."""
+    g_shape = (x_shape[0], weight_shape[0]) + tuple(a.out_size for a in cfg.axes)
+    shapes = {"x": tuple(x_shape), "weight": tuple(weight_shape), "g": g_shape}
+    specs = tuple(jax.ShapeDtypeStruct(shapes[name], dtype) for name in _PART_INPUTS[part])
+    candidates = {name: functools.partial(getattr(f, part), cfg)
+                  for name, f in _FORMULATIONS.items() if f.applies(cfg, x_shape, weight_shape)}
+    key = _signature(part, cfg, x_shape, weight_shape, dtype)
+    name = _formulation.choose(cfg.mode, key, candidates, specs, gate)
+    return getattr(_FORMULATIONS[name], part)
+
+
 def _with_bias(y, bias):
     return y if bias is None else y + bias[None, :, None, None]
 
 
 def _forward(cfg, x, weight, bias):
-    forward, _ = _FORMULATIONS[_path(cfg, x.shape, weight.shape)]
+    gate = _path(cfg, x.shape, weight.shape)
+    forward = _chosen("forward", cfg, x.shape, weight.shape, x.dtype, gate)
     return _with_bias(forward(cfg, x, weight), bias)
 
 
@@ -273,9 +349,11 @@ def _fwd(cfg, x, weight, bias):
 
 
 def _bwd(cfg, residuals, g):
+    """Each gradient by its own choice (a first layer's dx, unused, is removed by XLA)."""
     x, weight, no_bias = residuals
-    _, grads = _FORMULATIONS[_path(cfg, x.shape, weight.shape)]
-    dx, dw = grads(cfg, x, weight, g)
+    gate = _path(cfg, x.shape, weight.shape)
+    dx = _chosen("dx", cfg, x.shape, weight.shape, x.dtype, gate)(cfg, weight, g)
+    dw = _chosen("dw", cfg, x.shape, weight.shape, x.dtype, gate)(cfg, x, g)
     return dx, dw, None if no_bias else g.sum(axis=(0, 2, 3))
 
 
@@ -349,16 +427,22 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                         = conv over samples of xp with g as a kernel dilated by s, stride d
         db[o] = sum_{n,i,j} g[n, o, i, j]
 
-    Two shape-aware formulations compute the same sums faster on XLA:CPU (``_path`` says which
-    a shape takes; ``_FORMULATIONS`` holds each one's forward and gradients):
+    Three formulations compute the same sums (``_FORMULATIONS``: each one's forward, dx and dW,
+    each usable alone), and each of the three parts takes its own per shape, by the mode of
+    ``functional/_formulation.py`` (``$FUNCTIONAL_CNN_CONV`` or :func:`conv_formulation`):
+    ``"auto"`` (default) times the candidates on this machine once per shape and caches the
+    fastest, keeping XLA's unless another is 5% faster (XLA's alone on GPU/TPU); ``"gates"``
+    takes the static rules of ``_path`` (tuned on one Intel Xeon); ``"lax"`` XLA's always:
 
-    * *banded* (at most 12 input channels, ``W_pad <= 6 kw``, no groups, no dilation along the
-      width): the weight laid out as a banded matrix ``T[a, (c, w), o, j] = W[o, c, a, w - j s]``
-      (zero off the band) over the input rows ``R[n, i, a, (c, w)] = xp[n, c, i s_h + a d_h, w]``:
-      ``y = R T``, ``dR = g T^T`` added back row by row, and ``dW`` the band of ``R^T g`` summed
-      along each diagonal;
-    * *im2col* (one input channel, rows too wide for the band): batched matrix products over the
-      patches ``P[n] (kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
+    * *lax*: XLA's convolution, the rule above, for every shape;
+    * *banded* (no groups, no dilation along the width, a band of at most 4M entries; gate: at
+      most 12 input channels and ``W_pad <= 6 kw``): the weight laid out as a banded matrix
+      ``T[a, (c, w), o, j] = W[o, c, a, w - j s]`` (zero off the band) over the input rows
+      ``R[n, i, a, (c, w)] = xp[n, c, i s_h + a d_h, w]``: ``y = R T``, ``dR = g T^T`` added
+      back row by row, and ``dW`` the band of ``R^T g`` summed along each diagonal;
+    * *im2col* (no groups, patches of at most 32M entries; gate: one input channel, rows too
+      wide for the band): batched matrix products over the patches
+      ``P[n] (C*kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
       ``dx = col2im(W^T g[n])``.
 
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
@@ -368,7 +452,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     if jnp.ndim(x) == 3:
         return conv2d(x[None], weight, bias, stride, padding, dilation, groups, vjp=vjp)[0]
     cfg = conv_config("conv2d", jnp.shape(x), jnp.shape(weight), stride, padding, dilation,
-                      groups)
+                      groups)._replace(mode=_formulation.mode())
     _check_bias("conv2d", bias, weight.shape[0])
     return _conv2d(vjp, cfg, x, weight, bias)
 
@@ -386,8 +470,16 @@ def _check_bias(where: str, bias, out_channels: int) -> None:
 # transposed convolution's output as its input). So its forward is that convolution's dx, and
 # its rule uses the convolution's forward (for dx) and its weight gradient (for dW).
 
+def _conv_input_shape(cfg, x_shape, weight_shape):
+    """The shape of the input of the convolution a transposed one transposes: its output."""
+    return (x_shape[0], weight_shape[1] * cfg.groups) + tuple(a.in_size for a in cfg.axes)
+
+
 def _transpose_forward(cfg, x, weight, bias):
-    return _with_bias(_lax_input_grad(cfg, weight, x), bias)
+    """The convolution's dx at cotangent ``x`` (gate: XLA's)."""
+    conv_x_shape = _conv_input_shape(cfg, x.shape, weight.shape)
+    input_grad = _chosen("dx", cfg, conv_x_shape, weight.shape, x.dtype, "lax")
+    return _with_bias(input_grad(cfg, weight, x), bias)
 
 
 def _transpose_fwd(cfg, x, weight, bias):
@@ -395,10 +487,14 @@ def _transpose_fwd(cfg, x, weight, bias):
 
 
 def _transpose_bwd(cfg, residuals, g):
+    """The convolution's forward at input ``g`` (dx), its dW at input ``g`` and cotangent ``x``
+    (gates: the forward's own, and XLA's for dW)."""
     x, weight, no_bias = residuals
-    conv_forward, _ = _FORMULATIONS[_path(cfg, g.shape, weight.shape)]
-    dw = _lax_weight_grad(cfg, g, x)  # the convolution's dW with input g and cotangent x
-    return conv_forward(cfg, g, weight), dw, None if no_bias else g.sum(axis=(0, 2, 3))
+    gate = _path(cfg, g.shape, weight.shape)
+    forward = _chosen("forward", cfg, g.shape, weight.shape, x.dtype, gate)
+    weight_grad = _chosen("dw", cfg, g.shape, weight.shape, x.dtype, "lax")
+    return (forward(cfg, g, weight), weight_grad(cfg, g, x),
+            None if no_bias else g.sum(axis=(0, 2, 3)))
 
 
 _conv_transpose2d = two_gradients(_transpose_forward, _transpose_fwd, _transpose_bwd)
@@ -458,7 +554,9 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
         db[o] = sum_{n,i,j} g[n, o, i, j]
 
     where ``gp`` is ``g`` padded by ``p`` (and cropped by ``output_padding``). Both are
-    correlations written like conv2d's forward, so the rule is differentiable again.
+    correlations written like conv2d's forward, so the rule is differentiable again. The
+    forward, dx and dW are conv2d's dx, forward and dW parts, each chosen as conv2d chooses
+    them (in mode "gates": XLA's for the forward and dW, conv2d's gate for dx).
 
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative (a zero weight
     included).
@@ -470,6 +568,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
                                 dilation, vjp=vjp)[0]
     cfg = conv_transpose_config("conv_transpose2d", jnp.shape(x), jnp.shape(weight), stride,
                                 padding, output_padding, groups, dilation)
+    cfg = cfg._replace(mode=_formulation.mode())
     _check_bias("conv_transpose2d", bias, weight.shape[1] * groups)
     return _conv_transpose2d(vjp, cfg, x, weight, bias)
 
