@@ -6,7 +6,7 @@ we know how to write, the bar ``experiments/time_to_accuracy.py`` races.
 Torch's own best recipe, not a twin of ours: what made it fast on the 2-core CPUs this project
 runs on, each measured (docs/BENCHMARKS.md):
 
-* a BatchNorm CNN -- conv(k, pad k//2, no bias) -> BatchNorm -> ReLU -> max-pool 2, twice
+* a BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm -> ReLU -> max-pool 2, twice
   (``--widths`` channels), then a ``--hidden``-wide ReLU layer -- with label smoothing, trained
   for a fraction of an epoch (``--steps`` x ``--batch-size`` images) under a one-cycle
   learning rate, evaluated once at the end of the schedule;
@@ -41,14 +41,14 @@ from torch import nn  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make ``experiments`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments._tta_common import Record, one_cycle, plan, recipe_parser  # noqa: E402
+from experiments._tta_common import Record, feature_size, one_cycle, plan, recipe_parser  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 ENV_VAR = "FUNCTIONAL_CNN_DATA"
 _FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 RECIPE = {"steps": 400, "batch_size": 128, "peak_lr": 1e-2, "label_smoothing": 0.1,
-          "widths": (16, 32), "kernel": 3, "hidden": 128}
+          "widths": (16, 32), "kernel": 3, "padding": 1, "hidden": 128}
 
 
 def _read_idx_gz(path, ndim):
@@ -80,14 +80,14 @@ def normalize(images):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def network(widths, kernel, hidden):
-    """Two conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any)."""
+def network(widths, kernel, padding, hidden):
+    """Conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any)."""
     layers, channels = [], 1
     for width in widths:
-        layers += [nn.Conv2d(channels, width, kernel, padding=kernel // 2, bias=False),
+        layers += [nn.Conv2d(channels, width, kernel, padding=padding, bias=False),
                    nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
         channels = width
-    size = 28 // 2 ** len(widths)
+    size = feature_size(kernel, padding, len(widths))
     layers.append(nn.Flatten())
     features = channels * size * size
     if hidden:
@@ -157,7 +157,7 @@ def main(argv=None):
     test_images, test_y = load_mnist(root, train=False)
     train_x, test_x = normalize(train_images), normalize(test_images)
     torch.manual_seed(args.seed)
-    model = network(args.widths, args.kernel, args.hidden)
+    model = network(args.widths, args.kernel, args.padding, args.hidden)
     optimizer = AdamW(model.parameters(), args.weight_decay)
     record = Record(START, args.target)
     train(args, model, optimizer, train_x, train_y, record, test_x, test_y)

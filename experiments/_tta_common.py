@@ -28,6 +28,7 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     parser.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",")),
                         help="the two convolutions' output channels, e.g. 16,32")
     parser.add_argument("--kernel", type=int, help="both convolutions' kernel size")
+    parser.add_argument("--padding", type=int, help="both convolutions' zero padding")
     parser.add_argument("--hidden", type=int, help="the hidden linear layer's width (0: none)")
     parser.add_argument("--extra-rounds", type=int, default=0,
                         help="if the target is missed: rounds of --steps more steps at the "
@@ -37,6 +38,13 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     parser.add_argument("--json")
     parser.set_defaults(**defaults)
     return parser
+
+
+def feature_size(kernel: int, padding: int, stages: int = 2, size: int = 28) -> int:
+    """The side of the feature map after ``stages`` conv (stride 1) + max-pool 2 stages."""
+    for _ in range(stages):
+        size = (size + 2 * padding - kernel + 1) // 2
+    return size
 
 
 def plan(args) -> list[int]:

@@ -3,7 +3,7 @@
     python -m experiments.time_to_accuracy [--steps N] [--batch-size B] [--vjp custom]
         [--compile-cache DIR] [--json PATH] ...
 
-A small BatchNorm CNN -- conv(k, pad k//2, no bias) -> BatchNorm -> ReLU -> max-pool 2, twice
+A small BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm -> ReLU -> max-pool 2, twice
 (``--widths`` channels), then a ``--hidden``-wide ReLU layer (0: none) -- trained with AdamW
 (weight decay 5e-4, label smoothing) under a one-cycle learning rate over ``--steps`` batches
 (a fraction of an epoch: ``train.make_trainer(steps_per_epoch=...)``), then the whole test set
@@ -34,14 +34,15 @@ from functional_cnn.precompile import precompile  # noqa: E402
 MEAN, STD = 0.1307, 0.3081
 TEST_SIZE = 10000
 RECIPE = {"steps": 400, "batch_size": 128, "peak_lr": 1e-2, "label_smoothing": 0.1,
-          "widths": (16, 32), "kernel": 3, "hidden": 128}
+          "widths": (16, 32), "kernel": 3, "padding": 1, "hidden": 128}
 
 
-def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], hidden=RECIPE["hidden"]):
-    """Two conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any)."""
+def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
+        hidden=RECIPE["hidden"]):
+    """Conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any)."""
     layers = []
     for width in widths:
-        layers += [fcn.Conv2d(width, kernel, padding=kernel // 2, bias=False),
+        layers += [fcn.Conv2d(width, kernel, padding=padding, bias=False),
                    fcn.BatchNorm2d(), fcn.ReLU(), fcn.MaxPool2d(2)]
     layers.append(fcn.Flatten())
     if hidden:
@@ -58,7 +59,7 @@ def one_cycle_adamw(args):
 def compiled_trainer(args):
     """The trainer, its programs compiling on two threads from here on."""
     trainer = train.make_trainer(
-        net(args.widths, args.kernel, args.hidden), one_cycle_adamw(args),
+        net(args.widths, args.kernel, args.padding, args.hidden), one_cycle_adamw(args),
         batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
         label_smoothing=args.label_smoothing, eval_batch_size=TEST_SIZE,
         preprocess=lambda u8: data.normalize(u8, MEAN, STD))

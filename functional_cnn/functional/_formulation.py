@@ -1,23 +1,31 @@
-"""Which formulation computes a part of an op, chosen by measuring it on the running machine.
+"""Which formulation computes an op, chosen by static shape rules or by measuring it here.
 
 An op such as conv2d can compute the same sums several ways (``conv.py``: a banded matrix
 product, im2col, XLA's convolution); which is fastest depends on the shape *and* the CPU (static
-gates tuned on one Intel Xeon were wrong on an AMD EPYC). Each part of the op (forward, input
-gradient, weight gradient) is chosen separately, since they are independent sums and the
-fastest formulation of each can differ. The mode comes from ``$FUNCTIONAL_CNN_CONV``, or from
-the innermost :func:`conv_formulation` context, read when the op is traced:
+gates tuned on one Intel Xeon were wrong on an AMD EPYC). The mode comes from
+``$FUNCTIONAL_CNN_CONV``, or from the innermost :func:`conv_formulation` context, read when
+the op is traced:
 
-* ``"auto"`` (the default): the first time a (part, shape, dtype) is traced, every applicable
-  formulation of that part is compiled on random inputs of exactly that shape and dtype and
-  timed (the best of a few repeats, each long enough to exceed a few ms); XLA's own
-  convolution (``"lax"``) is kept unless another is faster by :data:`MARGIN`, so the choice is
-  never slower than XLA's convolution as measured. The result is cached in memory and in a small
-  JSON file (:func:`cache_file`), so later traces and later processes reuse it. Measuring uses
-  compiled executables called on concrete arrays, so it works while an outer ``jax.jit`` is
-  tracing. On a non-CPU backend (GPU, TPU) ``"auto"`` means ``"lax"``: the formulations were
-  written for XLA:CPU, and nothing has measured them elsewhere.
-* ``"gates"``: the static shape rules each op states (no measurement), the tests' mode.
+* ``"gates"`` (the default): the static shape rules each op states (no measurement).
+* ``"auto"``: the first time a shape and dtype is traced, every applicable formulation is
+  compiled on random inputs of exactly that shape and dtype -- its forward, input gradient and
+  weight gradient in one program, as a training step runs them -- and timed (the best of a few
+  repeats, each long enough to exceed a few ms); XLA's own convolution (``"lax"``) is kept
+  unless another is faster by :data:`MARGIN`, so the choice is never slower than XLA's
+  convolution *as measured*. The result is cached in memory and in a small JSON file
+  (:func:`cache_file`), so later traces and later processes reuse it. Measuring uses compiled
+  executables called on concrete arrays, so it works while an outer ``jax.jit`` is tracing.
+  On a non-CPU backend (GPU, TPU) ``"auto"`` means ``"lax"``: the formulations were written for
+  XLA:CPU, and nothing has measured them elsewhere.
 * ``"lax"``: XLA's convolution always.
+
+Why ``"gates"`` is the default: a convolution timed alone does not predict the training step
+it sits in. XLA fuses each formulation's copies (row blocks, patches, transposes) with the
+layers around it, so on an Intel Xeon (2 cores) the measured choices made LeNet's step at
+batch 256 take 64-68 ms against the gates' 35 ms, even measured on all three parts together
+(first measured part by part, which was worse still: banded's forward and weight gradient
+share their row blocks, im2col's their patches). ``"auto"`` stays for experiments on other
+machines; a choice made in the context of the whole step is the way forward.
 
 A choice only affects speed, never the numbers beyond float rounding: every candidate computes
 the same sums, and a cache entry naming a formulation that does not apply to its shape is
@@ -65,11 +73,11 @@ def _check_mode(mode, where: str) -> str:
 
 def mode() -> str:
     """The mode in force: the innermost :func:`conv_formulation`, else ``$FUNCTIONAL_CNN_CONV``,
-    else ``"auto"``. An unknown value raises ``ValueError`` rather than quietly picking one."""
+    else ``"gates"``. An unknown value raises ``ValueError`` rather than quietly picking one."""
     override = _MODE_OVERRIDE.get()
     if override is not None:
         return override
-    return _check_mode(os.environ.get(MODE_ENV, "auto"), f"${MODE_ENV}")
+    return _check_mode(os.environ.get(MODE_ENV, "gates"), f"${MODE_ENV}")
 
 
 @contextlib.contextmanager

@@ -23,32 +23,25 @@ from ._windows import (Axis, add_window_views, check_window_fits, make_axis, pad
 # convolution below is written canonically, with explicit transposes from and to PyTorch's NCHW.
 _CANONICAL = ("NHWC", "HWIO", "NHWC")
 
-
 class ConvConfig(NamedTuple):
     axes: tuple[Axis, Axis]  # (height, width) geometry, pad_hi adjusted to the windows' reach
     groups: int
     mode: str = "gates"  # how each part's formulation is chosen: _formulation.mode() at the call
 
-
 def _strides(cfg):
     return tuple(a.stride for a in cfg.axes)
-
 
 def _dilations(cfg):
     return tuple(a.dilation for a in cfg.axes)
 
-
 def _nhwc(x):
     return x.transpose(0, 2, 3, 1)
-
 
 def _nchw(x):
     return x.transpose(0, 3, 1, 2)
 
-
 def _hwio(weight):
     return weight.transpose(2, 3, 1, 0)
-
 
 # ------------------------------------------- im2col: the patches as one matrix per sample
 
@@ -61,16 +54,13 @@ def _single_channel(cfg, in_channels: int) -> bool:
     """
     return cfg.groups == 1 and in_channels == 1
 
-
 def _im2col_applies(cfg, x_shape, weight_shape) -> bool:
     """Where im2col can run at all (a candidate to measure): no groups, and patches of at most
     :data:`_IM2COL_MAX_ELEMENTS` (they hold ``kh*kw`` copies of the input)."""
     patches = x_shape[0] * x_shape[1] * _taps(cfg) * _out_pixels(cfg)
     return cfg.groups == 1 and patches <= _IM2COL_MAX_ELEMENTS
 
-
 _IM2COL_MAX_ELEMENTS = 1 << 25  # 128 MiB of float32 patches
-
 
 def _patches(cfg, x):
     """im2col: ``(N, C*kh*kw, H_out*W_out)``, rows in the weight's (c, a, b) order.
@@ -80,30 +70,24 @@ def _patches(cfg, x):
     views = jnp.stack(window_views(pad_spatial(x, cfg.axes, 0), cfg.axes), axis=2)
     return views.reshape(x.shape[0], x.shape[1] * _taps(cfg), _out_pixels(cfg))
 
-
 def _taps(cfg) -> int:
     return cfg.axes[0].kernel * cfg.axes[1].kernel
 
-
 def _out_pixels(cfg) -> int:
     return cfg.axes[0].out_size * cfg.axes[1].out_size
-
 
 def _pixels_flat(cfg, g):
     """``(N, O, H_out, W_out) -> (N, O, H_out*W_out)``."""
     return g.reshape(g.shape[0], g.shape[1], _out_pixels(cfg))
 
-
 def _matmul_per_sample(w2, m):
     return lax.dot_general(jnp.broadcast_to(w2, (m.shape[0],) + w2.shape), m,
                            (((2,), (1,)), ((0,), (0,))))
-
 
 def _im2col_forward(cfg, x, weight):
     """``y[n] = W (O, C*kh*kw) @ P[n]``: already NCHW, no transposes."""
     y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
     return y.reshape(x.shape[0], weight.shape[0], cfg.axes[0].out_size, cfg.axes[1].out_size)
-
 
 def _im2col_input_grad(cfg, weight, g):
     """``dx = col2im(W^T g[n])``: each patch row added back at its window offset."""
@@ -113,15 +97,12 @@ def _im2col_input_grad(cfg, weight, g):
     views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
     return unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
 
-
 def _im2col_weight_grad(cfg, x, g):
     """``dW = sum_n g[n] P[n]^T``."""
     dw = lax.dot_general(_pixels_flat(cfg, g), _patches(cfg, x), (((2,), (2,)), ((0,), (0,))))
     return dw.sum(axis=0).reshape(g.shape[1], x.shape[1], *(a.kernel for a in cfg.axes))
 
-
 # ------------------------------------------------------- banded: few channels, narrow rows
-
 
 def _banded_applies(cfg, x_shape, weight_shape) -> bool:
     """Where the band can run at all (a candidate to measure): no groups, no dilation along the
@@ -137,7 +118,6 @@ def _banded_applies(cfg, x_shape, weight_shape) -> bool:
         width.out_size
     return cfg.groups == 1 and width.dilation == 1 and band_size <= _BAND_MAX_ELEMENTS
 
-
 def _banded(cfg, x_shape, weight_shape) -> bool:
     """The band's gate: where it applies, with few input channels and narrow enough rows, like
     both convolutions of LeNet. XLA:CPU's matmul is fast enough to pay for the band's extra
@@ -146,7 +126,6 @@ def _banded(cfg, x_shape, weight_shape) -> bool:
     width = cfg.axes[1]
     return (_banded_applies(cfg, x_shape, weight_shape) and x_shape[1] <= _BAND_MAX_CHANNELS
             and width.padded_size <= _BAND_MAX_RATIO * width.kernel)
-
 
 # Where the band wins, forward + backward at batch 128 (the shapes in tests/functional/
 # test_conv.py and more): 1.3-2x faster than the next best on LeNet's 1->10 k5 on 28x28
@@ -157,13 +136,11 @@ _BAND_MAX_CHANNELS = 12
 _BAND_MAX_RATIO = 6
 _BAND_MAX_ELEMENTS = 1 << 22  # the band's entries (16 MiB in float32): it is built every step
 
-
 def _row_axes(cfg, row_length: int) -> tuple[Axis, Axis]:
     """The height axis as it is, and a row of ``row_length`` values read whole (one tap at
     every position): with these :func:`window_views` reads, for each kernel row ``a``, the
     input rows it sees, and :func:`add_window_views` adds their cotangents back."""
     return cfg.axes[0], Axis(row_length, row_length, 1, 1, 1, 0, 0)
-
 
 def _rows(cfg, xp):
     """``R[n, i, a, (c, w)] = xp[n, c, i s_h + a d_h, w]``: the ``kh`` input rows output row
@@ -172,14 +149,12 @@ def _rows(cfg, xp):
     rows = xp.transpose(0, 2, 1, 3).reshape(n, hp, c * wp)
     return jnp.stack(window_views(rows, _row_axes(cfg, c * wp)), axis=2)
 
-
 def _unrows(cfg, d_rows, padded_shape):
     """Transpose of :func:`_rows`: each row's cotangent added back where it was read."""
     n, c, hp, wp = padded_shape
     views = [d_rows[:, :, a] for a in range(d_rows.shape[2])]
     d_xp = add_window_views(views, _row_axes(cfg, c * wp))
     return d_xp.reshape(n, hp, c, wp).transpose(0, 2, 1, 3)
-
 
 def _band_selector(cfg, dtype):
     """``S[b, w, j] = 1`` where padded column ``w`` is tap ``b`` of output column ``j``."""
@@ -190,13 +165,11 @@ def _band_selector(cfg, dtype):
             s[b, j * a.stride + b, j] = 1
     return s
 
-
 def _band(cfg, weight):
     """The weight as a banded matrix ``T[a, (c, w), o, j] = sum_b S[b, w, j] W[o, c, a, b]``."""
     t = jnp.einsum("bwj,ocab->acwoj", _band_selector(cfg, weight.dtype), weight)
     kh, c, wp, o, wo = t.shape
     return t.reshape(kh, c * wp, o, wo)
-
 
 def _unband(cfg, d_band):
     """Transpose of :func:`_band`: ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[a, (c, w), o, j]``
@@ -206,18 +179,15 @@ def _unband(cfg, d_band):
     d_band = d_band.reshape(kh, cw // s.shape[1], s.shape[1], o, wo)
     return jnp.einsum("bwj,acwoj->ocab", s, d_band)
 
-
 def _banded_forward(cfg, x, weight):
     """``y[n, o, i, j] = sum_{a,(c,w)} R[n, i, a, (c, w)] T[a, (c, w), o, j]``."""
     rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
     y = lax.dot_general(rows, _band(cfg, weight), (((2, 3), (0, 1)), ((), ())))
     return y.transpose(0, 2, 1, 3)  # (N, H_out, O, W_out) -> NCHW
 
-
 def _g_rows(g):
     """The cotangent as ``G[n, i, o, j]`` (N, H_out, O, W_out): row ``i`` beside ``R[n, i]``."""
     return g.transpose(0, 2, 1, 3)
-
 
 def _banded_input_grad(cfg, weight, g):
     """``dR = G T^T``, each row's cotangent added back where it was read (:func:`_unrows`)."""
@@ -225,12 +195,10 @@ def _banded_input_grad(cfg, weight, g):
     padded_shape = (g.shape[0], weight.shape[1]) + tuple(a.padded_size for a in cfg.axes)
     return unpad_spatial(_unrows(cfg, d_rows, padded_shape), cfg.axes)
 
-
 def _banded_weight_grad(cfg, x, g):
     """``dT = R^T G``, folded back onto the weight by :func:`_unband`."""
     rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
     return _unband(cfg, lax.dot_general(rows, _g_rows(g), (((0, 1), (0, 1)), ((), ()))))
-
 
 # ------------------------------------------- lax: XLA's convolution, the general rule
 
@@ -241,14 +209,12 @@ def _lax_forward(cfg, x, weight):
         rhs_dilation=_dilations(cfg), dimension_numbers=_CANONICAL,
         feature_group_count=cfg.groups))
 
-
 def _flipped_transposed_kernel(weight, groups):
     """``(O, I/g, kh, kw) -> (I, O/g, kh, kw)`` per group, spatially flipped by 180 degrees."""
     out_ch, in_per_group, kh, kw = weight.shape
     w = weight.reshape(groups, out_ch // groups, in_per_group, kh, kw)
     w = w.transpose(0, 2, 1, 3, 4).reshape(groups * in_per_group, out_ch // groups, kh, kw)
     return jnp.flip(w, (2, 3))
-
 
 def _lax_input_grad(cfg, weight, g):
     """``dx``: full correlation of the stride-dilated cotangent with the flipped kernel. The
@@ -259,7 +225,6 @@ def _lax_input_grad(cfg, weight, g):
         padding=[(a.span - 1 - a.pad_lo, a.span - 1 - a.pad_hi) for a in cfg.axes],
         lhs_dilation=_strides(cfg), rhs_dilation=_dilations(cfg),
         dimension_numbers=_CANONICAL, feature_group_count=cfg.groups))
-
 
 def _lax_weight_grad(cfg, x, g):
     """``dW``: correlate the padded input with the cotangent used as a kernel dilated by the
@@ -274,7 +239,6 @@ def _lax_weight_grad(cfg, x, g):
         batch_group_count=cfg.groups)
     return dw.transpose(3, 0, 1, 2)
 
-
 # --------------------------------------------------------------- one op, three formulations
 
 class Formulation(NamedTuple):
@@ -286,10 +250,8 @@ class Formulation(NamedTuple):
     dx: Callable  # (cfg, weight, g) -> the input gradient
     dw: Callable  # (cfg, x, g) -> the weight gradient
 
-
 def _always(cfg, x_shape, weight_shape) -> bool:
     return True
-
 
 _FORMULATIONS = {
     "banded": Formulation(_banded_applies, _banded_forward, _banded_input_grad,
@@ -298,9 +260,14 @@ _FORMULATIONS = {
                           _im2col_weight_grad),
     "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad)}
 
-# each part's array arguments after cfg: what a measurement feeds it
-_PART_INPUTS = {"forward": ("x", "weight"), "dx": ("weight", "g"), "dw": ("x", "g")}
-
+def _all_parts(formulation: Formulation, cfg, x, weight, g):
+    """What a measurement runs: the three parts of one formulation in one program, as a
+    training step runs them. Measured apart, the parts mislead: banded's forward and weight
+    gradient read the same row blocks of ``x`` and im2col's the same patches, which XLA builds
+    once when both are in one program, so the fastest parts one by one made a slower step
+    (LeNet at batch 256 on an Intel Xeon: 64 ms against the gates' 35 ms)."""
+    return (formulation.forward(cfg, x, weight), formulation.dx(cfg, weight, g),
+            formulation.dw(cfg, x, g))
 
 def _path(cfg, x_shape, weight_shape) -> str:
     """The gates (mode ``"gates"``; every part alike): ``"banded"`` (few channels, narrow
@@ -310,7 +277,6 @@ def _path(cfg, x_shape, weight_shape) -> str:
         return "banded"
     return "im2col" if _single_channel(cfg, x_shape[1]) else "lax"
 
-
 def _signature(part, cfg, x_shape, weight_shape, dtype) -> str:
     """The cache key of one part: every shape, the whole geometry and the dtype."""
     h, w = cfg.axes
@@ -319,34 +285,30 @@ def _signature(part, cfg, x_shape, weight_shape, dtype) -> str:
             f"dilation=({h.dilation},{w.dilation}) "
             f"pad=(({h.pad_lo},{h.pad_hi}),({w.pad_lo},{w.pad_hi})) groups={cfg.groups}")
 
-
 def _chosen(part: str, cfg, x_shape, weight_shape, dtype, gate: str):
     """The function ``(cfg, *arrays)`` that computes ``part`` of the convolution with input
-    ``x_shape``: the formulation :func:`_formulation.choose` picks among those that apply, by
-    ``cfg.mode`` (``gate`` in mode "gates")."""
+    ``x_shape``: the part of the formulation :func:`_formulation.choose` picks among those that
+    apply, by ``cfg.mode`` (``gate`` in mode "gates"). One choice serves all three parts of a
+    shape: it is measured on all three together (:func:`_all_parts`)."""
     g_shape = (x_shape[0], weight_shape[0]) + tuple(a.out_size for a in cfg.axes)
-    shapes = {"x": tuple(x_shape), "weight": tuple(weight_shape), "g": g_shape}
-    specs = tuple(jax.ShapeDtypeStruct(shapes[name], dtype) for name in _PART_INPUTS[part])
-    candidates = {name: functools.partial(getattr(f, part), cfg)
+    specs = tuple(jax.ShapeDtypeStruct(shape, dtype)
+                  for shape in (tuple(x_shape), tuple(weight_shape), g_shape))
+    candidates = {name: functools.partial(_all_parts, f, cfg)
                   for name, f in _FORMULATIONS.items() if f.applies(cfg, x_shape, weight_shape)}
-    key = _signature(part, cfg, x_shape, weight_shape, dtype)
+    key = _signature("all", cfg, x_shape, weight_shape, dtype)
     name = _formulation.choose(cfg.mode, key, candidates, specs, gate)
     return getattr(_FORMULATIONS[name], part)
 
-
 def _with_bias(y, bias):
     return y if bias is None else y + bias[None, :, None, None]
-
 
 def _forward(cfg, x, weight, bias):
     gate = _path(cfg, x.shape, weight.shape)
     forward = _chosen("forward", cfg, x.shape, weight.shape, x.dtype, gate)
     return _with_bias(forward(cfg, x, weight), bias)
 
-
 def _fwd(cfg, x, weight, bias):
     return _forward(cfg, x, weight, bias), (x, weight, bias is None)
-
 
 def _bwd(cfg, residuals, g):
     """Each gradient by its own choice (a first layer's dx, unused, is removed by XLA)."""
@@ -356,9 +318,7 @@ def _bwd(cfg, residuals, g):
     dw = _chosen("dw", cfg, x.shape, weight.shape, x.dtype, gate)(cfg, x, g)
     return dx, dw, None if no_bias else g.sum(axis=(0, 2, 3))
 
-
 _conv2d = two_gradients(_forward, _fwd, _bwd)
-
 
 def conv_padding(where: str, padding, kernel: tuple[int, int], stride: tuple[int, int],
                  dilation: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -380,7 +340,6 @@ def conv_padding(where: str, padding, kernel: tuple[int, int], stride: tuple[int
         return tuple((t // 2, t - t // 2) for t in totals)
     ph, pw = _checks.int_pair(where, "padding", padding, minimum=0)
     return (ph, ph), (pw, pw)
-
 
 def conv_config(where: str, in_shape, weight_shape, stride, padding, dilation,
                 groups) -> ConvConfig:
@@ -405,7 +364,6 @@ def conv_config(where: str, in_shape, weight_shape, stride, padding, dilation,
                  for n, k, s, d, (lo, hi) in zip(in_shape[2:], kernel, stride, dilation, pads))
     check_window_fits(where, in_shape, axes, pads)
     return ConvConfig(axes, groups)
-
 
 @register()
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -456,12 +414,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     _check_bias("conv2d", bias, weight.shape[0])
     return _conv2d(vjp, cfg, x, weight, bias)
 
-
 def _check_bias(where: str, bias, out_channels: int) -> None:
     if bias is not None and tuple(jnp.shape(bias)) != (out_channels,):
         raise ValueError(f"{where}: expected bias of shape ({out_channels},), "
                          f"got {tuple(jnp.shape(bias))}")
-
 
 # ------------------------------------------------------------------- transposed convolution
 #
@@ -474,17 +430,14 @@ def _conv_input_shape(cfg, x_shape, weight_shape):
     """The shape of the input of the convolution a transposed one transposes: its output."""
     return (x_shape[0], weight_shape[1] * cfg.groups) + tuple(a.in_size for a in cfg.axes)
 
-
 def _transpose_forward(cfg, x, weight, bias):
     """The convolution's dx at cotangent ``x`` (gate: XLA's)."""
     conv_x_shape = _conv_input_shape(cfg, x.shape, weight.shape)
     input_grad = _chosen("dx", cfg, conv_x_shape, weight.shape, x.dtype, "lax")
     return _with_bias(input_grad(cfg, weight, x), bias)
 
-
 def _transpose_fwd(cfg, x, weight, bias):
     return _transpose_forward(cfg, x, weight, bias), (x, weight, bias is None)
-
 
 def _transpose_bwd(cfg, residuals, g):
     """The convolution's forward at input ``g`` (dx), its dW at input ``g`` and cotangent ``x``
@@ -496,9 +449,7 @@ def _transpose_bwd(cfg, residuals, g):
     return (forward(cfg, g, weight), weight_grad(cfg, g, x),
             None if no_bias else g.sum(axis=(0, 2, 3)))
 
-
 _conv_transpose2d = two_gradients(_transpose_forward, _transpose_fwd, _transpose_bwd)
-
 
 def conv_transpose_config(where: str, in_shape, weight_shape, stride, padding, output_padding,
                           groups, dilation) -> ConvConfig:
@@ -529,7 +480,6 @@ def conv_transpose_config(where: str, in_shape, weight_shape, stride, padding, o
                          f"to (kernel {tuple(weight_shape[2:])}, stride {stride}, dilation "
                          f"{dilation})")
     return ConvConfig(axes, groups)
-
 
 @register()
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
@@ -572,7 +522,6 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     _check_bias("conv_transpose2d", bias, weight.shape[1] * groups)
     return _conv_transpose2d(vjp, cfg, x, weight, bias)
 
-
 # ------------------------------------------------ hyperparameter spaces (tests, audit)
 
 def _conv2d_case(rng, c, dtype):
@@ -587,7 +536,6 @@ def _conv2d_case(rng, c, dtype):
     return S.Case("conv2d", c, inputs,
                 lambda x, w, b=None, vjp="custom": conv2d(x, w, b, vjp=vjp, **kw),
                 lambda torch, x, w, b=None: torch.nn.functional.conv2d(x, w, b, **kw))
-
 
 S.register_space(
     "conv2d",
@@ -612,7 +560,6 @@ S.register_space(
      {"in_per_group": 2, "groups": 1, "kernel": 3, "size": (5, 5), "padding": "same",
       "stride": 1, "dilation": 1}))
 
-
 def _conv_transpose2d_case(rng, c, dtype):
     g = c["groups"]
     x = S.normal(rng, (c["batch"], c["in_per_group"] * g) + tuple(c["size"]), dtype)
@@ -626,7 +573,6 @@ def _conv_transpose2d_case(rng, c, dtype):
     return S.Case("conv_transpose2d", c, inputs,
                   lambda x, w, b=None, vjp="custom": conv_transpose2d(x, w, b, vjp=vjp, **kw),
                   lambda torch, x, w, b=None: torch.nn.functional.conv_transpose2d(x, w, b, **kw))
-
 
 S.register_space(
     "conv_transpose2d",

@@ -120,7 +120,7 @@ def test_auto_measures_under_jit_writes_the_cache_and_reads_it_back(cache_dir, m
     entries = json.loads((cache_dir / _formulation.CACHE_NAME).read_text())
     assert entries["format"] == 1 and list(entries["machines"]) == [_formulation.machine_key()]
     chosen = entries["machines"][_formulation.machine_key()]
-    assert sorted(k.split()[0] for k in chosen) == ["conv2d.dw", "conv2d.dx", "conv2d.forward"]
+    assert [k.split()[0] for k in chosen] == ["conv2d.all"]  # one choice for the three parts
     for entry in chosen.values():
         assert set(entry["seconds"]) == {"banded", "im2col", "lax"}
         assert all(s > 0 for s in entry["seconds"].values())
@@ -138,8 +138,8 @@ def test_auto_measures_under_jit_writes_the_cache_and_reads_it_back(cache_dir, m
 
 def _write_cache(cache_dir, x_shape, w_shape, choice):
     cfg = conv.conv_config("test", x_shape, w_shape, 1, 0, 1, 1)
-    keys = [conv._signature(p, cfg, x_shape, w_shape, jnp.float32) for p in ("forward", "dx", "dw")]
-    entries = {k: {"choice": choice, "seconds": {}} for k in keys}
+    key = conv._signature("all", cfg, x_shape, w_shape, jnp.float32)
+    entries = {key: {"choice": choice, "seconds": {}}}
     data = {"format": 1, "machines": {_formulation.machine_key(): entries}}
     (cache_dir / _formulation.CACHE_NAME).write_text(json.dumps(data))
 
@@ -174,7 +174,7 @@ def test_a_corrupt_cache_is_ignored_and_replaced(cache_dir, monkeypatch, content
 def test_an_entry_that_cannot_run_its_shape_is_measured_again(cache_dir, monkeypatch):
     x_shape, w_shape = (2, 2, 6, 6), (3, 2, 3, 3)
     cfg = conv.conv_config("test", x_shape, w_shape, 1, 0, (1, 2), 1)  # no band: dilated width
-    key = conv._signature("forward", cfg, x_shape, w_shape, jnp.float32)
+    key = conv._signature("all", cfg, x_shape, w_shape, jnp.float32)
     data = {"format": 1, "machines": {_formulation.machine_key(): {key: {"choice": "banded"}}}}
     (cache_dir / _formulation.CACHE_NAME).write_text(json.dumps(data))
     monkeypatch.setattr(_formulation, "measure", _fake_measure)
@@ -248,3 +248,11 @@ def test_xla_wins_unless_another_is_clearly_faster():
     assert _formulation.fastest({"lax": 1.0, "banded": 0.90, "im2col": 0.80}) == "im2col"
     assert _formulation.fastest({"banded": 2.0, "im2col": 1.0}) == "im2col"
     assert _formulation.fastest({}) == "lax"
+
+
+def test_the_default_is_the_static_gates(monkeypatch):
+    """Measured choices made whole steps slower (the module docstring): not the default."""
+    monkeypatch.delenv(_formulation.MODE_ENV, raising=False)
+    assert _formulation.mode() == "gates"
+    with F.conv_formulation("auto"):
+        assert _formulation.mode() == "auto"
