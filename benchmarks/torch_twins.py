@@ -1,7 +1,7 @@
-"""PyTorch twins of ``functional_cnn.models`` and ``experiments.time_to_accuracy.net``: the same
-layers and nesting (``nn.Sequential``), so ``fcn.load_state_dict(params, state,
-twin.state_dict())`` copies weights across unchanged.
-Used by the tests (the oracle), ``benchmarks.bench`` and ``benchmarks/time_to_accuracy_torch.py``.
+"""PyTorch twins of ``functional_cnn.models``: the same layers and nesting (``nn.Sequential``),
+so ``fcn.load_state_dict(params, state, twin.state_dict())`` copies weights across unchanged.
+Used by the tests (the oracle) and ``benchmarks.bench``. (The time-to-accuracy race runs each
+side's own recipe: ``benchmarks/time_to_accuracy_torch.py`` builds its network itself.)
 """
 
 
@@ -25,12 +25,4 @@ def mlp(nn):
     return nn.Sequential(*layers, nn.Linear(64, 10))
 
 
-def time_to_accuracy(nn):
-    """``experiments.time_to_accuracy.net()``: two conv (no bias), BatchNorm, ReLU, pool stages."""
-    return nn.Sequential(nn.Conv2d(1, 8, 5, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Conv2d(8, 16, 5, bias=False), nn.BatchNorm2d(16),
-                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10))
-
-
-TWINS = {"mytorch_net": mytorch_net, "lenet": lenet, "mlp": mlp,
-         "time_to_accuracy": time_to_accuracy}
+TWINS = {"mytorch_net": mytorch_net, "lenet": lenet, "mlp": mlp}

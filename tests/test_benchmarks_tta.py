@@ -1,5 +1,6 @@
-"""``benchmarks/time_to_accuracy_torch.py``, the PyTorch twin of ``experiments.time_to_accuracy``:
-its network matches the JAX one, its schedule matches optax's, and a short run on a few images."""
+"""The time-to-accuracy race's pieces: the plain-PyTorch script's network is ours (weights copy
+across), its hand-written AdamW is torch.optim.AdamW, both sides' one-cycle rate is optax's,
+and a short run of the torch script writes its record."""
 import json
 
 import jax
@@ -9,43 +10,63 @@ import pytest
 from jax import numpy as jnp
 
 import functional_cnn as fcn
-from benchmarks.torch_twins import TWINS
+from experiments._tta_common import feature_size, one_cycle
 from experiments.time_to_accuracy import net
 from tests.conftest import assert_close, needs_mnist
 
 
-def test_twin_gives_the_same_logits_as_the_jax_net(torch):
-    jax_net = net()
-    _, params, state = jax_net.init(jax.random.key(0), (-1, 1, 28, 28))
-    module = TWINS["time_to_accuracy"](torch.nn)
+@pytest.mark.parametrize("widths, kernel, padding, hidden", [((8, 16), 5, 0, 128),
+                                                             ((4, 8), 3, 1, 0)])
+def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden):
+    from benchmarks.time_to_accuracy_torch import network
+    ours = net(widths, kernel, padding, hidden)
+    _, params, state = ours.init(jax.random.key(0), (-1, 1, 28, 28))
+    module = network(widths, kernel, padding, hidden)
     with torch.no_grad():  # non-trivial running statistics, so eval mode is really tested
         for bn in (module[1], module[5]):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
     params, state = fcn.load_state_dict(params, state, module.state_dict())
     x = np.random.default_rng(0).normal(size=(4, 1, 28, 28)).astype(np.float32)
-    logits, _ = jax_net.apply(params, state, jnp.asarray(x), train=False)
+    logits, _ = ours.apply(params, state, jnp.asarray(x), train=False)
     module.eval()
     with torch.no_grad():
         expected = module(torch.tensor(x)).numpy()
     assert_close(logits, expected, 1e-5, 1e-5, "logits")
 
 
-@pytest.mark.parametrize("steps", [4, 16, 469, 938])
-def test_torch_schedule_matches_optax_and_holds_its_end(steps, torch):
-    from benchmarks.time_to_accuracy_torch import onecycle
+def test_feature_size():
+    assert feature_size(5, 0) == 4 and feature_size(3, 1) == 7 and feature_size(5, 2) == 7
+
+
+def test_torch_adamw_is_torch_optim_adamw(torch):
+    from benchmarks.time_to_accuracy_torch import AdamW
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    mine, reference = AdamW(ours, 5e-4), torch.optim.AdamW(theirs, lr=1e-2, weight_decay=5e-4)
+    for step in range(5):
+        lr = 1e-2 * (step + 1) / 5  # a changing rate, as the schedule gives
+        for group in reference.param_groups:
+            group["lr"] = lr
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        mine.step(lr)
+        reference.step()
+    for p, q in zip(ours, theirs):
+        np.testing.assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=1e-6,
+                                   atol=1e-7)
+    assert all(p.grad is None for p in ours)  # zeroed for the next backward
+
+
+@pytest.mark.parametrize("steps", [4, 16, 350, 900])
+def test_one_cycle_is_optax(steps):
     peak = 1e-2
-    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=peak)
-    scheduler = onecycle(optimizer, peak, steps)
-    ours = []
-    for _ in range(steps + 5):  # past the end, as a run beyond --epochs does
-        ours.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        if scheduler.last_epoch < steps:
-            scheduler.step()
     schedule = optax.cosine_onecycle_schedule(steps, peak_value=peak, pct_start=0.25)
+    ours = [one_cycle(i, steps, peak) for i in range(steps + 5)]  # past the end: held
     expected = np.array([float(schedule(i)) for i in range(steps + 5)])
-    np.testing.assert_allclose(ours, expected, rtol=2e-3, atol=1e-9)
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=1e-12)
     assert int(np.argmax(ours)) == int(np.argmax(expected)) == int(0.25 * steps)
 
 
@@ -53,15 +74,16 @@ def test_torch_schedule_matches_optax_and_holds_its_end(steps, torch):
 def test_short_run_writes_the_json(tmp_path, torch):
     from benchmarks import time_to_accuracy_torch
     out = tmp_path / "r.json"
-    code = time_to_accuracy_torch.main(["--max-epochs", "1", "--epochs", "1", "--target", "0.5",
-                                        "--train-limit", "2000", "--json", str(out)])
+    code = time_to_accuracy_torch.main(["--steps", "20", "--batch-size", "32", "--target",
+                                        "0.5", "--widths", "4,8", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert code == (0 if saved["reached"] else 1)
     assert saved["framework"] == "torch" and saved["threads"] == torch.get_num_threads()
     assert saved["target"] == 0.5 and isinstance(saved["reached"], bool)
     assert saved["cpu_model"] and saved["cpu_count"] >= 1  # the figure's machine
-    assert len(saved["history"]) == 1
-    entry = saved["history"][0]
-    assert entry["epoch"] == 1 and 0.0 <= entry["test_accuracy"] <= 1.0
+    assert saved["recipe"]["steps"] == 20 and saved["recipe"]["widths"] == [4, 8]
+    entry, = saved["history"]
+    assert entry["steps"] == 20 and entry["images"] == 640
+    assert 0.0 <= entry["test_accuracy"] <= 1.0
     assert entry["seconds"] == saved["seconds"] > 0
     assert saved["reached"] == (entry["test_accuracy"] >= 0.5)

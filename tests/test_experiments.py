@@ -108,11 +108,11 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     from experiments import time_to_accuracy
 
     out = tmp_path / "tta.json"
-    code = time_to_accuracy.main(["--epochs", "1", "--max-epochs", "1", "--target", "0.9",
-                                  "--json", str(out)])
+    code = time_to_accuracy.main(["--steps", "200", "--target", "0.9", "--json", str(out)])
     result = json.loads(out.read_text())
-    assert code == 0 and result["reached"]  # one epoch of the recipe is far above 90%
-    assert [h["epoch"] for h in result["history"]] == [1]
+    assert code == 0 and result["reached"]  # 200 steps of batch 64 are far above 90%
+    assert [h["steps"] for h in result["history"]] == [200]
+    assert result["history"][0]["images"] == 200 * 64
     assert 0.9 <= result["history"][0]["test_accuracy"] <= 1.0
     assert 0 < result["seconds"] == result["history"][-1]["seconds"]
     assert result["cpu_model"] and result["framework"] == "functional_cnn"
