@@ -20,7 +20,15 @@ function, compiling on first use, otherwise. A compilation error is raised where
 is first called, as without precompiling.
 
 One device and the scanned epoch only (``mesh=None``, ``scan=True``): a mesh's sharded
-programs and the per-step loop keep compiling on first use.
+programs and the per-step loop keep compiling on first use. With ``FUNCTIONAL_CNN_CONV=auto``
+a convolution shape not yet in the cache is measured while it is traced, here on a worker
+thread beside the other compilations, so its timings would be disturbed: run once without
+precompiling to fill the cache first.
+
+On 2 cores the compilations also compete with each other and with the data loading: in
+``experiments/time_to_accuracy.py`` the epoch program, 2.6-2.8 s to compile alone, was ready
+about 5 s after it started (one worker or two: the same), so precompiling mostly hides the
+initial state's and the evaluation's compilations and the loading behind the epoch's.
 """
 from __future__ import annotations
 
