@@ -66,7 +66,8 @@ def test_one_cycle_is_optax(steps):
     schedule = optax.cosine_onecycle_schedule(steps, peak_value=peak, pct_start=0.25)
     ours = [one_cycle(i, steps, peak) for i in range(steps + 5)]  # past the end: held
     expected = np.array([float(schedule(i)) for i in range(steps + 5)])
-    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=1e-12)
+    # optax computes in float32: near the end (values ~1e-6) that is 1e-10 absolute
+    np.testing.assert_allclose(ours, expected, rtol=2e-5, atol=1e-9)
     assert int(np.argmax(ours)) == int(np.argmax(expected)) == int(0.25 * steps)
 
 
