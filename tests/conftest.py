@@ -19,7 +19,7 @@ settings.register_profile(
 # Fewer examples per op there (every op's edge cases always run besides them; the audit walks
 # the whole grid): 25 ops x 25 examples, each compiling both paths, was most of the suite.
 settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True,
-                          max_examples=8)
+                          max_examples=6)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
