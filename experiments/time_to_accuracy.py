@@ -23,10 +23,10 @@ import time
 START = time.perf_counter()  # first statement: imports below count
 
 import jax  # noqa: E402
-import optax  # noqa: E402
 from jax import numpy as jnp  # noqa: E402
 
 import functional_cnn as fcn  # noqa: E402
+from experiments._common import one_cycle_adamw  # noqa: E402
 from experiments._tta_common import TRAIN_SIZE, Record, plan, recipe_parser  # noqa: E402
 from functional_cnn import data, train  # noqa: E402
 from functional_cnn.precompile import precompile  # noqa: E402
@@ -52,16 +52,10 @@ def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["paddin
     return fcn.serial(*layers, fcn.Linear(10))
 
 
-def one_cycle_adamw(args):
-    """optax's one-cycle cosine rate (the formula ``_tta_common.one_cycle`` writes out)."""
-    schedule = optax.cosine_onecycle_schedule(args.steps, args.peak_lr, pct_start=0.25)
-    return train.adamw(schedule, weight_decay=args.weight_decay)
-
-
 def compiled_trainer(args):
     """The trainer, its programs compiling on two threads from here on."""
     trainer = train.make_trainer(
-        net(args.widths, args.kernel, args.padding, args.hidden), one_cycle_adamw(args),
+        net(args.widths, args.kernel, args.padding, args.hidden), one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay),
         batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
         label_smoothing=args.label_smoothing, eval_batch_size=TEST_SIZE,
         preprocess=lambda u8: data.normalize(u8, MEAN, STD))
