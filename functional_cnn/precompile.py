@@ -127,7 +127,7 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     init_lowered = fresh_state.lower(key, input_shape)  # its result's shapes: needed below
     ts = init_lowered.out_info
     epoch = train._scan_epoch_program(cfg)
-    logits = jax.jit(functools.partial(train._logits, cfg))
+    logits = train._logits_program(cfg)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
     epochs, chunks, scores = [], [], []
     if train_images is not None:  # the longest first

@@ -383,7 +383,7 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
             jit(functools.partial(_step_row, cfg), donate_argnums=(0, 1)))
     if cfg.mesh is not None:
         epoch = functools.partial(_placed_epoch, cfg, epoch)
-    predict = functools.partial(_predict, cfg, jit(functools.partial(_logits, cfg)))
+    predict = functools.partial(_predict, cfg, _logits_program(cfg))
     return Trainer(cfg, functools.partial(_init, cfg, fresh_state), epoch, predict)
 
 
@@ -397,6 +397,10 @@ def _fresh_state_program(cfg: TrainConfig):
 
 def _scan_epoch_program(cfg: TrainConfig):
     return _jit(cfg.mesh)(functools.partial(_scan_epoch, cfg), donate_argnums=0)
+
+
+def _logits_program(cfg: TrainConfig):
+    return _jit(cfg.mesh)(functools.partial(_logits, cfg))
 
 
 # ----------------------------------------------------------------------------- evaluation, fit
