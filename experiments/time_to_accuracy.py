@@ -22,7 +22,10 @@ import time
 
 START = time.perf_counter()  # first statement: imports below count
 
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
 import jax  # noqa: E402
+import optax  # noqa: E402
 from jax import numpy as jnp  # noqa: E402
 
 import functional_cnn as fcn  # noqa: E402
@@ -55,7 +58,10 @@ def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["paddin
 def compiled_trainer(args):
     """The trainer, its programs compiling on two threads from here on."""
     trainer = train.make_trainer(
-        net(args.widths, args.kernel, args.padding, args.hidden), one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay),
+        net(args.widths, args.kernel, args.padding, args.hidden),
+        # AdamW over one flat vector: one update instead of one per parameter, 0.4 s less to
+        # compile (the same update; XLA fuses it otherwise, so the last bits may differ)
+        optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay)),
         batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
         label_smoothing=args.label_smoothing, eval_batch_size=TEST_SIZE,
         preprocess=lambda u8: data.normalize(u8, MEAN, STD))
@@ -74,9 +80,11 @@ def main(argv=None):
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     evaluate_at = plan(args)
-    trainer = compiled_trainer(args)
-    train_set = data.load("MNIST", "train", args.data_dir)  # while the programs compile
-    test_set = data.load("MNIST", "test", args.data_dir)
+    with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
+        loading = [loader.submit(data.load, "MNIST", split, args.data_dir)
+                   for split in ("train", "test")]
+        trainer = compiled_trainer(args)
+        train_set, test_set = (job.result() for job in loading)
     if (len(train_set), len(test_set)) != (TRAIN_SIZE, TEST_SIZE):
         raise SystemExit(f"expected {TRAIN_SIZE} + {TEST_SIZE} MNIST images, got "
                          f"{len(train_set)} + {len(test_set)}")

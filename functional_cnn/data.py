@@ -19,6 +19,7 @@ import gzip
 import os
 import shutil
 import tempfile
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -99,10 +100,11 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     magic number, or its size disagrees with its header.
     """
     try:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
+        with open(path, "rb") as f:
             blob = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        if path.endswith(".gz"):  # in one call, which releases the GIL: loads beside compiling
+            blob = gzip.decompress(blob)
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise CorruptDataError(f"{path}: cannot read this IDX file ({err}); it is corrupt or "
                             f"truncated: delete it and fetch it again") from err
     header = 4 * (1 + ndim)
