@@ -73,23 +73,8 @@ def _labels(n: int):
     return jax.ShapeDtypeStruct((n,), LABELS_DTYPE)
 
 
-def _run_once_options() -> dict | None:
-    """XLA options for a program that runs once or twice (the initial state, the evaluation):
-    on the CPU, XLA's older loop emitters, which compile these in 0.6x the time (1.5 -> 0.9 s
-    for the initial state of experiments/time_to_accuracy.py's network, 2-core Xeon), leaving
-    more of the CPU to the epoch's compilation, which all the others run beside. Their code
-    is slower only where it would not matter: the epoch keeps XLA's defaults. Elsewhere (a
-    GPU): XLA's defaults."""
-    # one device, the default one (precompile refuses a mesh): its backend is the programs'
-    return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else None
-
-
-def _compile_once(lowered):
-    return lowered.compile(compiler_options=_run_once_options())
-
-
 def _compile_init(fresh_state, key, input_shape) -> dict:
-    compiled = _compile_once(fresh_state.lower(key, input_shape))
+    compiled = fresh_state.lower(key, input_shape).compile()
     # the compiled program takes the key only: the input shape was a static argument
     return {_signature((key, input_shape)): lambda key, input_shape: compiled(key)}
 
@@ -113,7 +98,7 @@ def _compile_chunks(cfg, logits, ts, images) -> tuple[dict, jax.ShapeDtypeStruct
     for size in _eval_chunks(cfg, images.shape[0]):
         chunk = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype)
         lowered = logits.lower(ts.params, ts.state, chunk)
-        compiled[_signature((ts.params, ts.state, chunk))] = _compile_once(lowered)
+        compiled[_signature((ts.params, ts.state, chunk))] = lowered.compile()
     return compiled, lowered.out_info
 
 
@@ -121,7 +106,7 @@ def _compile_scores(chunks: Future, n: int) -> dict:
     """The scores of all ``n`` examples' logits (their width: from the chunks' program)."""
     _, chunk_logits = chunks.result()
     all_logits = jax.ShapeDtypeStruct((n, chunk_logits.shape[-1]), chunk_logits.dtype)
-    compiled = _compile_once(train._scores.lower(all_logits, _labels(n)))
+    compiled = train._scores.lower(all_logits, _labels(n)).compile()
     return {_signature((all_logits, _labels(n))): compiled}
 
 

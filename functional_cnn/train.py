@@ -389,10 +389,13 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
 
 def _fresh_state_program(cfg: TrainConfig):
     # One compiled program, not an eager op (and a compilation) per parameter and optimizer
-    # slot; it runs once, so LLVM's optimization level 1 is plenty (its random bits compile
-    # 3x faster than at the default level, to the same values): 2.2 s -> 0.6 s at start-up.
+    # slot. It runs once, so its code may be slower if it compiles faster: LLVM's optimization
+    # level 1 (its random bits compile 3x faster than at the default level, to the same values:
+    # 2.2 s -> 0.6 s at start-up on one Xeon) and XLA:CPU's older loop emitters (1.5 -> 0.9 s
+    # on another, the same values; a GPU ignores the option).
     return jax.jit(functools.partial(_fresh_state, cfg), static_argnums=1,
-                   compiler_options={"xla_backend_optimization_level": 1})
+                   compiler_options={"xla_backend_optimization_level": 1,
+                                     "xla_cpu_use_fusion_emitters": False})
 
 
 def _scan_epoch_program(cfg: TrainConfig):
