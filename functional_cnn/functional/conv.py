@@ -524,14 +524,20 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
 
 # ------------------------------------------------ hyperparameter spaces (tests, audit)
 
+def _conv_inputs(rng, c, dtype, weight_channels: tuple[int, int], out_channels: int):
+    """A case's ``x`` (``in_per_group * groups`` channels), ``weight`` (``weight_channels``
+    then the kernel) and, if the case has one, ``bias`` (``out_channels``)."""
+    x = S.normal(rng, (c["batch"], c["in_per_group"] * c["groups"]) + tuple(c["size"]), dtype)
+    kernel = c["kernel"] if isinstance(c["kernel"], tuple) else (c["kernel"],) * 2
+    inputs = {"x": x, "weight": S.normal(rng, weight_channels + kernel, dtype)}
+    if c["bias"]:
+        inputs["bias"] = S.normal(rng, (out_channels,), dtype)
+    return inputs
+
 def _conv2d_case(rng, c, dtype):
     g = c["groups"]
-    x = S.normal(rng, (c["batch"], c["in_per_group"] * g) + tuple(c["size"]), dtype)
-    kernel = c["kernel"] if isinstance(c["kernel"], tuple) else (c["kernel"],) * 2
-    w = S.normal(rng, (c["out_per_group"] * g, c["in_per_group"]) + kernel, dtype)
-    inputs = {"x": x, "weight": w}
-    if c["bias"]:
-        inputs["bias"] = S.normal(rng, (w.shape[0],), dtype)
+    out = c["out_per_group"] * g
+    inputs = _conv_inputs(rng, c, dtype, (out, c["in_per_group"]), out)
     kw = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=g)
     return S.Case("conv2d", c, inputs,
                 lambda x, w, b=None, vjp="custom": conv2d(x, w, b, vjp=vjp, **kw),
@@ -562,12 +568,8 @@ S.register_space(
 
 def _conv_transpose2d_case(rng, c, dtype):
     g = c["groups"]
-    x = S.normal(rng, (c["batch"], c["in_per_group"] * g) + tuple(c["size"]), dtype)
-    kernel = c["kernel"] if isinstance(c["kernel"], tuple) else (c["kernel"],) * 2
-    w = S.normal(rng, (c["in_per_group"] * g, c["out_per_group"]) + kernel, dtype)
-    inputs = {"x": x, "weight": w}
-    if c["bias"]:
-        inputs["bias"] = S.normal(rng, (c["out_per_group"] * g,), dtype)
+    inputs = _conv_inputs(rng, c, dtype, (c["in_per_group"] * g, c["out_per_group"]),
+                          c["out_per_group"] * g)
     kw = dict(stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
               groups=g, dilation=c["dilation"])
     return S.Case("conv_transpose2d", c, inputs,
