@@ -28,3 +28,9 @@ def write_section(path: str, name: str, body: str) -> None:
     with open(path + ".tmp", "w") as f:
         f.write(new)
     os.replace(path + ".tmp", path)
+
+
+def table(header, rows) -> list[str]:
+    """A Markdown table's lines: ``header`` (column names) and ``rows`` (lists of cells)."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return [line(header), "|" + " --- |" * len(header)] + [line(r) for r in rows]

@@ -37,6 +37,7 @@ from functional_cnn import data, train
 from experiments._machine import cpu_model
 from benchmarks._flops import model_step_flops
 from benchmarks._peak import machine_text, matmul_peak
+from benchmarks import _report
 from benchmarks._report import BENCHMARKS, command, write_section
 from functional_cnn.audit.timing import calls, race
 
@@ -204,22 +205,22 @@ def _fmt(t):
 
 
 def _step_table(steps):
-    lines = ["### One AdamW training step (ms per step: median over alternating rounds, "
-             "min-max in brackets)", "",
-             "| model | batch | custom | autodiff | plain JAX | torch eager | torch / custom | "
-             "autodiff / custom | plain / custom | compile s (custom, autodiff, plain) | "
-             "XLA temp MB (custom, autodiff, plain) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in steps:
         c, t = r["custom"], r.get("torch")
-        cells = [r["model"], str(r["batch"])] + [_fmt(r[n]) for n in IMPLEMENTATIONS]
+        cells = [r["model"], r["batch"]] + [_fmt(r[n]) for n in IMPLEMENTATIONS]
         cells.append(_fmt(t) if t else "n/a")
         cells += [f"{r[n]['median_ms'] / c['median_ms']:.2f}x" if r.get(n) else "n/a"
                   for n in ("torch", "autodiff", "plain")]
         cells.append(", ".join(f"{r[n]['compile_s']:.2f}" for n in IMPLEMENTATIONS))
         cells.append(", ".join(f"{r[n]['temp_mb']:.1f}" for n in IMPLEMENTATIONS))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + ["", "Ratios above 1 mean the hand-written rules are faster."]
+        rows.append(cells)
+    header = ["model", "batch", "custom", "autodiff", "plain JAX", "torch eager",
+              "torch / custom", "autodiff / custom", "plain / custom",
+              "compile s (custom, autodiff, plain)", "XLA temp MB (custom, autodiff, plain)"]
+    return (["### One AdamW training step (ms per step: median over alternating rounds, "
+             "min-max in brackets)", ""] + _report.table(header, rows)
+            + ["", "Ratios above 1 mean the hand-written rules are faster."])
 
 
 def _rate(record):
@@ -230,38 +231,32 @@ def _rate(record):
 
 
 def _throughput_table(steps):
-    lines = ["### Throughput (textbook GFLOP per step; GFLOP/s at the median step time, "
-             "% of the matmul peak in brackets)", "",
-             "| model | batch | GFLOP / step | custom GFLOP/s | torch eager GFLOP/s |",
-             "|---|---|---|---|---|"]
-    for r in steps:
-        lines.append(f"| {r['model']} | {r['batch']} | {r['gflop_per_step']:.3f} | "
-                     f"{_rate(r['custom'])} | {_rate(r.get('torch'))} |")
-    return lines + ["", "FLOPs per step: `2 x` the multiply-adds of every convolution and "
-                    "matrix product in the forward, again for each weight gradient and for each "
-                    "input gradient except the first layer's (`benchmarks/_flops.py`, counted on "
-                    "the plain-JAX twin); elementwise ops, pooling, BatchNorm, the loss and the "
-                    "optimizer are not counted."]
+    rows = [[r["model"], r["batch"], f"{r['gflop_per_step']:.3f}", _rate(r["custom"]),
+             _rate(r.get("torch"))] for r in steps]
+    header = ["model", "batch", "GFLOP / step", "custom GFLOP/s", "torch eager GFLOP/s"]
+    return (["### Throughput (textbook GFLOP per step; GFLOP/s at the median step time, "
+             "% of the matmul peak in brackets)", ""] + _report.table(header, rows)
+            + ["", "FLOPs per step: `2 x` the multiply-adds of every convolution and "
+               "matrix product in the forward, again for each weight gradient and for each "
+               "input gradient except the first layer's (`benchmarks/_flops.py`, counted on "
+               "the plain-JAX twin); elementwise ops, pooling, BatchNorm, the loss and the "
+               "optimizer are not counted."])
 
 
 def _op_table(ops):
-    lines = ["### Forward + backward per op at the networks' layer shapes (ms, median)", "",
-             "| op | batch | custom | autodiff | autodiff / custom |", "|---|---|---|---|---|"]
-    for r in ops:
-        lines.append(f"| {r['op']} | {r['batch']} | {r['custom_ms']:.3f} | "
-                     f"{r['autodiff_ms']:.3f} | {r['autodiff_ms'] / r['custom_ms']:.2f}x |")
-    return lines
+    rows = [[r["op"], r["batch"], f"{r['custom_ms']:.3f}", f"{r['autodiff_ms']:.3f}",
+             f"{r['autodiff_ms'] / r['custom_ms']:.2f}x"] for r in ops]
+    return (["### Forward + backward per op at the networks' layer shapes (ms, median)", ""]
+            + _report.table(["op", "batch", "custom", "autodiff", "autodiff / custom"], rows))
 
 
 def _epoch_table(epochs):
     if not epochs:
         return []
-    lines = ["### One full MNIST epoch of LeNet (batch 64, 938 steps, compile included)", "",
-             "| vjp | epoch as | seconds |", "|---|---|---|"]
-    for r in epochs:
-        lines.append(f"| {r['vjp']} | {'one lax.scan' if r['scan'] else 'a call per step'}"
-                     f" | {r['seconds_incl_compile']:.1f} |")
-    return lines
+    rows = [[r["vjp"], "one lax.scan" if r["scan"] else "a call per step",
+             f"{r['seconds_incl_compile']:.1f}"] for r in epochs]
+    return (["### One full MNIST epoch of LeNet (batch 64, 938 steps, compile included)", ""]
+            + _report.table(["vjp", "epoch as", "seconds"], rows))
 
 
 def markdown(result, command):

@@ -23,6 +23,7 @@ import sys
 import time
 
 from experiments._machine import cpu_model
+from benchmarks import _report
 from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 
 # name -> (network, global batch size, scan); batch sizes divide by 1, 2, 4, 8
@@ -114,15 +115,14 @@ def measure(devices, images, rounds, platform_name):
 
 def table(medians, devices, info, images, rounds):
     first = info[devices[0]]
-    head = "| network (global batch) | " + " | ".join(
-        f"{n} device{'s' * (n > 1)}" for n in devices) + " |"
-    rows = [head, "| --- |" + " --- |" * len(devices)]
+    header = ["network (global batch)"] + [f"{n} device{'s' * (n > 1)}" for n in devices]
+    cells = []
     for case, (_, batch, scan) in CASES.items():
         base = medians[case, devices[0]]
-        cells = [f"{medians[case, n]:,.0f} img/s ({medians[case, n] / base:.2f}x)"
-                 for n in devices]
-        rows.append(f"| {case} ({batch}, {'scan' if scan else 'per-step'}) | "
-                    + " | ".join(cells) + " |")
+        cells.append([f"{case} ({batch}, {'scan' if scan else 'per-step'})"]
+                     + [f"{medians[case, n]:,.0f} img/s ({medians[case, n] / base:.2f}x)"
+                        for n in devices])
+    rows = _report.table(header, cells)
     import jax
     setup = (f"{first['backend']} ({first['device_kind']}), {os.cpu_count()} cores, "
              f"{cpu_model()}, jax {jax.__version__}; "

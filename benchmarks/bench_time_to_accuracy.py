@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 
+from benchmarks import _report
 from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 
 RUNS = {  # name -> command (the JSON path is appended)
@@ -74,15 +75,15 @@ def section(results: dict, rounds: int, command: str, machine: str) -> str:
              "after the schedule:", ""]
     for name, runs in results.items():
         lines.append(f"* {name}: {_recipe(runs[0])}")
-    lines += ["", "| run | reached 99.0% | median s | min-max s | test accuracy |",
-              "| --- | --- | --- | --- | --- |"]
+    rows = []
     for name, runs in results.items():
         seconds = [r["seconds"] for r in runs]
         accuracy = sorted({f"{r['history'][-1]['test_accuracy']:.2%}" for r in runs})
-        lines.append(f"| {name} | {sum(r['reached'] for r in runs)}/{len(runs)} | "
-                     f"{statistics.median(seconds):.1f} | {min(seconds):.1f}-{max(seconds):.1f} "
-                     f"| {', '.join(accuracy)} |")
-    lines += ["", f"Reproduce: `FUNCTIONAL_CNN_DATA=../shared/datasets {command}`."]
+        rows.append([name, f"{sum(r['reached'] for r in runs)}/{len(runs)}",
+                     f"{statistics.median(seconds):.1f}",
+                     f"{min(seconds):.1f}-{max(seconds):.1f}", ", ".join(accuracy)])
+    header = ["run", "reached 99.0%", "median s", "min-max s", "test accuracy"]
+    lines += [""] + _report.table(header, rows) + ["", f"Reproduce: `FUNCTIONAL_CNN_DATA=../shared/datasets {command}`."]
     return "\n".join(lines)
 
 

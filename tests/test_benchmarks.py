@@ -16,6 +16,11 @@ def test_write_section_replaces_only_its_own_markers(tmp_path):
     assert "<!-- b:begin -->\nother\n<!-- b:end -->" in text
 
 
+def test_table_lines():
+    assert _report.table(["model", "ms"], [["lenet", 1.5], ["mlp", "n/a"]]) == [
+        "| model | ms |", "| --- | --- |", "| lenet | 1.5 |", "| mlp | n/a |"]
+
+
 def test_bench_writes_its_section(tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     assert bench.main(["--models", "mlp", "--batch", "8", "--rounds", "1", "--no-epoch",
