@@ -25,10 +25,12 @@ a convolution shape not yet in the cache is measured while it is traced, here on
 thread beside the other compilations, so its timings would be disturbed: run once without
 precompiling to fill the cache first.
 
-On 2 cores the compilations also compete with each other and with the data loading: in
-``experiments/time_to_accuracy.py`` the epoch program, 2.6-2.8 s to compile alone, was ready
-about 5 s after it started (one worker or two: the same), so precompiling mostly hides the
-initial state's and the evaluation's compilations and the loading behind the epoch's.
+On 2 cores the compilations also compete with each other and with the data loading: XLA
+compiles one program on about 1.7 cores (the epoch of ``experiments/time_to_accuracy.py``:
+3.0 s of wall time, 5.2 s of CPU, 2-core Xeon), so every other program compiling beside it
+delays it. Precompiling hides the initial state's and the evaluation's compilations and the
+loading behind the epoch's; what shortens the start is less to compile (the initial state's
+program is compiled for speed of compilation: ``train._fresh_state_program``).
 """
 from __future__ import annotations
 
