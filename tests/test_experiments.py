@@ -108,7 +108,8 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     from experiments import time_to_accuracy
 
     out = tmp_path / "tta.json"
-    code = time_to_accuracy.main(["--steps", "200", "--target", "0.9", "--json", str(out)])
+    argv = ["--steps", "200", "--batch-size", "64", "--target", "0.9", "--json", str(out)]
+    code = time_to_accuracy.main(argv)
     result = json.loads(out.read_text())
     assert code == 0 and result["reached"]  # 200 steps of batch 64 are far above 90%
     assert [h["steps"] for h in result["history"]] == [200]
