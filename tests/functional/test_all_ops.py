@@ -23,8 +23,8 @@ def configs(op):
 
 def check_against_autodiff_and_torch(case, torch):
     ct = C.cotangent(case)
-    out_custom, g_custom = C.value_and_grads(case, "custom", ct)
-    out_auto, g_auto = C.value_and_grads(case, "autodiff", ct)
+    out_custom, g_custom = C.value_and_grads(case, "custom", ct, jit=True)
+    out_auto, g_auto = C.value_and_grads(case, "autodiff", ct, jit=True)
     op = case.op
     assert_close(out_custom, out_auto, EXACT, what=f"{op} forward, custom vs autodiff path")
     assert_close(g_custom, g_auto, tolerance("autodiff"), what=f"{op} grads, custom vs autodiff")
@@ -60,7 +60,7 @@ def test_float64_finite_differences(op):
             if fd_skip_reason(config):  # kinks, ties, 1e4-sized logits: nothing to estimate
                 continue
             ct = C.cotangent(case)
-            _, grads = C.value_and_grads(case, "custom", ct)
+            _, grads = C.value_and_grads(case, "custom", ct, jit=True)
             assert all(g.dtype == np.float64 for g in grads)
             for grad, (positions, estimates) in zip(grads, C.finite_difference_grads(case, ct=ct)):
                 exact = np.asarray(grad).reshape(-1)[positions]
@@ -91,7 +91,7 @@ def _hvp(case, vjp, ct, v):
         grads = jax.grad(lambda *b: (C.primary(case.call(*b, vjp=vjp)) * ct).sum(), argnums)(*a)
         return sum((g * w).sum() for g, w in zip(grads, v))
 
-    return jax.grad(inner, argnums)(*args)
+    return jax.jit(jax.grad(inner, argnums))(*args)
 
 
 def _torch_hvp(case, torch, ct, v):
