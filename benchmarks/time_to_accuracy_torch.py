@@ -47,7 +47,7 @@ MEAN, STD = 0.1307, 0.3081
 ENV_VAR = "FUNCTIONAL_CNN_DATA"
 _FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-# torch's fastest we found on the Intel Xeon of docs/BENCHMARKS.md: batch 64, 0.48 epochs
+# torch's fastest we found on the Intel Xeons of docs/BENCHMARKS.md: batch 64, 0.48 epochs
 # (seeds 0-4: 98.90-99.12%, 4/5 at 99.0%; 400 steps: 2/5, a peak of 0.02 at 400: 3/5; batch
 # 128 needed 0.75 epochs, 2.5 s more; batch 32 runs more slowly per image). 8/16 channels run
 # its steps slower per accuracy, 3x3 kernels with padding cost more per step.
