@@ -136,69 +136,126 @@ _BAND_MAX_CHANNELS = 12
 _BAND_MAX_RATIO = 6
 _BAND_MAX_ELEMENTS = 1 << 22  # the band's entries (16 MiB in float32): it is built every step
 
-def _row_axes(cfg, row_length: int) -> tuple[Axis, Axis]:
-    """The height axis as it is, and a row of ``row_length`` values read whole (one tap at
-    every position): with these :func:`window_views` reads, for each kernel row ``a``, the
-    input rows it sees, and :func:`add_window_views` adds their cotangents back."""
-    return cfg.axes[0], Axis(row_length, row_length, 1, 1, 1, 0, 0)
+class _Tiles(NamedTuple):
+    """How the band splits each output row into ``count`` tiles of ``width`` columns.
 
-def _rows(cfg, xp):
-    """``R[n, i, a, (c, w)] = xp[n, c, i s_h + a d_h, w]``: the ``kh`` input rows output row
-    ``i`` reads, each with its channels side by side, so every row is one contiguous block."""
+    ``reads``: the windows' geometry over the padded input row, one tile per "offset": tile
+    ``t`` reads the ``span`` contiguous columns from ``t * width * stride`` on (an
+    :class:`Axis` with ``kernel = count``, ``dilation = width * stride``, ``out_size = span``,
+    so :func:`window_views` cuts the tiles and :func:`add_window_views` adds them back).
+    ``conv``: the convolution inside one tile (``span`` columns in, ``width`` out), whose band
+    :func:`_band` builds; with one tile it is the whole row's geometry, unpadded."""
+
+    count: int
+    width: int
+    reads: Axis
+    conv: Axis
+
+
+def _tiles(cfg, batch: int, channels: int, dtype) -> _Tiles:
+    """The narrowest tiling that copies every input column at most twice -- the smallest
+    divisor ``w`` of the output width whose tiles overlap by no more than they step
+    (``kw - s <= w s``) -- if its row blocks take at most :data:`_TILE_MAX_BYTES`; else, or if
+    no divisor smaller than the row qualifies, one tile: the whole row.
+
+    A band over a whole row multiplies ``W_pad / kw`` times as much as a direct convolution
+    (LeNet's first layer: 28 / 5 = 5.6x); over tiles of ``w`` output columns,
+    ``((w - 1) s + kw) / kw`` times (tiles of 4, k5: 1.6x), for copying the columns where tiles
+    overlap twice. Every part of one convolution (batch, channels and dtype alike) tiles alike.
+    """
+    width, rows = cfg.axes[1], cfg.axes[0]
+    s, k, out = width.stride, width.kernel, width.out_size
+    w = next(d for d in range(1, out + 1) if out % d == 0 and (k - s <= d * s or d == out))
+    span = (w - 1) * s + k
+    block_bytes = (batch * rows.out_size * (out // w) * rows.kernel * channels * span
+                   * jnp.dtype(dtype).itemsize)
+    if block_bytes > _TILE_MAX_BYTES:
+        w, span = out, width.padded_size
+    reads = Axis(width.padded_size, span, out // w, 1, w * s, 0, 0)
+    return _Tiles(out // w, w, reads, Axis(span, w, k, s, 1, 0, 0))
+
+# Tiles of 4 columns (k5) against whole rows, one training step, on the Intel Xeon of
+# docs/BENCHMARKS.md (AVX-512, AMX, 2 MiB of L2 per core): experiments/time_to_accuracy's
+# network 20% faster at batch 32 (row blocks of 0.7 MiB) and 10% at 64, LeNet 5-7% at batch 64
+# and 96 (2.1 MiB); LeNet level at 128 (2.8 MiB) and 1.7x slower at 256, where XLA's transpose
+# of the blocks for the weight gradient dominates. Tiles of 3 (the copies) and of 8 or more
+# (the band's waste) were slower than 4. The bound is this CPU's L2, not measured elsewhere.
+_TILE_MAX_BYTES = 9 << 18  # 2.25 MiB
+
+
+def _tile_axes(cfg, channels: int, tiles: _Tiles) -> tuple[Axis, Axis, Axis]:
+    """Window geometry over ``(H_pad, C, W_pad)`` (the input with channels inside each row):
+    the height axis as it is, every channel read whole, the width cut into tiles."""
+    return cfg.axes[0], Axis(channels, channels, 1, 1, 1, 0, 0), tiles.reads
+
+
+def _rows(cfg, xp, tiles: _Tiles):
+    """``R[n, i, t, a, c, w] = xp[n, c, i s_h + a d_h, t w_t s_w + w]``: for output row ``i``
+    and tile ``t``, the ``kh`` input rows and ``span`` columns the tile reads, channels side by
+    side, so every (row, tile) is one contiguous block of the matrix product."""
     n, c, hp, wp = xp.shape
-    rows = xp.transpose(0, 2, 1, 3).reshape(n, hp, c * wp)
-    return jnp.stack(window_views(rows, _row_axes(cfg, c * wp)), axis=2)
+    axes = _tile_axes(cfg, c, tiles)
+    views = window_views(xp.transpose(0, 2, 1, 3), axes)  # offset (a, 0, t) -> (n, ho, c, span)
+    kh, count = axes[0].kernel, tiles.count
+    # one stack of every (tile, row) view: a stack of stacks cost XLA:CPU two copies
+    stacked = jnp.stack([views[a * count + t] for t in range(count) for a in range(kh)], axis=2)
+    return stacked.reshape(n, stacked.shape[1], count, kh, c, stacked.shape[-1])
 
-def _unrows(cfg, d_rows, padded_shape):
-    """Transpose of :func:`_rows`: each row's cotangent added back where it was read."""
+def _unrows(cfg, d_rows, padded_shape, tiles: _Tiles):
+    """Transpose of :func:`_rows`: each (row, tile)'s cotangent added back where it was read."""
     n, c, hp, wp = padded_shape
-    views = [d_rows[:, :, a] for a in range(d_rows.shape[2])]
-    d_xp = add_window_views(views, _row_axes(cfg, c * wp))
-    return d_xp.reshape(n, hp, c, wp).transpose(0, 2, 1, 3)
+    axes = _tile_axes(cfg, c, tiles)
+    views = [d_rows[:, :, t, a] for a in range(axes[0].kernel) for t in range(tiles.count)]
+    return add_window_views(views, axes).transpose(0, 2, 1, 3)
 
-def _band_selector(cfg, dtype):
-    """``S[b, w, j] = 1`` where padded column ``w`` is tap ``b`` of output column ``j``."""
-    a = cfg.axes[1]
-    s = np.zeros((a.kernel, a.padded_size, a.out_size), dtype)
-    for b in range(a.kernel):
-        for j in range(a.out_size):
-            s[b, j * a.stride + b, j] = 1
+def _band_selector(axis: Axis, dtype):
+    """``S[b, w, j] = 1`` where column ``w`` of ``axis``'s input is tap ``b`` of output
+    column ``j``."""
+    s = np.zeros((axis.kernel, axis.padded_size, axis.out_size), dtype)
+    for b in range(axis.kernel):
+        for j in range(axis.out_size):
+            s[b, j * axis.stride + b, j] = 1
     return s
 
-def _band(cfg, weight):
-    """The weight as a banded matrix ``T[a, (c, w), o, j] = sum_b S[b, w, j] W[o, c, a, b]``."""
-    t = jnp.einsum("bwj,ocab->acwoj", _band_selector(cfg, weight.dtype), weight)
-    kh, c, wp, o, wo = t.shape
-    return t.reshape(kh, c * wp, o, wo)
+def _band(tiles: _Tiles, weight):
+    """The weight as the banded matrix of one tile,
+    ``T[a, c, w, o, j] = sum_b S[b, w, j] W[o, c, a, b]``."""
+    return jnp.einsum("bwj,ocab->acwoj", _band_selector(tiles.conv, weight.dtype), weight)
 
-def _unband(cfg, d_band):
-    """Transpose of :func:`_band`: ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[a, (c, w), o, j]``
+def _unband(tiles: _Tiles, d_band):
+    """Transpose of :func:`_band`: ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[a, c, w, o, j]``
     (every weight sits on the band once per output column, so its cotangents add)."""
-    s = _band_selector(cfg, d_band.dtype)
-    kh, cw, o, wo = d_band.shape
-    d_band = d_band.reshape(kh, cw // s.shape[1], s.shape[1], o, wo)
-    return jnp.einsum("bwj,acwoj->ocab", s, d_band)
+    return jnp.einsum("bwj,acwoj->ocab", _band_selector(tiles.conv, d_band.dtype), d_band)
 
 def _banded_forward(cfg, x, weight):
-    """``y[n, o, i, j] = sum_{a,(c,w)} R[n, i, a, (c, w)] T[a, (c, w), o, j]``."""
-    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
-    y = lax.dot_general(rows, _band(cfg, weight), (((2, 3), (0, 1)), ((), ())))
-    return y.transpose(0, 2, 1, 3)  # (N, H_out, O, W_out) -> NCHW
+    """``y[n, o, i, (t, j)] = sum_{a,c,w} R[n, i, t, a, c, w] T[a, c, w, o, j]``."""
+    tiles = _tiles(cfg, x.shape[0], x.shape[1], x.dtype)
+    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0), tiles)
+    y = lax.dot_general(rows, _band(tiles, weight), (((3, 4, 5), (0, 1, 2)), ((), ())))
+    n, ho, count, o, width = y.shape
+    return y.transpose(0, 3, 1, 2, 4).reshape(n, o, ho, count * width)  # -> NCHW
 
-def _g_rows(g):
-    """The cotangent as ``G[n, i, o, j]`` (N, H_out, O, W_out): row ``i`` beside ``R[n, i]``."""
-    return g.transpose(0, 2, 1, 3)
+def _g_rows(tiles: _Tiles, g):
+    """The cotangent as ``G[n, i, t, o, j]``: (row, tile) ``(i, t)`` beside ``R[n, i, t]``."""
+    n, o, ho, wo = g.shape
+    return g.reshape(n, o, ho, tiles.count, tiles.width).transpose(0, 2, 3, 1, 4)
 
 def _banded_input_grad(cfg, weight, g):
-    """``dR = G T^T``, each row's cotangent added back where it was read (:func:`_unrows`)."""
-    d_rows = lax.dot_general(_g_rows(g), _band(cfg, weight), (((2, 3), (2, 3)), ((), ())))
+    """``dR = G T^T``, each (row, tile)'s cotangent added back where it was read
+    (:func:`_unrows`)."""
+    tiles = _tiles(cfg, g.shape[0], weight.shape[1], g.dtype)
+    d_rows = lax.dot_general(_g_rows(tiles, g), _band(tiles, weight),
+                             (((3, 4), (3, 4)), ((), ())))
     padded_shape = (g.shape[0], weight.shape[1]) + tuple(a.padded_size for a in cfg.axes)
-    return unpad_spatial(_unrows(cfg, d_rows, padded_shape), cfg.axes)
+    return unpad_spatial(_unrows(cfg, d_rows, padded_shape, tiles), cfg.axes)
 
 def _banded_weight_grad(cfg, x, g):
-    """``dT = R^T G``, folded back onto the weight by :func:`_unband`."""
-    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0))
-    return _unband(cfg, lax.dot_general(rows, _g_rows(g), (((0, 1), (0, 1)), ((), ()))))
+    """``dT = R^T G``, summed over images, rows and tiles, folded back onto the weight by
+    :func:`_unband`."""
+    tiles = _tiles(cfg, x.shape[0], x.shape[1], x.dtype)
+    rows = _rows(cfg, pad_spatial(x, cfg.axes, 0), tiles)
+    d_band = lax.dot_general(rows, _g_rows(tiles, g), (((0, 1, 2), (0, 1, 2)), ((), ())))
+    return _unband(tiles, d_band)
 
 # ------------------------------------------- lax: XLA's convolution, the general rule
 

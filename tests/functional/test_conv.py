@@ -66,6 +66,37 @@ def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, pa
         np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape, weight, stride, padding, dilation, tiles", [
+    ((4, 1, 28, 28), (8, 1, 5, 5), 1, 0, 1, (6, 4)),        # the race network's first conv
+    ((4, 8, 12, 12), (16, 8, 5, 5), 1, 0, 1, (2, 4)),       # its second
+    ((3, 2, 13, 17), (3, 2, 3, 3), 2, 1, 1, (9, 1)),        # stride 2: tiles of one column
+    ((3, 2, 13, 18), (3, 2, 3, 5), (1, 2), (2, 1), 1, (4, 2)),  # tiles of 2 at stride 2
+    ((3, 2, 13, 16), (3, 2, 3, 3), 1, 1, (2, 1), (8, 2)),   # dilated height, 8 tiles
+    ((3, 3, 9, 23), (2, 3, 5, 5), 1, 2, 1, (1, 23)),        # 23 columns: one tile, whole rows
+    ((128, 1, 28, 28), (8, 1, 5, 5), 1, 0, 1, (1, 24)),     # tiles would take 2.8 MiB: whole rows
+])
+def test_banded_tiles_equal_xla_convolution(shape, weight, stride, padding, dilation, tiles):
+    """The band's three parts, called directly, on tiled and whole rows, against XLA."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(kx, shape), jax.random.normal(kw, weight)
+    cfg = conv.conv_config("test", shape, weight, stride, padding, dilation, 1)
+    assert conv._tiles(cfg, shape[0], shape[1], x.dtype)[:2] == tiles
+    band = conv._FORMULATIONS["banded"]
+
+    def xla(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, tuple(a.stride for a in cfg.axes), [(a.pad_lo, a.pad_hi) for a in cfg.axes],
+            rhs_dilation=tuple(a.dilation for a in cfg.axes), precision="highest")
+
+    y_ref, vjp_ref = jax.vjp(xla, x, w)
+    g = jax.random.normal(kg, y_ref.shape)
+    ours = jax.jit(lambda x, w, g: (band.forward(cfg, x, w), band.dx(cfg, w, g),
+                                    band.dw(cfg, x, g)))(x, w, g)
+    for got, want in zip(ours, (y_ref, *vjp_ref(g))):
+        scale = float(jnp.max(jnp.abs(want)))
+        np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=2e-6)
+
+
 @pytest.mark.parametrize("stride, padding, output_padding, dilation, groups", [
     (1, 0, 0, 1, 1), (2, 1, 1, 1, 1), (3, 2, (2, 0), (1, 2), 2), (1, 1, 1, 2, 1)])
 def test_conv_transpose_is_the_adjoint_of_conv(stride, padding, output_padding, dilation,
