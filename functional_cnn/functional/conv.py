@@ -110,8 +110,9 @@ def _banded_applies(cfg, x_shape, weight_shape) -> bool:
 
     An output row ``i`` is then one matrix product of the ``kh`` padded input rows it reads
     with a *banded* weight matrix (:func:`_band`), so the whole convolution is one large
-    matmul over row blocks copied whole, not an im2col of ``kh*kw`` small windows. The band
-    costs ``W_pad / kw`` times the multiplies of a direct convolution.
+    matmul over row blocks copied whole, not an im2col of ``kh*kw`` small windows. Over whole
+    rows the band costs ``W_pad / kw`` times the multiplies of a direct convolution; cut into
+    tiles of a few columns (:func:`_tiles`), about twice.
     """
     width = cfg.axes[1]
     band_size = cfg.axes[0].kernel * x_shape[1] * width.padded_size * weight_shape[0] * \
@@ -137,18 +138,15 @@ _BAND_MAX_RATIO = 6
 _BAND_MAX_ELEMENTS = 1 << 22  # the band's entries (16 MiB in float32): it is built every step
 
 class _Tiles(NamedTuple):
-    """How the band splits each output row into ``count`` tiles of ``width`` columns.
-
-    ``reads``: the windows' geometry over the padded input row, one tile per "offset": tile
-    ``t`` reads the ``span`` contiguous columns from ``t * width * stride`` on (an
-    :class:`Axis` with ``kernel = count``, ``dilation = width * stride``, ``out_size = span``,
-    so :func:`window_views` cuts the tiles and :func:`add_window_views` adds them back).
-    ``conv``: the convolution inside one tile (``span`` columns in, ``width`` out), whose band
-    :func:`_band` builds; with one tile it is the whole row's geometry, unpadded."""
+    """How the band splits each output row into ``count`` tiles of ``width`` columns: tile
+    ``t`` reads the ``span`` contiguous padded input columns from ``t * step`` on (``step =
+    width * stride``); ``conv`` is the convolution inside one tile (``span`` columns in,
+    ``width`` out), whose band :func:`_band` builds. One tile is the whole row."""
 
     count: int
     width: int
-    reads: Axis
+    step: int
+    span: int
     conv: Axis
 
 
@@ -171,42 +169,62 @@ def _tiles(cfg, batch: int, channels: int, dtype) -> _Tiles:
                    * jnp.dtype(dtype).itemsize)
     if block_bytes > _TILE_MAX_BYTES:
         w, span = out, width.padded_size
-    reads = Axis(width.padded_size, span, out // w, 1, w * s, 0, 0)
-    return _Tiles(out // w, w, reads, Axis(span, w, k, s, 1, 0, 0))
+    return _Tiles(out // w, w, w * s, span, Axis(span, w, k, s, 1, 0, 0))
 
 # Tiles of 4 columns (k5) against whole rows, one training step, on the Intel Xeon of
 # docs/BENCHMARKS.md (AVX-512, AMX, 2 MiB of L2 per core): experiments/time_to_accuracy's
-# network 20% faster at batch 32 (row blocks of 0.7 MiB) and 10% at 64, LeNet 5-7% at batch 64
-# and 96 (2.1 MiB); LeNet level at 128 (2.8 MiB) and 1.7x slower at 256, where XLA's transpose
-# of the blocks for the weight gradient dominates. Tiles of 3 (the copies) and of 8 or more
-# (the band's waste) were slower than 4. The bound is this CPU's L2, not measured elsewhere.
+# network 25% faster at batch 32 (row blocks of 0.7 MiB) and 18% at 64; LeNet level at 64;
+# with tiles at batch 256 (5.6 MiB) LeNet was 1.7x slower, XLA's transpose of the blocks for the
+# weight gradient dominating. Tiles of 3 (the copies) and of 8 or more (the band's waste) were
+# slower than 4. The bound is this CPU's L2, not measured on another.
 _TILE_MAX_BYTES = 9 << 18  # 2.25 MiB
 
 
-def _tile_axes(cfg, channels: int, tiles: _Tiles) -> tuple[Axis, Axis, Axis]:
-    """Window geometry over ``(H_pad, C, W_pad)`` (the input with channels inside each row):
-    the height axis as it is, every channel read whole, the width cut into tiles."""
-    return cfg.axes[0], Axis(channels, channels, 1, 1, 1, 0, 0), tiles.reads
-
+def _row_axes(cfg, channels: int, row_length: int) -> tuple[Axis, Axis, Axis]:
+    """Window geometry over ``(H_pad, C, W_pad)``: the height axis as it is, channels and
+    columns read whole, so :func:`window_views` gives, for each kernel row ``a``, the input
+    rows it sees, and :func:`add_window_views` adds their cotangents back."""
+    return (cfg.axes[0],) + tuple(Axis(n, n, 1, 1, 1, 0, 0) for n in (channels, row_length))
 
 def _rows(cfg, xp, tiles: _Tiles):
-    """``R[n, i, t, a, c, w] = xp[n, c, i s_h + a d_h, t w_t s_w + w]``: for output row ``i``
+    """``R[n, i, t, a, c, w] = xp[n, c, i s_h + a d_h, t step + w]``: for output row ``i``
     and tile ``t``, the ``kh`` input rows and ``span`` columns the tile reads, channels side by
     side, so every (row, tile) is one contiguous block of the matrix product."""
     n, c, hp, wp = xp.shape
-    axes = _tile_axes(cfg, c, tiles)
-    views = window_views(xp.transpose(0, 2, 1, 3), axes)  # offset (a, 0, t) -> (n, ho, c, span)
-    kh, count = axes[0].kernel, tiles.count
-    # one stack of every (tile, row) view: a stack of stacks cost XLA:CPU two copies
-    stacked = jnp.stack([views[a * count + t] for t in range(count) for a in range(kh)], axis=2)
-    return stacked.reshape(n, stacked.shape[1], count, kh, c, stacked.shape[-1])
+    by_row = xp.transpose(0, 2, 1, 3)  # (n, hp, c, wp): the channels of a row side by side
+    rows = jnp.stack(window_views(by_row, _row_axes(cfg, c, wp)), axis=2)  # (n, ho, kh, c, wp)
+    return _cut_tiles(rows, tiles).transpose(0, 1, 4, 2, 3, 5)
+
+def _cut_tiles(rows, tiles: _Tiles):
+    """``rows[..., w]`` as ``[..., t, w']`` (tile ``t``'s column ``w'``). The row is cut into
+    ``count + 1`` blocks of ``step`` columns, and tile ``t`` is block ``t`` with the head of
+    block ``t + 1`` (``span <= 2 step``): two slices, whatever the number of tiles."""
+    step, count, span = tiles.step, tiles.count, tiles.span
+    if count == 1:
+        return rows[..., None, :]
+    widths = [(0, 0, 0)] * (rows.ndim - 1) + [(0, (count + 1) * step - rows.shape[-1], 0)]
+    blocks = lax.pad(rows, np.array(0, rows.dtype), widths)
+    blocks = blocks.reshape(*rows.shape[:-1], count + 1, step)
+    return jnp.concatenate([blocks[..., :count, :min(step, span)],
+                            blocks[..., 1:, :max(span - step, 0)]], axis=-1)
+
+def _join_tiles(d_tiles, tiles: _Tiles, row_length: int):
+    """Transpose of :func:`_cut_tiles`: each tile's cotangent added back onto its columns."""
+    step, count, span = tiles.step, tiles.count, tiles.span
+    if count == 1:
+        return d_tiles[..., 0, :]
+    zero, head, lead = np.array(0, d_tiles.dtype), min(step, span), [(0, 0, 0)] * (d_tiles.ndim - 2)
+    d_blocks = lax.pad(d_tiles[..., :head], zero, lead + [(0, 1, 0), (0, step - head, 0)])
+    if span > step:
+        d_blocks += lax.pad(d_tiles[..., head:], zero, lead + [(1, 0, 0), (0, 2 * step - span, 0)])
+    return d_blocks.reshape(*d_blocks.shape[:-2], (count + 1) * step)[..., :row_length]
 
 def _unrows(cfg, d_rows, padded_shape, tiles: _Tiles):
     """Transpose of :func:`_rows`: each (row, tile)'s cotangent added back where it was read."""
     n, c, hp, wp = padded_shape
-    axes = _tile_axes(cfg, c, tiles)
-    views = [d_rows[:, :, t, a] for a in range(axes[0].kernel) for t in range(tiles.count)]
-    return add_window_views(views, axes).transpose(0, 2, 1, 3)
+    d_whole = _join_tiles(d_rows.transpose(0, 1, 3, 4, 2, 5), tiles, wp)  # (n, ho, kh, c, wp)
+    views = [d_whole[:, :, a] for a in range(cfg.axes[0].kernel)]
+    return add_window_views(views, _row_axes(cfg, c, wp)).transpose(0, 2, 1, 3)
 
 def _band_selector(axis: Axis, dtype):
     """``S[b, w, j] = 1`` where column ``w`` of ``axis``'s input is tap ``b`` of output
