@@ -36,8 +36,9 @@ from functional_cnn.precompile import precompile  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 TEST_SIZE = 10000
-# Our fastest on the Intel Xeons of docs/BENCHMARKS.md (seeds 0-4: 99.01-99.20% on both): few
-# channels (both convolutions run as banded matrix products), batch 32, 0.8 of an epoch. A step costs
+# Our fastest on the Intel Xeons of docs/BENCHMARKS.md (seeds 0-4: 98.97-99.12%, 4/5 at 99.0%,
+# with the band's column tiles; 99.01-99.20% before them): few channels (both convolutions run
+# as banded matrix products), batch 32, 0.8 of an epoch. A step costs
 # about the same per image from batch 32 to 256 there, and smaller batches learn more per image
 # (batch 64 needed 0.96 of an epoch: 98.97-99.15%).
 RECIPE = {"steps": 1500, "batch_size": 32, "peak_lr": 1e-2, "label_smoothing": 0.1,

@@ -139,9 +139,16 @@ def _cpu() -> str:
     return f"{cpu_model()} | isa {_isa_digest()}"  # read once: it does not change
 
 
+# The formulations' own version: bump it when one of them changes how it computes (the band's
+# column tiles: 2), so that choices measured on the old code are measured again.
+FORMULATIONS_VERSION = 2
+
+
 def machine_key() -> str:
-    """What a measurement holds for: CPU model, ISA flags, cores, jax version and backend."""
-    return f"{_cpu()} | {_cores()} cores | jax {jax.__version__} | {jax.default_backend()}"
+    """What a measurement holds for: CPU model, ISA flags, cores, jax version, backend and
+    :data:`FORMULATIONS_VERSION`."""
+    return (f"{_cpu()} | {_cores()} cores | jax {jax.__version__} | {jax.default_backend()} | "
+            f"formulations {FORMULATIONS_VERSION}")
 
 
 # --------------------------------------------------------------------------------- the cache
