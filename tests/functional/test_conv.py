@@ -11,6 +11,7 @@ from jax import numpy as jnp
 import functional_cnn.functional as F
 from functional_cnn.audit import cases as C
 from functional_cnn.functional import conv
+from tests.conftest import assert_close
 
 
 def _path_of(config):
@@ -61,9 +62,7 @@ def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, pa
 
     g = jax.random.normal(kg, F.conv2d(x, w, None, stride, padding).shape)
     ours = output_and_grads(lambda x, w: F.conv2d(x, w, None, stride, padding), g)
-    for got, want in zip(ours, output_and_grads(xla, g)):
-        scale = float(jnp.max(jnp.abs(want)))
-        np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=2e-6)
+    assert_close(ours, output_and_grads(xla, g), 2e-6, 0.0, "y, dx, dW")
 
 
 @pytest.mark.parametrize("shape, weight, stride, padding, dilation, tiles", [
@@ -92,9 +91,7 @@ def test_banded_tiles_equal_xla_convolution(shape, weight, stride, padding, dila
     g = jax.random.normal(kg, y_ref.shape)
     ours = jax.jit(lambda x, w, g: (band.forward(cfg, x, w), band.dx(cfg, w, g),
                                     band.dw(cfg, x, g)))(x, w, g)
-    for got, want in zip(ours, (y_ref, *vjp_ref(g))):
-        scale = float(jnp.max(jnp.abs(want)))
-        np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=2e-6)
+    assert_close(ours, (y_ref, *vjp_ref(g)), 2e-6, 0.0, "y, dx, dW")
 
 
 @pytest.mark.parametrize("stride, padding, output_padding, dilation, groups", [
