@@ -38,7 +38,7 @@ MEAN, STD = 0.1307, 0.3081
 TEST_SIZE = 10000
 # The test set is predicted in 20 calls of 500 images: twice as fast as one call of 10000, whose
 # row blocks (134 MB for the first convolution) overflow the caches and are too large for the
-# band's tiles (0.16 against 0.33 s on the Xeon of docs/BENCHMARKS.md).
+# band's tiles (0.16 against 0.33 s on the Xeon with AMX of docs/BENCHMARKS.md).
 EVAL_CHUNK = 500
 # Our fastest on the Intel Xeons of docs/BENCHMARKS.md (seeds 0-4: 98.97-99.12%, 4/5 at 99.0%,
 # with the band's column tiles; 99.01-99.20% before them): few channels (both convolutions run
