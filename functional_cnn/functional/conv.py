@@ -150,61 +150,60 @@ class _Tiles(NamedTuple):
     conv: Axis
 
 
-def _tiles(cfg, batch: int, channels: int, dtype) -> _Tiles:
-    """The narrowest tiling that copies every input column at most twice -- the smallest
-    divisor ``w`` of the output width whose tiles overlap by no more than they step
-    (``kw - s <= w s``) -- if its row blocks take at most :data:`_TILE_MAX_BYTES`; else, or if
-    no divisor smaller than the row qualifies, one tile: the whole row.
+def _tiles(cfg) -> _Tiles:
+    """The narrowest tiling that copies every input column at most twice: the smallest divisor
+    ``w`` of the output width whose tiles overlap by no more than they step (``kw - s <= w s``);
+    one tile, the whole row, if no divisor smaller than the row qualifies.
 
     A band over a whole row multiplies ``W_pad / kw`` times as much as a direct convolution
     (LeNet's first layer: 28 / 5 = 5.6x); over tiles of ``w`` output columns,
     ``((w - 1) s + kw) / kw`` times (tiles of 4, k5: 1.6x), for copying the columns where tiles
-    overlap twice. Every part of one convolution (batch, channels and dtype alike) tiles alike.
+    overlap twice. The tiling depends on the geometry only, so every part of one convolution
+    tiles alike.
     """
-    width, rows = cfg.axes[1], cfg.axes[0]
+    width = cfg.axes[1]
     s, k, out = width.stride, width.kernel, width.out_size
     w = next(d for d in range(1, out + 1) if out % d == 0 and (k - s <= d * s or d == out))
     span = (w - 1) * s + k
-    block_bytes = (batch * rows.out_size * (out // w) * rows.kernel * channels * span
-                   * jnp.dtype(dtype).itemsize)
-    if block_bytes > _TILE_MAX_BYTES:
-        w, span = out, width.padded_size
     return _Tiles(out // w, w, w * s, span, Axis(span, w, k, s, 1, 0, 0))
 
-# Tiles of 4 columns (k5) against whole rows, one training step, on the Intel Xeon of
-# docs/BENCHMARKS.md (AVX-512, AMX, 2 MiB of L2 per core): experiments/time_to_accuracy's
-# network 25% faster at batch 32 (row blocks of 0.7 MiB) and 18% at 64; LeNet level at 64;
-# with tiles at batch 256 (5.6 MiB) LeNet was 1.7x slower, XLA's transpose of the blocks for the
-# weight gradient dominating. Tiles of 3 (the copies) and of 8 or more (the band's waste) were
-# slower than 4. The bound is this CPU's L2, not measured on another.
-_TILE_MAX_BYTES = 9 << 18  # 2.25 MiB
+# Tiles against whole rows, one training step (tests/functional/test_conv.py has the shapes):
+# on the AMD EPYC (Zen 4) of docs/BENCHMARKS.md, LeNet 1.3x faster at batch 128 and 256, the
+# race network of experiments/time_to_accuracy level at 32 and 1.3x faster at 128; on the Intel
+# Xeon with AMX, 25% faster at 32, but 1.7x slower for LeNet at 256 while the row blocks were
+# built tile-major and transposed for the weight gradient (copied twice), which :func:`_rows`
+# and :func:`_banded_weight_grad` no longer do. Tiles of 3 (the copies) and of 8 or more (the
+# band's waste) were slower than 4 on the Xeon.
 
 
-def _row_axes(cfg, channels: int, row_length: int) -> tuple[Axis, Axis, Axis]:
-    """Window geometry over ``(H_pad, C, W_pad)``: the height axis as it is, channels and
-    columns read whole, so :func:`window_views` gives, for each kernel row ``a``, the input
-    rows it sees, and :func:`add_window_views` adds their cotangents back."""
-    return (cfg.axes[0],) + tuple(Axis(n, n, 1, 1, 1, 0, 0) for n in (channels, row_length))
+def _whole_axes(cfg, *whole: int) -> tuple[Axis, ...]:
+    """Window geometry over ``(H_pad, *whole)``: the height axis as it is, the axes after it
+    read whole, so :func:`window_views` gives, for each kernel row ``a``, the input rows it
+    sees, and :func:`add_window_views` adds their cotangents back."""
+    return (cfg.axes[0],) + tuple(Axis(n, n, 1, 1, 1, 0, 0) for n in whole)
 
 def _rows(cfg, xp, tiles: _Tiles):
     """``R[n, i, t, a, c, w] = xp[n, c, i s_h + a d_h, t step + w]``: for output row ``i``
     and tile ``t``, the ``kh`` input rows and ``span`` columns the tile reads, channels side by
-    side, so every (row, tile) is one contiguous block of the matrix product."""
-    n, c, hp, wp = xp.shape
-    by_row = xp.transpose(0, 2, 1, 3)  # (n, hp, c, wp): the channels of a row side by side
-    rows = jnp.stack(window_views(by_row, _row_axes(cfg, c, wp)), axis=2)  # (n, ho, kh, c, wp)
-    return _cut_tiles(rows, tiles).transpose(0, 1, 4, 2, 3, 5)
+    side, so every (row, tile) is one contiguous block of the matrix product.
 
-def _cut_tiles(rows, tiles: _Tiles):
-    """``rows[..., w]`` as ``[..., t, w']`` (tile ``t``'s column ``w'``). The row is cut into
+    The tiles are cut from the input (a copy of about its size) and the ``kh`` row views
+    stacked last, so the one large copy, ``kh`` times the input, writes ``R`` in the layout
+    both matrix products read (the forward's and the weight gradient's): cut the other way,
+    XLA copied it twice more, once per product."""
+    tiled = _cut_tiles(xp, tiles).transpose(0, 2, 3, 1, 4)  # (n, hp, t, c, span)
+    return jnp.stack(window_views(tiled, _whole_axes(cfg, *tiled.shape[2:])), axis=3)
+
+def _cut_tiles(x, tiles: _Tiles):
+    """``x[..., w]`` as ``[..., t, w']`` (tile ``t``'s column ``w'``). The row is cut into
     ``count + 1`` blocks of ``step`` columns, and tile ``t`` is block ``t`` with the head of
     block ``t + 1`` (``span <= 2 step``): two slices, whatever the number of tiles."""
     step, count, span = tiles.step, tiles.count, tiles.span
     if count == 1:
-        return rows[..., None, :]
-    widths = [(0, 0, 0)] * (rows.ndim - 1) + [(0, (count + 1) * step - rows.shape[-1], 0)]
-    blocks = lax.pad(rows, np.array(0, rows.dtype), widths)
-    blocks = blocks.reshape(*rows.shape[:-1], count + 1, step)
+        return x[..., None, :]
+    widths = [(0, 0, 0)] * (x.ndim - 1) + [(0, (count + 1) * step - x.shape[-1], 0)]
+    blocks = lax.pad(x, np.array(0, x.dtype), widths)
+    blocks = blocks.reshape(*x.shape[:-1], count + 1, step)
     return jnp.concatenate([blocks[..., :count, :min(step, span)],
                             blocks[..., 1:, :max(span - step, 0)]], axis=-1)
 
@@ -222,9 +221,9 @@ def _join_tiles(d_tiles, tiles: _Tiles, row_length: int):
 def _unrows(cfg, d_rows, padded_shape, tiles: _Tiles):
     """Transpose of :func:`_rows`: each (row, tile)'s cotangent added back where it was read."""
     n, c, hp, wp = padded_shape
-    d_whole = _join_tiles(d_rows.transpose(0, 1, 3, 4, 2, 5), tiles, wp)  # (n, ho, kh, c, wp)
-    views = [d_whole[:, :, a] for a in range(cfg.axes[0].kernel)]
-    return add_window_views(views, _row_axes(cfg, c, wp)).transpose(0, 2, 1, 3)
+    views = [d_rows[:, :, :, a] for a in range(cfg.axes[0].kernel)]  # each (n, ho, t, c, span)
+    d_tiled = add_window_views(views, _whole_axes(cfg, tiles.count, c, tiles.span))
+    return _join_tiles(d_tiled.transpose(0, 3, 1, 2, 4), tiles, wp)  # (n, c, hp, wp)
 
 def _band_selector(axis: Axis, dtype):
     """``S[b, w, j] = 1`` where column ``w`` of ``axis``'s input is tap ``b`` of output
@@ -241,13 +240,14 @@ def _band(tiles: _Tiles, weight):
     return jnp.einsum("bwj,ocab->acwoj", _band_selector(tiles.conv, weight.dtype), weight)
 
 def _unband(tiles: _Tiles, d_band):
-    """Transpose of :func:`_band`: ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[a, c, w, o, j]``
-    (every weight sits on the band once per output column, so its cotangents add)."""
-    return jnp.einsum("bwj,acwoj->ocab", _band_selector(tiles.conv, d_band.dtype), d_band)
+    """Transpose of :func:`_band`, for the band's cotangent laid out as ``dT[o, j, a, c, w]``:
+    ``dW[o, c, a, b] = sum_{w,j} S[b, w, j] dT[o, j, a, c, w]`` (every weight sits on the band
+    once per output column, so its cotangents add)."""
+    return jnp.einsum("bwj,ojacw->ocab", _band_selector(tiles.conv, d_band.dtype), d_band)
 
 def _banded_forward(cfg, x, weight):
     """``y[n, o, i, (t, j)] = sum_{a,c,w} R[n, i, t, a, c, w] T[a, c, w, o, j]``."""
-    tiles = _tiles(cfg, x.shape[0], x.shape[1], x.dtype)
+    tiles = _tiles(cfg)
     rows = _rows(cfg, pad_spatial(x, cfg.axes, 0), tiles)
     y = lax.dot_general(rows, _band(tiles, weight), (((3, 4, 5), (0, 1, 2)), ((), ())))
     n, ho, count, o, width = y.shape
@@ -261,18 +261,20 @@ def _g_rows(tiles: _Tiles, g):
 def _banded_input_grad(cfg, weight, g):
     """``dR = G T^T``, each (row, tile)'s cotangent added back where it was read
     (:func:`_unrows`)."""
-    tiles = _tiles(cfg, g.shape[0], weight.shape[1], g.dtype)
+    tiles = _tiles(cfg)
     d_rows = lax.dot_general(_g_rows(tiles, g), _band(tiles, weight),
                              (((3, 4), (3, 4)), ((), ())))
     padded_shape = (g.shape[0], weight.shape[1]) + tuple(a.padded_size for a in cfg.axes)
     return unpad_spatial(_unrows(cfg, d_rows, padded_shape, tiles), cfg.axes)
 
 def _banded_weight_grad(cfg, x, g):
-    """``dT = R^T G``, summed over images, rows and tiles, folded back onto the weight by
-    :func:`_unband`."""
-    tiles = _tiles(cfg, x.shape[0], x.shape[1], x.dtype)
+    """``dT^T = G^T R``, summed over images, rows and tiles, folded back onto the weight by
+    :func:`_unband`. Written as ``G^T R``, not ``R^T G``: XLA:CPU transposes the left operand
+    of a product summed over its leading axes, and ``G`` is the smaller (``o w`` against
+    ``kh c span`` per block), while ``R`` stays as the forward built it."""
+    tiles = _tiles(cfg)
     rows = _rows(cfg, pad_spatial(x, cfg.axes, 0), tiles)
-    d_band = lax.dot_general(rows, _g_rows(tiles, g), (((0, 1, 2), (0, 1, 2)), ((), ())))
+    d_band = lax.dot_general(_g_rows(tiles, g), rows, (((0, 1, 2), (0, 1, 2)), ((), ())))
     return _unband(tiles, d_band)
 
 # ------------------------------------------- lax: XLA's convolution, the general rule
