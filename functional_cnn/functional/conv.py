@@ -106,34 +106,37 @@ def _im2col_weight_grad(cfg, x, g):
 
 def _banded_applies(cfg, x_shape, weight_shape) -> bool:
     """Where the band can run at all (a candidate to measure): no groups, no dilation along the
-    width, and a band of at most :data:`_BAND_MAX_ELEMENTS` entries (it is built every step).
+    width, and a band of at most :data:`_BAND_MAX_ELEMENTS` entries (it is built every step:
+    ``kh * C * span * O * w`` for tiles of ``w`` output columns reading ``span`` input columns).
 
     An output row ``i`` is then one matrix product of the ``kh`` padded input rows it reads
     with a *banded* weight matrix (:func:`_band`), so the whole convolution is one large
     matmul over row blocks copied whole, not an im2col of ``kh*kw`` small windows. Over whole
     rows the band costs ``W_pad / kw`` times the multiplies of a direct convolution; cut into
-    tiles of a few columns (:func:`_tiles`), about twice.
+    tiles of a few columns (:func:`_tiles`), at most twice.
     """
-    width = cfg.axes[1]
-    band_size = cfg.axes[0].kernel * x_shape[1] * width.padded_size * weight_shape[0] * \
-        width.out_size
-    return cfg.groups == 1 and width.dilation == 1 and band_size <= _BAND_MAX_ELEMENTS
+    tiles = _tiles(cfg)
+    band_size = cfg.axes[0].kernel * x_shape[1] * tiles.span * weight_shape[0] * tiles.width
+    return cfg.groups == 1 and cfg.axes[1].dilation == 1 and band_size <= _BAND_MAX_ELEMENTS
 
 def _banded(cfg, x_shape, weight_shape) -> bool:
     """The band's gate: where it applies, with few input channels and narrow enough rows, like
-    both convolutions of LeNet. XLA:CPU's matmul is fast enough to pay for the band's extra
-    multiplies up to about ``W_pad / kw = 6``, where its convolution handles few channels
-    poorly (measured on one Intel Xeon; mode "auto" measures instead)."""
+    both convolutions of LeNet and of experiments/time_to_accuracy, where XLA:CPU's convolution
+    handles few channels poorly and its matrix product pays for the band's extra multiplies
+    (measured on two CPUs, below; mode "auto" measures instead)."""
     width = cfg.axes[1]
     return (_banded_applies(cfg, x_shape, weight_shape) and x_shape[1] <= _BAND_MAX_CHANNELS
             and width.padded_size <= _BAND_MAX_RATIO * width.kernel)
 
-# Where the band wins, forward + backward at batch 128 (the shapes in tests/functional/
-# test_conv.py and more): 1.3-2x faster than the next best on LeNet's 1->10 k5 on 28x28
-# (W_pad/kw 5.6) and 10->20 k5 on 12x12 (2.4), 8->16 k5 on 24x24 (4.8); slower from 16 input
-# channels with 3x3 kernels (16->32 on 14x14: 2.3x; 32->64 s2 on 6x6: 1.7x) and on article
-# 001's 1->32 k3 s2 on 28x28 (W_pad/kw 10: 2x slower than im2col). (One Intel Xeon, 2 cores.)
-_BAND_MAX_CHANNELS = 12
+# Where the band wins, forward + backward (the shapes in tests/functional/test_conv.py and more).
+# On an Intel Xeon (2 cores, batch 128, whole rows): 1.3-2x faster than the next best on LeNet's
+# 1->10 k5 on 28x28 (W_pad/kw 5.6) and 10->20 k5 on 12x12 (2.4), 8->16 k5 on 24x24 (4.8);
+# slower on article 001's 1->32 k3 s2 on 28x28 (W_pad/kw 10: 2x slower than im2col). On the AMD
+# EPYC (Zen 4) of docs/BENCHMARKS.md (2 cores, batch 64, tiles): 1.5-1.8x faster than XLA's on
+# 10->20, 12->24, 16->32 and 24->48 k5 on 12x12, 1.1x on 16->32 k3 on 14x14 (2.3x slower on the
+# Xeon with whole rows); slower than XLA's on article 001's 32->64 k3 s2 on 6x6 (1.2 against
+# 0.9 ms), where 32 channels are past the gate.
+_BAND_MAX_CHANNELS = 24
 _BAND_MAX_RATIO = 6
 _BAND_MAX_ELEMENTS = 1 << 22  # the band's entries (16 MiB in float32): it is built every step
 
@@ -465,16 +468,19 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     Three formulations compute the same sums (``_FORMULATIONS``: each one's forward, dx and dW,
     each usable alone), and each of the three parts takes its own per shape, by the mode of
     ``functional/_formulation.py`` (``$FUNCTIONAL_CNN_CONV`` or :func:`conv_formulation`):
-    ``"auto"`` (default) times the candidates on this machine once per shape and caches the
-    fastest, keeping XLA's unless another is 5% faster (XLA's alone on GPU/TPU); ``"gates"``
-    takes the static rules of ``_path`` (tuned on one Intel Xeon); ``"lax"`` XLA's always:
+    ``"gates"`` (default) takes the static rules of ``_path`` (measured on an Intel Xeon and an
+    AMD EPYC); ``"auto"`` times the candidates on this machine once per shape and caches the
+    fastest, keeping XLA's unless another is 5% faster (XLA's alone on GPU/TPU); ``"lax"``
+    XLA's always:
 
     * *lax*: XLA's convolution, the rule above, for every shape;
     * *banded* (no groups, no dilation along the width, a band of at most 4M entries; gate: at
-      most 12 input channels and ``W_pad <= 6 kw``): the weight laid out as a banded matrix
-      ``T[a, (c, w), o, j] = W[o, c, a, w - j s]`` (zero off the band) over the input rows
-      ``R[n, i, a, (c, w)] = xp[n, c, i s_h + a d_h, w]``: ``y = R T``, ``dR = g T^T`` added
-      back row by row, and ``dW`` the band of ``R^T g`` summed along each diagonal;
+      most 24 input channels and ``W_pad <= 6 kw``): each output row cut into tiles ``t`` of
+      ``w`` columns, the weight laid out as a banded matrix
+      ``T[a, (c, w'), o, j] = W[o, c, a, w' - j s]`` (zero off the band) over the input rows
+      ``R[n, i, t, a, (c, w')] = xp[n, c, i s_h + a d_h, t w s + w']``: ``y = R T``,
+      ``dR = g T^T`` added back row by row and tile by tile, and ``dW`` the band of
+      ``g^T R`` summed along each diagonal;
     * *im2col* (no groups, patches of at most 32M entries; gate: one input channel, rows too
       wide for the band): batched matrix products over the patches
       ``P[n] (C*kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
