@@ -75,7 +75,11 @@ def test_what_cannot_run_a_shape_is_no_candidate():
 
     assert applicable((2, 4, 8, 8), (4, 2, 3, 3), groups=2) == {"lax"}
     assert applicable((2, 4, 8, 8), (4, 4, 3, 3), dilation=(1, 2)) == {"im2col", "lax"}
-    assert applicable((8, 256, 64, 64), (256, 256, 3, 3)) == {"lax"}  # band, patches too big
+    # patches too big (71M entries); the band of a tile of 2 columns is 1.6M entries (a whole
+    # row's would be 780M)
+    assert applicable((8, 256, 64, 64), (256, 256, 3, 3)) == {"banded", "lax"}
+    # patches (419M) and a tile's band (5 * 512 * 8 * 512 * 4 = 42M) too big
+    assert applicable((8, 512, 68, 68), (512, 512, 5, 5)) == {"lax"}
 
 
 # ------------------------------------------------------------------ choosing and caching
