@@ -40,10 +40,10 @@ TEST_SIZE = 10000
 # row blocks (134 MB for the first convolution) overflow the caches and are too large for the
 # band's tiles (0.16 against 0.33 s on the Xeon with AMX of docs/BENCHMARKS.md).
 EVAL_CHUNK = 500
-# Our fastest on the Intel Xeons of docs/BENCHMARKS.md (seeds 0-4: 98.97-99.12%, 4/5 at 99.0%,
-# with the band's column tiles; 99.01-99.20% before them): few channels (both convolutions run
-# as banded matrix products), batch 32, 0.8 of an epoch. A step costs
-# about the same per image from batch 32 to 256 there, and smaller batches learn more per image
+# Our fastest on the Intel Xeons and the AMD EPYC of docs/BENCHMARKS.md (seeds 0-4 on the EPYC:
+# 99.00-99.13%, 5/5 at 99.0%; on the Xeon with AMX 98.97-99.12%, 4/5): few channels (both
+# convolutions run as banded matrix products), batch 32, 0.8 of an epoch. A step costs about
+# the same per image from batch 32 to 256 there, and smaller batches learn more per image
 # (batch 64 needed 0.96 of an epoch: 98.97-99.15%).
 RECIPE = {"steps": 1500, "batch_size": 32, "peak_lr": 1e-2, "label_smoothing": 0.1,
           "widths": (8, 16), "kernel": 5, "padding": 0, "hidden": 128}
