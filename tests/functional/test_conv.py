@@ -45,6 +45,7 @@ def test_edge_cases_run_every_conv_formulation(op, path_of):
     ((8, 1, 28, 28), (10, 1, 5, 5), 1, 0, "banded"),     # LeNet's first conv
     ((8, 1, 28, 28), (32, 1, 3, 3), 2, 1, "im2col"),     # article 001's first conv
     ((8, 32, 6, 6), (64, 32, 3, 3), 2, 1, "lax"),        # article 001's second conv
+    ((8, 16, 12, 12), (32, 16, 5, 5), 1, 0, "banded"),   # torch's race network's second conv
 ])
 def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, path):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
