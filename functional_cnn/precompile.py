@@ -4,8 +4,8 @@ A jitted function compiles on its first call, so a fresh process compiles one pr
 other, each when it is first needed: the initial state, the epoch (the longest: a whole
 training step), then the prediction chunk and the evaluation's scores. Their shapes are known
 before the data have loaded, and XLA compiles with the GIL released, so :func:`precompile`
-lowers and compiles all of them on a small thread pool and returns at once; the caller loads
-the data meanwhile::
+lowers them and compiles them on a small thread pool, returning once the small ones are
+lowered; the caller loads the data meanwhile::
 
     trainer = precompile(make_trainer(net, optimizer, batch_size=128), (-1, 1, 28, 28),
                          train_images=jax.ShapeDtypeStruct((60000, 28, 28), jnp.uint8),
@@ -28,9 +28,12 @@ precompiling to fill the cache first.
 On 2 cores the compilations also compete with each other and with the data loading: XLA
 compiles one program on about 1.7 cores (the epoch of ``experiments/time_to_accuracy.py``:
 3.0 s of wall time, 5.2 s of CPU, 2-core Xeon), so every other program compiling beside it
-delays it. Precompiling hides the initial state's and the evaluation's compilations and the
-loading behind the epoch's; what shortens the start is less to compile (the initial state's
-program is compiled for speed of compilation: ``train._fresh_state_program``).
+delays it; and tracing and lowering are Python, one thread at a time. So the small programs
+(the initial state's, the evaluation's) are lowered first, on the calling thread, and compile
+on a worker while the other worker traces the epoch's program, on a core that would otherwise
+wait (the epoch ready 0.1 s sooner, a 2-core AMD EPYC). What shortens the start most is less
+to compile (the initial state's program is compiled for speed of compilation:
+``train._fresh_state_program``).
 """
 from __future__ import annotations
 
@@ -75,8 +78,19 @@ def _labels(n: int):
     return jax.ShapeDtypeStruct((n,), LABELS_DTYPE)
 
 
-def _compile_init(fresh_state, key, input_shape) -> dict:
-    compiled = fresh_state.lower(key, input_shape).compile()
+def _here(fn, *args) -> Future:
+    """``fn(*args)``, run now on this thread, its result or its error kept in a future: a
+    lowering's error is raised where the program is first called, as a compilation's is."""
+    done = Future()
+    try:
+        done.set_result(fn(*args))
+    except Exception as e:  # noqa: BLE001 -- re-raised by the job that needs it
+        done.set_exception(e)
+    return done
+
+
+def _compile_init(lowered: Future, key, input_shape) -> dict:
+    compiled = lowered.result().compile()
     # the compiled program takes the key only: the input shape was a static argument
     return {_signature((key, input_shape)): lambda key, input_shape: compiled(key)}
 
@@ -94,14 +108,20 @@ def _eval_chunks(cfg: train.TrainConfig, n: int) -> list[int]:
     return sorted(sizes)
 
 
-def _compile_chunks(cfg, logits, ts, images) -> tuple[dict, jax.ShapeDtypeStruct]:
-    """The prediction chunks of ``images``-shaped data, and one chunk's logits (abstract)."""
-    compiled = {}
+def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, jax.ShapeDtypeStruct]:
+    """The prediction chunks of ``images``-shaped data, lowered, and one chunk's logits
+    (abstract)."""
+    lowered = {}
     for size in _eval_chunks(cfg, images.shape[0]):
         chunk = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype)
-        lowered = logits.lower(ts.params, ts.state, chunk)
-        compiled[_signature((ts.params, ts.state, chunk))] = lowered.compile()
-    return compiled, lowered.out_info
+        lowered[_signature((ts.params, ts.state, chunk))] = logits.lower(ts.params, ts.state,
+                                                                         chunk)
+    return lowered, lowered[_signature((ts.params, ts.state, chunk))].out_info
+
+
+def _compile_chunks(lowered_chunks: Future) -> tuple[dict, jax.ShapeDtypeStruct]:
+    lowered, out_info = lowered_chunks.result()
+    return {sig: low.compile() for sig, low in lowered.items()}, out_info
 
 
 def _compile_scores(chunks: Future, n: int) -> dict:
@@ -126,18 +146,22 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
     input_shape = tuple(input_shape)
     fresh_state = train._fresh_state_program(cfg)
-    # the state's shapes, by abstract evaluation: 4x quicker than lowering the initial state's
-    # program, which a worker does later, so the longest compilation starts sooner
+    # the state's shapes, by abstract evaluation; the initial state's and the evaluation's
+    # programs lowered here, before the epoch's tracing takes the GIL, so that they compile on
+    # a worker during that tracing
     ts = jax.eval_shape(lambda k: train._fresh_state(cfg, k, input_shape), key)
+    lowered_init = _here(fresh_state.lower, key, input_shape)
     epoch = train._scan_epoch_program(cfg)
     logits = train._logits_program(cfg)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
-    epochs, chunks, scores = [], [], []
-    if train_images is not None:  # the longest first
-        epochs.append(pool.submit(_compile_epoch, epoch, ts, train_images).result)
-    init = [pool.submit(_compile_init, fresh_state, key, input_shape).result]
     if eval_images is not None:
-        chunk_job = pool.submit(_compile_chunks, cfg, logits, ts, eval_images)
+        lowered_chunks = _here(_lower_chunks, cfg, logits, ts, eval_images)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
+    init = [pool.submit(_compile_init, lowered_init, key, input_shape).result]
+    epochs, chunks, scores = [], [], []
+    if train_images is not None:
+        epochs.append(pool.submit(_compile_epoch, epoch, ts, train_images).result)
+    if eval_images is not None:
+        chunk_job = pool.submit(_compile_chunks, lowered_chunks)
         chunks.append(lambda: chunk_job.result()[0])
         scores.append(pool.submit(_compile_scores, chunk_job, eval_images.shape[0]).result)
     pool.shutdown(wait=False)

@@ -65,3 +65,18 @@ def test_compilation_errors_surface_at_the_call():
     ts = ahead.init(jax.random.key(0), (-1, 1, 28, 28))
     with pytest.raises(ValueError, match="steps_per_epoch=9 needs 45 examples"):
         ahead.epoch(ts, jnp.zeros((20, 28, 28), jnp.uint8), jnp.zeros((20,), jnp.int32))
+
+
+def test_lowering_errors_of_the_evaluation_surface_at_the_call():
+    # the evaluation's program is lowered inside precompile (before the epoch's tracing):
+    # images of 30x30 cannot go through a network built for 28x28, and the error waits for
+    # the evaluation, as a compilation error does, while training works
+    train_set, test_set = tiny_data(20), tiny_data(12, seed=1)
+    odd = jax.ShapeDtypeStruct((12, 30, 30), jnp.uint8)
+    ahead = precompile(_trainer(), (-1, 1, 28, 28), train_images=_abstract(train_set),
+                       eval_images=odd)
+    ts = ahead.init(jax.random.key(0), (-1, 1, 28, 28))
+    ts, _ = ahead.epoch(ts, train_set.images, train_set.labels)
+    assert int(ts.step) == 4
+    with pytest.raises(ValueError, match=r"Linear: expected 676 input features .* \(12, 784\)"):
+        ahead.predict(ts.params, ts.state, jnp.zeros((12, 30, 30), jnp.uint8))
