@@ -36,9 +36,9 @@ from functional_cnn.precompile import precompile  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 TEST_SIZE = 10000
-# The test set is predicted in 20 calls of 500 images: twice as fast as one call of 10000, whose
-# row blocks (134 MB for the first convolution) overflow the caches and are too large for the
-# band's tiles (0.16 against 0.33 s on the Xeon with AMX of docs/BENCHMARKS.md).
+# The test set is predicted in 20 calls of 500 images: 0.21 s on the AMD EPYC of
+# docs/BENCHMARKS.md, 0.35-0.40 s in chunks of 1000 to 10000, whose row blocks (230 MB for the
+# first convolution at 10000) overflow the caches (0.16 against 0.33 s on the Xeon with AMX).
 EVAL_CHUNK = 500
 # Our fastest on the Intel Xeons and the AMD EPYC of docs/BENCHMARKS.md (seeds 0-4 on the EPYC:
 # 99.00-99.13%, 5/5 at 99.0%; on the Xeon with AMX 98.97-99.12%, 4/5): few channels (both

@@ -39,6 +39,14 @@ def check_rank(where: str, shape: Sequence[int], ranks: Sequence[int], layout: s
         raise ValueError(f"{where}: expected a {want} input{hint}, got shape {tuple(shape)}")
 
 
+def check_spatial_nonempty(where: str, shape: Sequence[int]) -> None:
+    """An ``(N, C, H, W)`` input may have no images or no channels, not an empty image: PyTorch's
+    convolutions refuse one ("Only zero batch or zero channel inputs are supported")."""
+    if 0 in tuple(shape[2:]):
+        raise ValueError(f"{where}: expected non-empty spatial dimensions (only the batch or the "
+                         f"channels may be 0, as in PyTorch), got input shape {tuple(shape)}")
+
+
 def check_channels(where: str, shape: Sequence[int], expected: int, axis: int = 1,
                    context: str = "") -> None:
     got = shape[axis]

@@ -21,9 +21,9 @@ is first called, as without precompiling.
 
 One device and the scanned epoch only (``mesh=None``, ``scan=True``): a mesh's sharded
 programs and the per-step loop keep compiling on first use. With ``FUNCTIONAL_CNN_CONV=auto``
-a convolution shape not yet in the cache is measured while it is traced, here on a worker
-thread beside the other compilations, so its timings would be disturbed: run once without
-precompiling to fill the cache first.
+a convolution shape not yet in the cache is measured while it is traced, here on the calling
+thread or a worker, beside the other compilations, so its timings would be disturbed: run
+once without precompiling to fill the cache first.
 
 On 2 cores the compilations also compete with each other and with the data loading: XLA
 compiles one program on about 1.7 cores (the epoch of ``experiments/time_to_accuracy.py``:
@@ -153,8 +153,8 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     lowered_init = _here(fresh_state.lower, key, input_shape)
     epoch = train._scan_epoch_program(cfg)
     logits = train._logits_program(cfg)
-    if eval_images is not None:
-        lowered_chunks = _here(_lower_chunks, cfg, logits, ts, eval_images)
+    lowered_chunks = None if eval_images is None else _here(_lower_chunks, cfg, logits, ts,
+                                                            eval_images)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
     init = [pool.submit(_compile_init, lowered_init, key, input_shape).result]
     epochs, chunks, scores = [], [], []

@@ -106,24 +106,29 @@ def _im2col_weight_grad(cfg, x, g):
 
 def _banded_applies(cfg, x_shape, weight_shape) -> bool:
     """Where the band can run at all (a candidate to measure): no groups, no dilation along the
-    width, and a band of at most :data:`_BAND_MAX_ELEMENTS` entries (it is built every step:
-    ``kh * C * span * O * w`` for tiles of ``w`` output columns reading ``span`` input columns).
+    width, a band of at most :data:`_BAND_MAX_ELEMENTS` entries (it is built every step:
+    ``kh * C * span * O * w`` for tiles of ``w`` output columns reading ``span`` input
+    columns) and row blocks of at most :data:`_IM2COL_MAX_ELEMENTS` (``N * H_out * tiles *
+    kh * C * span``: about ``2 kh`` copies of the input, as im2col's patches hold ``kh kw``).
 
     An output row ``i`` is then one matrix product of the ``kh`` padded input rows it reads
     with a *banded* weight matrix (:func:`_band`), so the whole convolution is one large
     matmul over row blocks copied whole, not an im2col of ``kh*kw`` small windows. Over whole
     rows the band costs ``W_pad / kw`` times the multiplies of a direct convolution; cut into
-    tiles of a few columns (:func:`_tiles`), at most twice.
+    tiles of a few columns (:func:`_tiles`), ``((w - 1) s + kw) / kw`` times.
     """
-    tiles = _tiles(cfg)
-    band_size = cfg.axes[0].kernel * x_shape[1] * tiles.span * weight_shape[0] * tiles.width
-    return cfg.groups == 1 and cfg.axes[1].dilation == 1 and band_size <= _BAND_MAX_ELEMENTS
+    tiles, kh, channels = _tiles(cfg), cfg.axes[0].kernel, x_shape[1]
+    band_size = kh * channels * tiles.span * weight_shape[0] * tiles.width
+    rows_size = x_shape[0] * cfg.axes[0].out_size * tiles.count * kh * channels * tiles.span
+    return (cfg.groups == 1 and cfg.axes[1].dilation == 1 and band_size <= _BAND_MAX_ELEMENTS
+            and rows_size <= _IM2COL_MAX_ELEMENTS)
 
 def _banded(cfg, x_shape, weight_shape) -> bool:
     """The band's gate: where it applies, with few input channels and narrow enough rows, like
     both convolutions of LeNet and of experiments/time_to_accuracy, where XLA:CPU's convolution
     handles few channels poorly and its matrix product pays for the band's extra multiplies
-    (measured on two CPUs, below; mode "auto" measures instead)."""
+    (the bounds measured on an Intel Xeon with whole rows, the 13-24 channels on an AMD EPYC
+    with tiles only, below; mode "auto" measures instead)."""
     width = cfg.axes[1]
     return (_banded_applies(cfg, x_shape, weight_shape) and x_shape[1] <= _BAND_MAX_CHANNELS
             and width.padded_size <= _BAND_MAX_RATIO * width.kernel)
@@ -166,6 +171,8 @@ def _tiles(cfg) -> _Tiles:
     """
     width = cfg.axes[1]
     s, k, out = width.stride, width.kernel, width.out_size
+    if out == 0:  # no output column (a transposed convolution's empty input): one empty tile
+        return _Tiles(1, 0, 0, width.padded_size, Axis(width.padded_size, 0, k, s, 1, 0, 0))
     w = next(d for d in range(1, out + 1) if out % d == 0 and (k - s <= d * s or d == out))
     span = (w - 1) * s + k
     return _Tiles(out // w, w, w * s, span, Axis(span, w, k, s, 1, 0, 0))
@@ -190,7 +197,8 @@ def _rows(cfg, xp, tiles: _Tiles):
     and tile ``t``, the ``kh`` input rows and ``span`` columns the tile reads, channels side by
     side, so every (row, tile) is one contiguous block of the matrix product.
 
-    The tiles are cut from the input (a copy of about its size) and the ``kh`` row views
+    The tiles are cut from the input (a copy of ``count span / W_pad`` times its size, at most
+    about twice) and the ``kh`` row views
     stacked last, so the one large copy, ``kh`` times the input, writes ``R`` in the layout
     both matrix products read (the forward's and the weight gradient's): cut the other way,
     XLA copied it twice more, once per product."""
@@ -273,8 +281,9 @@ def _banded_input_grad(cfg, weight, g):
 def _banded_weight_grad(cfg, x, g):
     """``dT^T = G^T R``, summed over images, rows and tiles, folded back onto the weight by
     :func:`_unband`. Written as ``G^T R``, not ``R^T G``: XLA:CPU transposes the left operand
-    of a product summed over its leading axes, and ``G`` is the smaller (``o w`` against
-    ``kh c span`` per block), while ``R`` stays as the forward built it."""
+    of a product summed over its leading axes, and ``R``, the forward's row blocks, is the one
+    to keep as it was built (``G`` is usually the smaller: ``O w`` against ``kh C span`` per
+    block, 64 against 320 for the race network's second convolution)."""
     tiles = _tiles(cfg)
     rows = _rows(cfg, pad_spatial(x, cfg.axes, 0), tiles)
     d_band = lax.dot_general(_g_rows(tiles, g), rows, (((0, 1, 2), (0, 1, 2)), ((), ())))
@@ -425,6 +434,7 @@ def conv_config(where: str, in_shape, weight_shape, stride, padding, dilation,
                 groups) -> ConvConfig:
     """Validate a convolution against PyTorch's rules and resolve its geometry."""
     _checks.check_rank(where, in_shape, (4,), "(N, C, H, W)")
+    _checks.check_spatial_nonempty(where, in_shape)
     if len(weight_shape) != 4:
         raise ValueError(f"{where}: expected a 4-D weight (O, I/groups, kh, kw), "
                          f"got shape {tuple(weight_shape)}")
@@ -539,6 +549,7 @@ def conv_transpose_config(where: str, in_shape, weight_shape, stride, padding, o
     """Validate a transposed convolution as PyTorch does; the geometry of the convolution it
     transposes (:func:`_windows.transposed_axis`)."""
     _checks.check_rank(where, in_shape, (4,), "(N, C, H, W)")
+    _checks.check_spatial_nonempty(where, in_shape)
     if len(weight_shape) != 4:
         raise ValueError(f"{where}: expected a 4-D weight (C_in, C_out/groups, kh, kw), "
                          f"got shape {tuple(weight_shape)}")

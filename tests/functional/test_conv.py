@@ -149,3 +149,17 @@ def test_conv_transpose_unbatched_and_empty_batch():
 def test_conv_transpose_bad_input(x_shape, w_shape, kwargs, error, message):
     with pytest.raises(error, match=message):
         F.conv_transpose2d(jnp.ones(x_shape), jnp.ones(w_shape), **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 0), (2, 3, 0, 4)])
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d"])
+def test_an_empty_image_is_refused_as_torch_refuses_it(op, shape, torch):
+    # an empty batch or no channels are fine (test_empty_batch.py); an image of no rows or no
+    # columns is not, in PyTorch: with padding 2 the window would fit, and the output be made up
+    weight = (3, 2, 3, 3) if op == "conv_transpose2d" else (2, 3, 3, 3)
+    with pytest.raises(RuntimeError, match="Only zero batch or zero channel inputs"):
+        getattr(torch.nn.functional, op)(torch.zeros(shape), torch.ones(weight), padding=2)
+    with pytest.raises(ValueError, match=rf"{op}: expected non-empty spatial dimensions .* "
+                                         rf"got input shape \({shape[0]}, 3, {shape[2]}, "
+                                         rf"{shape[3]}\)"):
+        getattr(F, op)(jnp.zeros(shape), jnp.ones(weight), padding=2)

@@ -75,9 +75,11 @@ def test_what_cannot_run_a_shape_is_no_candidate():
 
     assert applicable((2, 4, 8, 8), (4, 2, 3, 3), groups=2) == {"lax"}
     assert applicable((2, 4, 8, 8), (4, 4, 3, 3), dilation=(1, 2)) == {"im2col", "lax"}
-    # patches too big (71M entries); the band of a tile of 2 columns is 1.6M entries (a whole
-    # row's would be 780M)
-    assert applicable((8, 256, 64, 64), (256, 256, 3, 3)) == {"banded", "lax"}
+    # one image: the band of a tile of 2 columns is 1.6M entries (a whole row's would be 780M),
+    # its row blocks 5.9M (62 rows x 31 tiles x 3 x 256 x 4), the patches 8.9M
+    assert applicable((1, 256, 64, 64), (256, 256, 3, 3)) == {"banded", "im2col", "lax"}
+    # eight: row blocks of 47M entries and patches of 71M, both over 32M
+    assert applicable((8, 256, 64, 64), (256, 256, 3, 3)) == {"lax"}
     # patches (419M) and a tile's band (5 * 512 * 8 * 512 * 4 = 42M) too big
     assert applicable((8, 512, 68, 68), (512, 512, 5, 5)) == {"lax"}
 
