@@ -89,14 +89,6 @@ def _im2col_forward(cfg, x, weight):
     y = _matmul_per_sample(weight.reshape(weight.shape[0], -1), _patches(cfg, x))
     return y.reshape(x.shape[0], weight.shape[0], cfg.axes[0].out_size, cfg.axes[1].out_size)
 
-def _im2col_input_grad(cfg, weight, g):
-    """``dx = col2im(W^T g[n])``: each patch row added back at its window offset."""
-    n, c = g.shape[0], weight.shape[1]
-    d_patches = _matmul_per_sample(weight.reshape(weight.shape[0], -1).T, _pixels_flat(cfg, g))
-    d_patches = d_patches.reshape(n, c, _taps(cfg), *g.shape[2:])
-    views = [d_patches[:, :, k] for k in range(d_patches.shape[2])]
-    return unpad_spatial(add_window_views(views, cfg.axes), cfg.axes)
-
 def _im2col_weight_grad(cfg, x, g):
     """``dW = sum_n g[n] P[n]^T``."""
     dw = lax.dot_general(_pixels_flat(cfg, g), _patches(cfg, x), (((2,), (2,)), ((0,), (0,))))
@@ -345,7 +337,12 @@ def _always(cfg, x_shape, weight_shape) -> bool:
 _FORMULATIONS = {
     "banded": Formulation(_banded_applies, _banded_forward, _banded_input_grad,
                           _banded_weight_grad),
-    "im2col": Formulation(_im2col_applies, _im2col_forward, _im2col_input_grad,
+    # im2col's input gradient is XLA's convolution, not col2im: col2im's kh*kw shifted pads, one
+    # sum, fuse into the layer before's backward and are recomputed at every read there (a max
+    # pool's gradient reads each 4 times): in context 1.9 ms more a step on the race network's
+    # 8->16 convolution, 0.35 ms more with XLA's (AMD EPYC, 2 cores). Timed alone the fused sum
+    # looked cheap, so "auto" chose im2col there and made the step 1.7x slower.
+    "im2col": Formulation(_im2col_applies, _im2col_forward, _lax_input_grad,
                           _im2col_weight_grad),
     "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad)}
 
@@ -493,8 +490,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
       ``g^T R`` summed along each diagonal;
     * *im2col* (no groups, patches of at most 32M entries; gate: one input channel, rows too
       wide for the band): batched matrix products over the patches
-      ``P[n] (C*kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``,
-      ``dx = col2im(W^T g[n])``.
+      ``P[n] (C*kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``; ``dx``
+      by XLA's convolution, as *lax* (col2im, the sum of ``W^T g[n]``'s rows at their window
+      offsets, fuses into the layer before's backward and is recomputed there).
 
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
     """
