@@ -114,9 +114,9 @@ def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, jax.ShapeDtypeStruct]:
     lowered = {}
     for size in _eval_chunks(cfg, images.shape[0]):
         chunk = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype)
-        lowered[_signature((ts.params, ts.state, chunk))] = logits.lower(ts.params, ts.state,
-                                                                         chunk)
-    return lowered, lowered[_signature((ts.params, ts.state, chunk))].out_info
+        program = logits.lower(ts.params, ts.state, chunk)
+        lowered[_signature((ts.params, ts.state, chunk))] = program
+    return lowered, program.out_info
 
 
 def _compile_chunks(lowered_chunks: Future) -> tuple[dict, jax.ShapeDtypeStruct]:

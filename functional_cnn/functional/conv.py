@@ -163,8 +163,6 @@ def _tiles(cfg) -> _Tiles:
     """
     width = cfg.axes[1]
     s, k, out = width.stride, width.kernel, width.out_size
-    if out == 0:  # no output column (a transposed convolution's empty input): one empty tile
-        return _Tiles(1, 0, 0, width.padded_size, Axis(width.padded_size, 0, k, s, 1, 0, 0))
     w = next(d for d in range(1, out + 1) if out % d == 0 and (k - s <= d * s or d == out))
     span = (w - 1) * s + k
     return _Tiles(out // w, w, w * s, span, Axis(span, w, k, s, 1, 0, 0))
@@ -190,10 +188,9 @@ def _rows(cfg, xp, tiles: _Tiles):
     side, so every (row, tile) is one contiguous block of the matrix product.
 
     The tiles are cut from the input (a copy of ``count span / W_pad`` times its size, at most
-    about twice) and the ``kh`` row views
-    stacked last, so the one large copy, ``kh`` times the input, writes ``R`` in the layout
-    both matrix products read (the forward's and the weight gradient's): cut the other way,
-    XLA copied it twice more, once per product."""
+    about twice) and the ``kh`` row views stacked last, so the one large copy, ``kh`` times the
+    input, writes ``R`` in the layout both matrix products read (the forward's and the weight
+    gradient's): cut the other way, XLA copied it twice more, once per product."""
     tiled = _cut_tiles(xp, tiles).transpose(0, 2, 3, 1, 4)  # (n, hp, t, c, span)
     return jnp.stack(window_views(tiled, _whole_axes(cfg, *tiled.shape[2:])), axis=3)
 
