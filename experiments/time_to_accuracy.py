@@ -47,14 +47,21 @@ EVAL_CHUNK = 500
 # (batch 64 needed 0.96 of an epoch: 98.97-99.15%).
 RECIPE = {"steps": 1500, "batch_size": 32, "peak_lr": 1e-2, "label_smoothing": 0.1,
           "widths": (8, 16), "kernel": 5, "padding": 0, "hidden": 128}
+# The first convolution (one input channel, BatchNorm after it) as a sum of its 25 shifted
+# products: XLA writes it once and the statistics read it, 15-20% off a step at batch 32 on
+# the AMD EPYC of docs/BENCHMARKS.md (conv2d's "taps"; the other one stays the gates' band).
+FIRST_FORMULATION = "taps"
 
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
-        hidden=RECIPE["hidden"]):
-    """Conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any)."""
+        hidden=RECIPE["hidden"], first_formulation=FIRST_FORMULATION):
+    """Conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any); the
+    first convolution computed by ``first_formulation`` (None: as conv2d chooses)."""
     layers = []
-    for width in widths:
-        layers += [fcn.Conv2d(width, kernel, padding=padding, bias=False),
+    for stage, width in enumerate(widths):
+        formulation = first_formulation if stage == 0 else None
+        layers += [fcn.Conv2d(width, kernel, padding=padding, bias=False,
+                              formulation=formulation),
                    fcn.BatchNorm2d(), fcn.ReLU(), fcn.MaxPool2d(2)]
     layers.append(fcn.Flatten())
     if hidden:
@@ -65,7 +72,7 @@ def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["paddin
 def compiled_trainer(args):
     """The trainer, its programs compiling on two threads from here on."""
     trainer = train.make_trainer(
-        net(args.widths, args.kernel, args.padding, args.hidden),
+        net(args.widths, args.kernel, args.padding, args.hidden, args.first_formulation),
         # AdamW over one flat vector: one update instead of one per parameter, 0.4 s less to
         # compile (the same update; XLA fuses it otherwise, so the last bits may differ)
         optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay)),
@@ -82,6 +89,10 @@ def main(argv=None):
     parser.add_argument("--compile-cache", metavar="DIR",
                         help="JAX's persistent compilation cache (a warm start on the next run)")
     parser.add_argument("--vjp", default="custom", choices=fcn.VJP_MODES)
+    parser.add_argument("--first-formulation", default=FIRST_FORMULATION,
+                        type=lambda s: None if s == "none" else s,
+                        help="conv2d's formulation for the first convolution ('none': as "
+                             "conv2d chooses)")
     args = parser.parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -104,7 +115,8 @@ def main(argv=None):
             break
     return record.finish(args.json, framework="functional_cnn", vjp=args.vjp,
                          compile_cache=bool(args.compile_cache),
-                         recipe={k: getattr(args, k) for k in RECIPE})
+                         recipe={k: getattr(args, k) for k in RECIPE},
+                         first_formulation=args.first_formulation)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from jax import numpy as jnp
 from . import _checks
 from . import functional as F
 from .functional._registry import check_vjp
-from .functional.conv import conv_config, conv_transpose_config
+from .functional.conv import conv_config, conv_transpose_config, with_formulation
 from .functional.normalization import normalized_shape_tuple
 from .functional.pooling import adaptive_config, pool_axes
 from .functional.upsampling import interp_config, interp_options
@@ -266,10 +266,12 @@ def Linear(out_features: int, bias: bool = True) -> Layer:
 
 @named_layer
 def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
-           bias: bool = True) -> Layer:
+           bias: bool = True, formulation: str | None = None) -> Layer:
     """2-D convolution on NCHW input; params ``weight (O, C/groups, kh, kw)``, ``bias (O,)``.
 
-    ``padding`` is an int, a pair, ``"same"`` (stride 1 only) or ``"valid"``.
+    ``padding`` is an int, a pair, ``"same"`` (stride 1 only) or ``"valid"``. ``formulation``
+    (None: chosen per shape, see :func:`functional_cnn.functional.conv2d`) pins how the
+    convolution is computed; it changes the speed only, and init checks that it applies.
     """
     where = "Conv2d"
     kernel = _checks.int_pair(where, "kernel_size", kernel_size)
@@ -282,6 +284,7 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
                              f"in_channels={in_channels} and out_channels={out_channels}")
         w_shape = (out_channels, in_channels // groups) + kernel
         cfg = conv_config(where, input_shape, w_shape, stride, padding, dilation, groups)
+        with_formulation(where, cfg, input_shape, w_shape, formulation)
         fan_in = (in_channels // groups) * kernel[0] * kernel[1]
         w_key, b_key = jax.random.split(key)
         params = {"weight": _uniform(w_key, w_shape, fan_in)}
@@ -299,7 +302,7 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
             _checks.check_shape(where, "params 'bias'", params["bias"], (out_channels,))
         with _errors_named(where, "conv2d"):
             return F.conv2d(x, w, params.get("bias"), stride, padding, dilation, groups,
-                            vjp=vjp), state
+                            vjp=vjp, formulation=formulation), state
 
     return _layer(where, init, apply, _param_names(bias), needs_key=True)
 

@@ -8,6 +8,7 @@ from ._formulation import conv_formulation, conv_formulations
 from ._registry import REGISTRY, VJP_MODES, OpInfo, ops
 from .activations import leaky_relu, log_softmax, relu, sigmoid, softmax, tanh
 from .activations import elu, gelu, hardtanh, silu, softplus
+from .conv import FORMULATIONS as CONV_FORMULATIONS
 from .conv import conv2d, conv_transpose2d
 from .dropout import dropout, dropout2d
 from .linear import linear
@@ -25,4 +26,5 @@ __all__ = ["REGISTRY", "VJP_MODES", "OpInfo", "ops", "linear", "conv2d", "max_po
            "log_softmax", "dropout", "cross_entropy", "binary_cross_entropy_with_logits",
            "mse_loss",
            "layer_norm", "group_norm", "dropout2d", "gelu", "silu", "elu", "softplus", "hardtanh",
-           "nll_loss", "huber_loss", "conv_formulation", "conv_formulations"]
+           "nll_loss", "huber_loss", "conv_formulation", "conv_formulations",
+           "CONV_FORMULATIONS"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Callable, NamedTuple
 
 import jax
@@ -27,6 +28,7 @@ class ConvConfig(NamedTuple):
     axes: tuple[Axis, Axis]  # (height, width) geometry, pad_hi adjusted to the windows' reach
     groups: int
     mode: str = "gates"  # how each part's formulation is chosen: _formulation.mode() at the call
+    formulation: str | None = None  # the caller's choice for all three parts, over the mode
 
 def _strides(cfg):
     return tuple(a.stride for a in cfg.axes)
@@ -93,6 +95,43 @@ def _im2col_weight_grad(cfg, x, g):
     """``dW = sum_n g[n] P[n]^T``."""
     dw = lax.dot_general(_pixels_flat(cfg, g), _patches(cfg, x), (((2,), (2,)), ((0,), (0,))))
     return dw.sum(axis=0).reshape(g.shape[1], x.shape[1], *(a.kernel for a in cfg.axes))
+
+# ------------------------------------------- taps: a sum of shifted products, on request
+
+def _taps_applies(cfg, x_shape, weight_shape) -> bool:
+    """Where taps can run: no groups, and at most :data:`_TAPS_MAX_TERMS` products per output
+    element (``C*kh*kw``: each is a term of the program, unrolled)."""
+    return cfg.groups == 1 and x_shape[1] * _taps(cfg) <= _TAPS_MAX_TERMS
+
+_TAPS_MAX_TERMS = 64
+
+def _taps_forward(cfg, x, weight):
+    """``y[n, o] = sum_{c, (a, b)} W[o, c, a, b] V_ab[n, c]``, ``V_ab`` the input window view
+    of kernel offset ``(a, b)`` (:func:`window_views`): one elementwise sum, no copy of the
+    input and no transposes, already NCHW.
+
+    Only on request (``conv2d(..., formulation="taps")``), never by the gates nor by "auto":
+    it is fast only where XLA writes its sum once, where a reduction reads it (a BatchNorm's
+    statistics: the first convolution of ``experiments/time_to_accuracy`` at batch 32, 2.0
+    against the band's 2.4 ms a training step, AMD EPYC). Where XLA fuses the sum into its
+    consumers instead, it is recomputed in each, without vectors inside a max pool's
+    reduction: LeNet's first layer (ReLU, max pool) made the step 2x slower (9.7 against 5.1
+    ms at batch 64). Timed alone, it would win everywhere."""
+    views = window_views(pad_spatial(x, cfg.axes, 0), cfg.axes)  # row-major (a, b)
+    taps = weight.reshape(weight.shape[0], weight.shape[1], len(views))  # W[o, c, (a, b)]
+    terms = (view[:, c:c + 1] * taps[None, :, c, k, None, None]
+             for c in range(x.shape[1]) for k, view in enumerate(views))
+    return functools.reduce(operator.add, terms)
+
+def _gated_input_grad(cfg, weight, g):
+    """The input gradient of the formulation the gates choose for this shape."""
+    x_shape = _conv_input_shape(cfg, g.shape, weight.shape)
+    return _FORMULATIONS[_path(cfg, x_shape, weight.shape)].dx(cfg, weight, g)
+
+def _gated_weight_grad(cfg, x, g):
+    """The weight gradient of the formulation the gates choose for this shape."""
+    weight_shape = (g.shape[1], x.shape[1] // cfg.groups) + tuple(a.kernel for a in cfg.axes)
+    return _FORMULATIONS[_path(cfg, x.shape, weight_shape)].dw(cfg, x, g)
 
 # ------------------------------------------------------- banded: few channels, narrow rows
 
@@ -327,6 +366,7 @@ class Formulation(NamedTuple):
     forward: Callable  # (cfg, x, weight) -> y, without bias
     dx: Callable  # (cfg, weight, g) -> the input gradient
     dw: Callable  # (cfg, x, g) -> the weight gradient
+    measured: bool = True  # a candidate of mode "auto" (False: only where the caller asks)
 
 def _always(cfg, x_shape, weight_shape) -> bool:
     return True
@@ -341,7 +381,10 @@ _FORMULATIONS = {
     # looked cheap, so "auto" chose im2col there and made the step 1.7x slower.
     "im2col": Formulation(_im2col_applies, _im2col_forward, _lax_input_grad,
                           _im2col_weight_grad),
-    "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad)}
+    "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad),
+    "taps": Formulation(_taps_applies, _taps_forward, _gated_input_grad, _gated_weight_grad,
+                        measured=False)}
+FORMULATIONS = tuple(_FORMULATIONS)  # what conv2d(..., formulation=) takes
 
 def _all_parts(formulation: Formulation, cfg, x, weight, g):
     """What a measurement runs: the three parts of one formulation in one program, as a
@@ -370,14 +413,18 @@ def _signature(part, cfg, x_shape, weight_shape, dtype) -> str:
 
 def _chosen(part: str, cfg, x_shape, weight_shape, dtype, gate: str):
     """The function ``(cfg, *arrays)`` that computes ``part`` of the convolution with input
-    ``x_shape``: the part of the formulation :func:`_formulation.choose` picks among those that
-    apply, by ``cfg.mode`` (``gate`` in mode "gates"). One choice serves all three parts of a
-    shape: it is measured on all three together (:func:`_all_parts`)."""
+    ``x_shape``: the caller's ``cfg.formulation`` if any, else the part of the formulation
+    :func:`_formulation.choose` picks among those that apply, by ``cfg.mode`` (``gate`` in mode
+    "gates"). One choice serves all three parts of a shape: it is measured on all three
+    together (:func:`_all_parts`)."""
+    if cfg.formulation is not None:
+        return getattr(_FORMULATIONS[cfg.formulation], part)
     g_shape = (x_shape[0], weight_shape[0]) + tuple(a.out_size for a in cfg.axes)
     specs = tuple(jax.ShapeDtypeStruct(shape, dtype)
                   for shape in (tuple(x_shape), tuple(weight_shape), g_shape))
     candidates = {name: functools.partial(_all_parts, f, cfg)
-                  for name, f in _FORMULATIONS.items() if f.applies(cfg, x_shape, weight_shape)}
+                  for name, f in _FORMULATIONS.items()
+                  if f.measured and f.applies(cfg, x_shape, weight_shape)}
     key = _signature("all", cfg, x_shape, weight_shape, dtype)
     name = _formulation.choose(cfg.mode, key, candidates, specs, gate)
     return getattr(_FORMULATIONS[name], part)
@@ -451,7 +498,7 @@ def conv_config(where: str, in_shape, weight_shape, stride, padding, dilation,
 
 @register()
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-           vjp: str = "custom"):
+           vjp: str = "custom", formulation: str | None = None):
     """2-D cross-correlation, ``torch.nn.functional.conv2d`` semantics and layouts.
 
     ``x (N, C, H, W)`` (or unbatched ``(C, H, W)``), ``weight (O, C/groups, kh, kw)``,
@@ -469,8 +516,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                         = conv over samples of xp with g as a kernel dilated by s, stride d
         db[o] = sum_{n,i,j} g[n, o, i, j]
 
-    Three formulations compute the same sums (``_FORMULATIONS``: each one's forward, dx and dW,
-    each usable alone), and each of the three parts takes its own per shape, by the mode of
+    Four formulations compute the same sums (``_FORMULATIONS``: each one's forward, dx and dW,
+    each usable alone). ``formulation`` (one of :data:`FORMULATIONS`) pins one for all three
+    parts, or raises ``ValueError`` where it cannot run the shape; by default (None) each part
+    takes its own per shape, by the mode of
     ``functional/_formulation.py`` (``$FUNCTIONAL_CNN_CONV`` or :func:`conv_formulation`):
     ``"gates"`` (default) takes the static rules of ``_path`` (measured on an Intel Xeon and an
     AMD EPYC); ``"auto"`` times the candidates on this machine once per shape and caches the
@@ -489,18 +538,47 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
       wide for the band): batched matrix products over the patches
       ``P[n] (C*kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``; ``dx``
       by XLA's convolution, as *lax* (col2im, the sum of ``W^T g[n]``'s rows at their window
-      offsets, fuses into the layer before's backward and is recomputed there).
+      offsets, fuses into the layer before's backward and is recomputed there);
+    * *taps* (only when asked for; no groups, at most 64 products ``C*kh*kw`` per output): the
+      forward as one elementwise sum of the ``C*kh*kw`` shifted input views times their weights,
+      no copies; both gradients as the gates choose. Fast where XLA writes the sum once (a
+      BatchNorm's statistics read it), slow where it fuses the sum into a max pool.
 
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
     """
     check_vjp("conv2d", vjp)
     _checks.check_floating("conv2d", x)
     if jnp.ndim(x) == 3:
-        return conv2d(x[None], weight, bias, stride, padding, dilation, groups, vjp=vjp)[0]
+        return conv2d(x[None], weight, bias, stride, padding, dilation, groups, vjp=vjp,
+                      formulation=formulation)[0]
     cfg = conv_config("conv2d", jnp.shape(x), jnp.shape(weight), stride, padding, dilation,
                       groups)._replace(mode=_formulation.mode())
     _check_bias("conv2d", bias, weight.shape[0])
+    cfg = with_formulation("conv2d", cfg, jnp.shape(x), jnp.shape(weight), formulation)
     return _conv2d(vjp, cfg, x, weight, bias)
+
+def with_formulation(where: str, cfg: ConvConfig, x_shape, weight_shape,
+                     formulation: str | None) -> ConvConfig:
+    """``cfg`` computing all three parts by ``formulation`` (one of :data:`FORMULATIONS`; None:
+    by the mode), or ``ValueError`` naming what does not fit."""
+    if formulation is None:
+        return cfg
+    if formulation not in _FORMULATIONS:
+        raise ValueError(f"{where}: formulation must be None or one of {FORMULATIONS}, "
+                         f"got {formulation!r}")
+    if not _FORMULATIONS[formulation].applies(cfg, x_shape, weight_shape):
+        raise ValueError(f"{where}: formulation {formulation!r} does not apply to input "
+                         f"{tuple(x_shape)} with weight {tuple(weight_shape)} and groups="
+                         f"{cfg.groups}, dilation {_dilations(cfg)}: "
+                         + _REQUIREMENTS[formulation])
+    return cfg._replace(formulation=formulation)
+
+_REQUIREMENTS = {  # what each formulation's `applies` asks, for the error above
+    "banded": "it needs groups=1, no dilation along the width, a band of at most "
+              f"{_BAND_MAX_ELEMENTS} entries and row blocks of at most {_IM2COL_MAX_ELEMENTS}",
+    "im2col": f"it needs groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries",
+    "lax": "",
+    "taps": f"it needs groups=1 and at most {_TAPS_MAX_TERMS} products (C*kh*kw) per output"}
 
 def _check_bias(where: str, bias, out_channels: int) -> None:
     if bias is not None and tuple(jnp.shape(bias)) != (out_channels,):

@@ -40,14 +40,19 @@ def test_edge_cases_run_every_conv_formulation(op, path_of):
     assert {path_of(c) for c in C.edge_cases(op)} == {"im2col", "banded", "lax"}
 
 
-@pytest.mark.parametrize("shape, weight, stride, padding, path", [
-    ((8, 10, 12, 12), (20, 10, 5, 5), 1, 0, "banded"),   # LeNet's second conv
-    ((8, 1, 28, 28), (10, 1, 5, 5), 1, 0, "banded"),     # LeNet's first conv
-    ((8, 1, 28, 28), (32, 1, 3, 3), 2, 1, "im2col"),     # article 001's first conv
-    ((8, 32, 6, 6), (64, 32, 3, 3), 2, 1, "lax"),        # article 001's second conv
-    ((8, 16, 12, 12), (32, 16, 5, 5), 1, 0, "banded"),   # torch's race network's second conv
+@pytest.mark.parametrize("shape, weight, stride, padding, path, formulation", [
+    ((8, 10, 12, 12), (20, 10, 5, 5), 1, 0, "banded", None),   # LeNet's second conv
+    ((8, 1, 28, 28), (10, 1, 5, 5), 1, 0, "banded", None),     # LeNet's first conv
+    ((8, 1, 28, 28), (32, 1, 3, 3), 2, 1, "im2col", None),     # article 001's first conv
+    ((8, 32, 6, 6), (64, 32, 3, 3), 2, 1, "lax", None),        # article 001's second conv
+    ((8, 16, 12, 12), (32, 16, 5, 5), 1, 0, "banded", None),   # torch's race network's second
+    ((8, 1, 28, 28), (8, 1, 5, 5), 1, 0, "banded", "taps"),    # our race network's first
+    ((8, 1, 28, 28), (32, 1, 3, 3), 2, 1, "im2col", "taps"),   # article 001's first, on request
 ])
-def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, path):
+def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, path,
+                                              formulation):
+    """Both gradient paths where a formulation is asked for: its forward is differentiated
+    by JAX too (the gates' choices are walked by the audit)."""
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, w = jax.random.normal(kx, shape), jax.random.normal(kw, weight)
     cfg = conv.conv_config("test", shape, weight, stride, padding, 1, 1)
@@ -62,8 +67,22 @@ def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, pa
         return (y, *vjp(g))
 
     g = jax.random.normal(kg, F.conv2d(x, w, None, stride, padding).shape)
-    ours = output_and_grads(lambda x, w: F.conv2d(x, w, None, stride, padding), g)
-    assert_close(ours, output_and_grads(xla, g), 2e-6, 0.0, "y, dx, dW")
+    want = output_and_grads(xla, g)
+    for vjp in ("custom", "autodiff") if formulation else ("custom",):
+        ours = output_and_grads(lambda x, w: F.conv2d(x, w, None, stride, padding, vjp=vjp,
+                                                      formulation=formulation), g)
+        assert_close(ours, want, 2e-6, 0.0, f"y, dx, dW ({vjp})")
+
+
+@pytest.mark.parametrize("x_shape, w_shape, groups, formulation, message", [
+    ((1, 16, 8, 8), (4, 16, 3, 3), 1, "taps", "at most 64 products"),  # 144 products
+    ((1, 4, 8, 8), (4, 2, 3, 3), 2, "banded", "needs groups=1"),
+    ((1, 1, 8, 8), (4, 1, 3, 3), 1, "fastest", "one of .*'taps'"),
+])
+def test_a_formulation_that_cannot_run_is_refused(x_shape, w_shape, groups, formulation,
+                                                  message):
+    with pytest.raises(ValueError, match=f"^conv2d: .*{message}"):
+        F.conv2d(jnp.ones(x_shape), jnp.ones(w_shape), groups=groups, formulation=formulation)
 
 
 @pytest.mark.parametrize("shape, weight, stride, padding, dilation, tiles", [

@@ -54,7 +54,9 @@ def _parts_against_lax(cfg, x_shape, w_shape):
 def test_every_part_of_every_formulation_matches_xla(x_shape, w_shape, stride, padding,
                                                      dilation):
     cfg = conv.conv_config("test", x_shape, w_shape, stride, padding, dilation, 1)
-    assert set(_parts_against_lax(cfg, x_shape, w_shape)) == {"banded", "im2col", "lax"}
+    names = set(_parts_against_lax(cfg, x_shape, w_shape))
+    few_products = x_shape[1] * w_shape[2] * w_shape[3] <= conv._TAPS_MAX_TERMS
+    assert names == {"banded", "im2col", "lax"} | ({"taps"} if few_products else set())
 
 
 @pytest.mark.parametrize("stride, padding, output_padding, kernel", [
@@ -65,7 +67,7 @@ def test_parts_at_a_transposed_convolutions_geometry(stride, padding, output_pad
     cfg = conv.conv_transpose_config("test", in_shape, w_shape, stride, padding, output_padding,
                                      1, 1)
     assert set(_parts_against_lax(cfg, conv._conv_input_shape(cfg, in_shape, w_shape),
-                                  w_shape)) == {"banded", "im2col", "lax"}
+                                  w_shape)) == {"banded", "im2col", "lax", "taps"}
 
 
 def test_what_cannot_run_a_shape_is_no_candidate():
@@ -74,7 +76,8 @@ def test_what_cannot_run_a_shape_is_no_candidate():
         return {n for n, f in conv._FORMULATIONS.items() if f.applies(cfg, x_shape, w_shape)}
 
     assert applicable((2, 4, 8, 8), (4, 2, 3, 3), groups=2) == {"lax"}
-    assert applicable((2, 4, 8, 8), (4, 4, 3, 3), dilation=(1, 2)) == {"im2col", "lax"}
+    assert applicable((2, 4, 8, 8), (4, 4, 3, 3), dilation=(1, 2)) == {"im2col", "lax", "taps"}
+    assert applicable((2, 8, 8, 8), (4, 8, 3, 3)) == {"banded", "im2col", "lax"}  # 72 taps
     # one image: the band of a tile of 2 columns is 1.6M entries (a whole row's would be 780M),
     # its row blocks 5.9M (62 rows x 31 tiles x 3 x 256 x 4), the patches 8.9M
     assert applicable((1, 256, 64, 64), (256, 256, 3, 3)) == {"banded", "im2col", "lax"}
@@ -86,7 +89,7 @@ def test_what_cannot_run_a_shape_is_no_candidate():
 
 # ------------------------------------------------------------------ choosing and caching
 
-SMALL = ((2, 2, 6, 6), (3, 2, 3, 3))  # every formulation applies; quick to compile
+SMALL = ((2, 2, 6, 6), (3, 2, 3, 3))  # every formulation applies (auto never times taps)
 
 
 @pytest.fixture
