@@ -130,17 +130,19 @@ def test_init_follows_torch_default_distribution():
     assert set(params) == {"weight"} and params["weight"].shape == (10, 64)
 
 
-def test_conv_formulation_is_checked_at_init_and_changes_no_number():
+def test_conv_train_formulation_runs_in_training_only_and_changes_no_number():
     x = jax.random.normal(jax.random.key(1), (2, 1, 12, 12))
-    outputs = []
-    for formulation in (None, "taps", "lax"):
-        layer = fcn.Conv2d(4, 5, formulation=formulation)
-        _, params, state = layer.init(jax.random.key(0), x.shape)
-        outputs.append(layer.apply(params, state, x)[0])
-    np.testing.assert_allclose(outputs[1], outputs[0], atol=1e-6)
-    np.testing.assert_allclose(outputs[2], outputs[0], atol=1e-6)
+    layer = fcn.Conv2d(4, 5, train_formulation="taps")  # the gates: the band, a dot_general
+    _, params, state = layer.init(jax.random.key(0), x.shape)
+
+    def run(train):
+        return layer.apply(params, state, x, train=train)[0]
+
+    assert "dot_general" not in str(jax.make_jaxpr(run, static_argnums=0)(True))
+    assert "dot_general" in str(jax.make_jaxpr(run, static_argnums=0)(False))
+    np.testing.assert_allclose(run(True), run(False), atol=1e-6)
     with pytest.raises(ValueError, match="^Conv2d: formulation 'taps' does not apply"):
-        fcn.Conv2d(4, 3, formulation="taps").init(jax.random.key(0), (1, 16, 8, 8))
+        fcn.Conv2d(4, 3, train_formulation="taps").init(jax.random.key(0), (1, 16, 8, 8))
 
 
 def test_conv_transpose_init_follows_torch_fan_in():
