@@ -540,9 +540,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
       by XLA's convolution, as *lax* (col2im, the sum of ``W^T g[n]``'s rows at their window
       offsets, fuses into the layer before's backward and is recomputed there);
     * *taps* (only when asked for; no groups, at most 64 products ``C*kh*kw`` per output): the
-      forward as one elementwise sum of the ``C*kh*kw`` shifted input views times their weights,
-      no copies; both gradients as the gates choose. Fast where XLA writes the sum once (a
-      BatchNorm's statistics read it), slow where it fuses the sum into a max pool.
+      forward as one sum of the shifted input views times their weights; both gradients as
+      the gates choose (:func:`_taps_forward` says where it is fast).
 
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
     """
