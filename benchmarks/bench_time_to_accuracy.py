@@ -62,7 +62,9 @@ def _recipe(run: dict) -> str:
             f"{r['padding']}) with BatchNorm, a {r['hidden']}-wide hidden layer, batch "
             f"{r['batch_size']}, {r['steps']} steps ({r['steps'] * r['batch_size'] / 60000:.2f} "
             f"epochs), one-cycle AdamW peaking at {r['peak_lr']:g}, label smoothing "
-            f"{r['label_smoothing']:g}")
+            f"{r['label_smoothing']:g}"
+            + (f", the first convolution trained as conv2d's {run['first_formulation']!r}"
+               if run.get("first_formulation") else ""))
 
 
 def section(results: dict, rounds: int, command: str, machine: str) -> str:
