@@ -272,11 +272,13 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
     ``padding`` is an int, a pair, ``"same"`` (stride 1 only) or ``"valid"``.
 
     ``train_formulation`` pins how :func:`functional_cnn.functional.conv2d` computes the
-    convolution in training (``train=True``; None: conv2d chooses per shape); init checks that
-    it applies. Evaluation always lets conv2d choose: which formulation is fastest depends on
-    what XLA fuses it with, and a training step and an evaluation differ there (conv2d's
-    ``"taps"`` is 15% faster in the training step of ``experiments/time_to_accuracy`` and makes
-    its evaluation 1.8x slower). It changes the speed only, not the numbers beyond rounding.
+    convolution in training (``train=True``; None: conv2d chooses per shape). init checks that
+    it applies to the init shape, and conv2d again at every call (banded's and im2col's
+    bounds grow with the batch). Evaluation always lets conv2d choose: which formulation is
+    fastest depends on what XLA fuses it with, and a training step and an evaluation differ
+    there (conv2d's ``"taps"`` is 15% faster in the training step of
+    ``experiments/time_to_accuracy`` and makes its evaluation 1.8x slower). It changes the
+    speed only, not the numbers beyond rounding.
     """
     where = "Conv2d"
     kernel = _checks.int_pair(where, "kernel_size", kernel_size)

@@ -141,7 +141,7 @@ def test_conv_train_formulation_runs_in_training_only_and_changes_no_number():
     assert "dot_general" not in str(jax.make_jaxpr(run, static_argnums=0)(True))
     assert "dot_general" in str(jax.make_jaxpr(run, static_argnums=0)(False))
     np.testing.assert_allclose(run(True), run(False), atol=1e-6)
-    with pytest.raises(ValueError, match="^Conv2d: formulation 'taps' does not apply"):
+    with pytest.raises(ValueError, match="^Conv2d: formulation 'taps' cannot run"):
         fcn.Conv2d(4, 3, train_formulation="taps").init(jax.random.key(0), (1, 16, 8, 8))
 
 

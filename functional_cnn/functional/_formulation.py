@@ -19,9 +19,10 @@ the op is traced:
   XLA:CPU, and nothing has measured them elsewhere.
 * ``"lax"``: XLA's convolution always.
 
-A formulation pinned at the call (``conv2d(..., formulation=...)``, ``Conv2d(formulation=)``)
-overrides the mode. ``"auto"`` never times conv2d's ``"taps"``, which runs only where asked for:
-timed alone it wins, inside a step it can lose twice over (its docstring says where).
+A formulation pinned at the call (``conv2d(..., formulation=...)``, in training
+``Conv2d(train_formulation=...)``) overrides the mode for that call. ``"auto"`` never times
+conv2d's ``"taps"``, which runs only where asked for: timed alone its forward wins, inside a
+step it can lose twice over (its docstring says where); its gradients follow the mode.
 
 Why ``"gates"`` is the default: a convolution timed alone does not predict the training step
 it sits in. XLA fuses each formulation's copies (row blocks, patches, transposes) with the

@@ -59,7 +59,7 @@ def _single_channel(cfg, in_channels: int) -> bool:
 def _im2col_applies(cfg, x_shape, weight_shape) -> bool:
     """Where im2col can run at all (a candidate to measure): no groups, and patches of at most
     :data:`_IM2COL_MAX_ELEMENTS` (they hold ``kh*kw`` copies of the input)."""
-    patches = x_shape[0] * x_shape[1] * _taps(cfg) * _out_pixels(cfg)
+    patches = x_shape[0] * x_shape[1] * _kernel_taps(cfg) * _out_pixels(cfg)
     return cfg.groups == 1 and patches <= _IM2COL_MAX_ELEMENTS
 
 _IM2COL_MAX_ELEMENTS = 1 << 25  # 128 MiB of float32 patches
@@ -70,9 +70,9 @@ def _patches(cfg, x):
     Every reshape here spells its sizes out: with ``-1`` an empty batch (N = 0) has no size to
     infer."""
     views = jnp.stack(window_views(pad_spatial(x, cfg.axes, 0), cfg.axes), axis=2)
-    return views.reshape(x.shape[0], x.shape[1] * _taps(cfg), _out_pixels(cfg))
+    return views.reshape(x.shape[0], x.shape[1] * _kernel_taps(cfg), _out_pixels(cfg))
 
-def _taps(cfg) -> int:
+def _kernel_taps(cfg) -> int:
     return cfg.axes[0].kernel * cfg.axes[1].kernel
 
 def _out_pixels(cfg) -> int:
@@ -101,7 +101,7 @@ def _im2col_weight_grad(cfg, x, g):
 def _taps_applies(cfg, x_shape, weight_shape) -> bool:
     """Where taps can run: no groups, and at most :data:`_TAPS_MAX_TERMS` products per output
     element (``C*kh*kw``: each is a term of the program, unrolled)."""
-    return cfg.groups == 1 and x_shape[1] * _taps(cfg) <= _TAPS_MAX_TERMS
+    return cfg.groups == 1 and x_shape[1] * _kernel_taps(cfg) <= _TAPS_MAX_TERMS
 
 _TAPS_MAX_TERMS = 64
 
@@ -116,22 +116,33 @@ def _taps_forward(cfg, x, weight):
     against the band's 2.4 ms a training step, AMD EPYC). Where XLA fuses the sum into its
     consumers instead, it is recomputed in each, without vectors inside a max pool's
     reduction: LeNet's first layer (ReLU, max pool) made the step 2x slower (9.7 against 5.1
-    ms at batch 64). Timed alone, it would win everywhere."""
-    views = window_views(pad_spatial(x, cfg.axes, 0), cfg.axes)  # row-major (a, b)
-    taps = weight.reshape(weight.shape[0], weight.shape[1], len(views))  # W[o, c, (a, b)]
-    terms = (view[:, c:c + 1] * taps[None, :, c, k, None, None]
+    ms at batch 64). Timed alone, its forward beat the band's on that first convolution (0.13
+    against 0.30-0.46 ms at batch 32), which is why "auto", which times convolutions alone,
+    never times it.
+
+    The products are added in float32 at least (one rounding to a narrower dtype at the end,
+    as the matrix products of the other formulations do), not one rounding per term."""
+    total = jnp.promote_types(x.dtype, jnp.float32)
+    views = window_views(pad_spatial(x.astype(total), cfg.axes, 0), cfg.axes)  # row-major
+    taps = weight.astype(total).reshape(weight.shape[0], weight.shape[1], len(views))
+    terms = (view[:, c:c + 1] * taps[None, :, c, k, None, None]  # W[o, c, (a, b)] V_ab[n, c]
              for c in range(x.shape[1]) for k, view in enumerate(views))
-    return functools.reduce(operator.add, terms)
+    return functools.reduce(operator.add, terms).astype(x.dtype)
 
-def _gated_input_grad(cfg, weight, g):
-    """The input gradient of the formulation the gates choose for this shape."""
+def _unpinned_input_grad(cfg, weight, g):
+    """The input gradient as an unpinned call computes it: by the mode (the gates, "auto"'s
+    measured choice or XLA's)."""
     x_shape = _conv_input_shape(cfg, g.shape, weight.shape)
-    return _FORMULATIONS[_path(cfg, x_shape, weight.shape)].dx(cfg, weight, g)
+    return _unpinned("dx", cfg, x_shape, weight.shape, g.dtype)(cfg, weight, g)
 
-def _gated_weight_grad(cfg, x, g):
-    """The weight gradient of the formulation the gates choose for this shape."""
+def _unpinned_weight_grad(cfg, x, g):
+    """The weight gradient as an unpinned call computes it: by the mode."""
     weight_shape = (g.shape[1], x.shape[1] // cfg.groups) + tuple(a.kernel for a in cfg.axes)
-    return _FORMULATIONS[_path(cfg, x.shape, weight_shape)].dw(cfg, x, g)
+    return _unpinned("dw", cfg, x.shape, weight_shape, x.dtype)(cfg, x, g)
+
+def _unpinned(part, cfg, x_shape, weight_shape, dtype):
+    cfg = cfg._replace(formulation=None)
+    return _chosen(part, cfg, x_shape, weight_shape, dtype, _path(cfg, x_shape, weight_shape))
 
 # ------------------------------------------------------- banded: few channels, narrow rows
 
@@ -366,6 +377,7 @@ class Formulation(NamedTuple):
     forward: Callable  # (cfg, x, weight) -> y, without bias
     dx: Callable  # (cfg, weight, g) -> the input gradient
     dw: Callable  # (cfg, x, g) -> the weight gradient
+    requires: str  # what ``applies`` asks, in words (for the error of a pinned formulation)
     measured: bool = True  # a candidate of mode "auto" (False: only where the caller asks)
 
 def _always(cfg, x_shape, weight_shape) -> bool:
@@ -373,16 +385,23 @@ def _always(cfg, x_shape, weight_shape) -> bool:
 
 _FORMULATIONS = {
     "banded": Formulation(_banded_applies, _banded_forward, _banded_input_grad,
-                          _banded_weight_grad),
+                          _banded_weight_grad,
+                          "groups=1, no dilation along the width, a band of at most "
+                          f"{_BAND_MAX_ELEMENTS} entries and row blocks of at most "
+                          f"{_IM2COL_MAX_ELEMENTS} (both grow with the batch)"),
     # im2col's input gradient is XLA's convolution, not col2im: col2im's kh*kw shifted pads, one
     # sum, fuse into the layer before's backward and are recomputed at every read there (a max
     # pool's gradient reads each 4 times): in context 1.9 ms more a step on the race network's
     # 8->16 convolution, 0.35 ms more with XLA's (AMD EPYC, 2 cores). Timed alone the fused sum
     # looked cheap, so "auto" chose im2col there and made the step 1.7x slower.
     "im2col": Formulation(_im2col_applies, _im2col_forward, _lax_input_grad,
-                          _im2col_weight_grad),
-    "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad),
-    "taps": Formulation(_taps_applies, _taps_forward, _gated_input_grad, _gated_weight_grad,
+                          _im2col_weight_grad,
+                          f"groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries "
+                          "(they grow with the batch)"),
+    "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad, "nothing"),
+    "taps": Formulation(_taps_applies, _taps_forward, _unpinned_input_grad,
+                        _unpinned_weight_grad,
+                        f"groups=1 and at most {_TAPS_MAX_TERMS} products (C*kh*kw) per output",
                         measured=False)}
 FORMULATIONS = tuple(_FORMULATIONS)  # what conv2d(..., formulation=) takes
 
@@ -411,6 +430,12 @@ def _signature(part, cfg, x_shape, weight_shape, dtype) -> str:
             f"dilation=({h.dilation},{w.dilation}) "
             f"pad=(({h.pad_lo},{h.pad_hi}),({w.pad_lo},{w.pad_hi})) groups={cfg.groups}")
 
+def _candidates(cfg, x_shape, weight_shape) -> list[str]:
+    """The formulations mode "auto" times for a shape: those that apply, except the ones that
+    run only where asked for (``measured=False``)."""
+    return [name for name, f in _FORMULATIONS.items()
+            if f.measured and f.applies(cfg, x_shape, weight_shape)]
+
 def _chosen(part: str, cfg, x_shape, weight_shape, dtype, gate: str):
     """The function ``(cfg, *arrays)`` that computes ``part`` of the convolution with input
     ``x_shape``: the caller's ``cfg.formulation`` if any, else the part of the formulation
@@ -422,9 +447,8 @@ def _chosen(part: str, cfg, x_shape, weight_shape, dtype, gate: str):
     g_shape = (x_shape[0], weight_shape[0]) + tuple(a.out_size for a in cfg.axes)
     specs = tuple(jax.ShapeDtypeStruct(shape, dtype)
                   for shape in (tuple(x_shape), tuple(weight_shape), g_shape))
-    candidates = {name: functools.partial(_all_parts, f, cfg)
-                  for name, f in _FORMULATIONS.items()
-                  if f.measured and f.applies(cfg, x_shape, weight_shape)}
+    candidates = {name: functools.partial(_all_parts, _FORMULATIONS[name], cfg)
+                  for name in _candidates(cfg, x_shape, weight_shape)}
     key = _signature("all", cfg, x_shape, weight_shape, dtype)
     name = _formulation.choose(cfg.mode, key, candidates, specs, gate)
     return getattr(_FORMULATIONS[name], part)
@@ -562,22 +586,16 @@ def with_formulation(where: str, cfg: ConvConfig, x_shape, weight_shape,
     by the mode), or ``ValueError`` naming what does not fit."""
     if formulation is None:
         return cfg
-    if formulation not in _FORMULATIONS:
+    if not isinstance(formulation, str) or formulation not in _FORMULATIONS:
         raise ValueError(f"{where}: formulation must be None or one of {FORMULATIONS}, "
                          f"got {formulation!r}")
-    if not _FORMULATIONS[formulation].applies(cfg, x_shape, weight_shape):
-        raise ValueError(f"{where}: formulation {formulation!r} does not apply to input "
-                         f"{tuple(x_shape)} with weight {tuple(weight_shape)} and groups="
-                         f"{cfg.groups}, dilation {_dilations(cfg)}: "
-                         + _REQUIREMENTS[formulation])
+    chosen = _FORMULATIONS[formulation]
+    if not chosen.applies(cfg, x_shape, weight_shape):
+        raise ValueError(f"{where}: formulation {formulation!r} cannot run input "
+                         f"{tuple(x_shape)} with weight {tuple(weight_shape)} (groups="
+                         f"{cfg.groups}, dilation {_dilations(cfg)}): it needs "
+                         f"{chosen.requires}")
     return cfg._replace(formulation=formulation)
-
-_REQUIREMENTS = {  # what each formulation's `applies` asks, for the error above
-    "banded": "it needs groups=1, no dilation along the width, a band of at most "
-              f"{_BAND_MAX_ELEMENTS} entries and row blocks of at most {_IM2COL_MAX_ELEMENTS}",
-    "im2col": f"it needs groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries",
-    "lax": "",
-    "taps": f"it needs groups=1 and at most {_TAPS_MAX_TERMS} products (C*kh*kw) per output"}
 
 def _check_bias(where: str, bias, out_channels: int) -> None:
     if bias is not None and tuple(jnp.shape(bias)) != (out_channels,):

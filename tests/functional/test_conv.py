@@ -74,10 +74,37 @@ def test_network_shapes_match_xla_convolution(shape, weight, stride, padding, pa
         assert_close(ours, want, 2e-6, 0.0, f"y, dx, dW ({vjp})")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_taps_rounds_once_in_half_precision(dtype):
+    # its products are added in float32, like the matrix products of the other formulations
+    kx, kw = jax.random.split(jax.random.key(0))
+    x, w = jax.random.normal(kx, (4, 2, 12, 12), dtype), jax.random.normal(kw, (8, 2, 5, 5), dtype)
+    want = F.conv2d(x.astype(jnp.float32), w.astype(jnp.float32), formulation="lax")
+    errors = {f: float(jnp.max(jnp.abs(F.conv2d(x, w, formulation=f).astype(jnp.float32) - want)))
+              for f in ("taps", "lax")}
+    assert F.conv2d(x, w, formulation="taps").dtype == dtype
+    assert errors["taps"] <= 1.5 * errors["lax"], errors
+
+
+def test_taps_gradients_follow_the_mode():
+    x, w = jnp.ones((2, 1, 12, 12)), jnp.ones((4, 1, 5, 5))
+
+    def gradient_program():
+        loss = lambda x, w: F.conv2d(x, w, formulation="taps").sum()  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w))
+
+    with F.conv_formulation("lax"):
+        text = gradient_program()
+    assert "conv_general_dilated" in text and "dot_general" not in text
+    with F.conv_formulation("gates"):
+        assert "dot_general" in gradient_program()  # the band's products
+
+
 @pytest.mark.parametrize("x_shape, w_shape, groups, formulation, message", [
     ((1, 16, 8, 8), (4, 16, 3, 3), 1, "taps", "at most 64 products"),  # 144 products
     ((1, 4, 8, 8), (4, 2, 3, 3), 2, "banded", "needs groups=1"),
     ((1, 1, 8, 8), (4, 1, 3, 3), 1, "fastest", "one of .*'taps'"),
+    ((1, 1, 8, 8), (4, 1, 3, 3), 1, ["taps"], "one of"),  # not a name: no TypeError
 ])
 def test_a_formulation_that_cannot_run_is_refused(x_shape, w_shape, groups, formulation,
                                                   message):

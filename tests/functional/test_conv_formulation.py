@@ -78,6 +78,9 @@ def test_what_cannot_run_a_shape_is_no_candidate():
     assert applicable((2, 4, 8, 8), (4, 2, 3, 3), groups=2) == {"lax"}
     assert applicable((2, 4, 8, 8), (4, 4, 3, 3), dilation=(1, 2)) == {"im2col", "lax", "taps"}
     assert applicable((2, 8, 8, 8), (4, 8, 3, 3)) == {"banded", "im2col", "lax"}  # 72 taps
+    # taps runs only where asked for: "auto" never times it
+    cfg = conv.conv_config("test", (2, 1, 28, 28), (10, 1, 5, 5), 1, 0, 1, 1)
+    assert conv._candidates(cfg, (2, 1, 28, 28), (10, 1, 5, 5)) == ["banded", "im2col", "lax"]
     # one image: the band of a tile of 2 columns is 1.6M entries (a whole row's would be 780M),
     # its row blocks 5.9M (62 rows x 31 tiles x 3 x 256 x 4), the patches 8.9M
     assert applicable((1, 256, 64, 64), (256, 256, 3, 3)) == {"banded", "im2col", "lax"}
