@@ -5,6 +5,7 @@ import pytest
 from jax import numpy as jnp
 
 import functional_cnn.functional as F
+from functional_cnn.functional import pooling
 
 
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])
@@ -124,3 +125,24 @@ def test_adaptive_pool_refuses_empty_spatial_axes_like_torch():
     with pytest.raises(ValueError, match=r"adaptive_max_pool2d: expected non-empty channel and "
                                          r"spatial axes .*got input shape \(2, 3, 0, 5\)"):
         F.adaptive_max_pool2d(jnp.ones((2, 3, 0, 5)), 2)
+
+
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation, ceil_mode", [
+    ((4, 32, 14, 14), 3, 2, 0, 1, False),  # article 001's pool, after its first convolution
+    ((2, 3, 13, 11), 3, 2, 1, 1, True),  # padding and a ceil-mode overhang
+    ((2, 2, 10, 12), (3, 2), (1, 2), (1, 0), (2, 1), False),  # dilated, strided unevenly
+])
+def test_overlapping_windows_reduce_in_place_as_the_stacked_views(shape, kernel, stride, padding,
+                                                                  dilation, ceil_mode):
+    # _sliding_maxima (reduce_window over the input) picks what _stacked_maxima picks: the
+    # same values and first offsets, on small integers (ties everywhere), -inf windows and NaN
+    x = np.random.default_rng(0).integers(-2, 2, shape).astype(np.float32)
+    x[0, 0, :2, :] = -np.inf
+    x[-1, -1, 3, 3] = np.nan
+    cfg = pooling.PoolConfig(pooling.pool_axes("test", shape, kernel, stride, padding, dilation,
+                                               ceil_mode))
+    assert not pooling.tiles(cfg.axes)
+    sliding = jax.jit(lambda x: pooling._sliding_maxima(cfg, x))(x)
+    stacked = jax.jit(lambda x: pooling._stacked_maxima(cfg, x))(x)
+    np.testing.assert_array_equal(sliding[0], stacked[0])
+    np.testing.assert_array_equal(sliding[1], stacked[1])
