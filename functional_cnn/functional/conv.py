@@ -112,8 +112,8 @@ def _taps_forward(cfg, x, weight):
 
     Only on request (``conv2d(..., formulation="taps")``), never by the gates nor by "auto":
     it is fast only where XLA writes its sum once, where a reduction reads it (a BatchNorm's
-    statistics: the first convolution of ``experiments/time_to_accuracy`` at batch 32, 2.0
-    against the band's 2.4 ms a training step, AMD EPYC). Where XLA fuses the sum into its
+    statistics: the first convolution of ``experiments/time_to_accuracy`` at batch 32, 2.20
+    against the band's 2.63 ms a training step, AMD EPYC). Where XLA fuses the sum into its
     consumers instead, it is recomputed in each, without vectors inside a max pool's
     reduction: LeNet's first layer (ReLU, max pool) made the step 2x slower (9.7 against 5.1
     ms at batch 64). Timed alone, its forward beat the band's on that first convolution (0.13
@@ -367,7 +367,7 @@ def _lax_weight_grad(cfg, x, g):
         batch_group_count=cfg.groups)
     return dw.transpose(3, 0, 1, 2)
 
-# --------------------------------------------------------------- one op, three formulations
+# ---------------------------------------------------------------- one op, four formulations
 
 class Formulation(NamedTuple):
     """One way to compute a convolution's three sums, each usable alone (they are independent:
@@ -564,8 +564,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
       by XLA's convolution, as *lax* (col2im, the sum of ``W^T g[n]``'s rows at their window
       offsets, fuses into the layer before's backward and is recomputed there);
     * *taps* (only when asked for; no groups, at most 64 products ``C*kh*kw`` per output): the
-      forward as one sum of the shifted input views times their weights; both gradients as
-      the gates choose (:func:`_taps_forward` says where it is fast).
+      forward as one sum of the shifted input views times their weights; both gradients by
+      the mode, as unpinned (:func:`_taps_forward` says where it is fast).
 
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
     """
