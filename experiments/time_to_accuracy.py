@@ -50,7 +50,8 @@ RECIPE = {"steps": 1500, "batch_size": 32, "peak_lr": 1e-2, "label_smoothing": 0
 # The first convolution (one input channel, BatchNorm after it) trained as a sum of its 25
 # shifted products (conv2d's "taps"): XLA writes the sum once and the statistics read it. On
 # the AMD EPYC of docs/BENCHMARKS.md, 2.63 -> 2.20 ms a step at batch 32, the 1500 steps done
-# 0.6 s sooner from a cold start (6 alternating runs). Evaluation keeps the gates' band.
+# 0.6 s sooner from a cold start (6 alternating runs). Evaluation keeps the gates' band. On a
+# CPU only: elsewhere conv2d keeps XLA's convolutions, which nothing here has measured against.
 FIRST_FORMULATION = "taps"
 
 
@@ -90,7 +91,8 @@ def main(argv=None):
     parser.add_argument("--compile-cache", metavar="DIR",
                         help="JAX's persistent compilation cache (a warm start on the next run)")
     parser.add_argument("--vjp", default="custom", choices=fcn.VJP_MODES)
-    parser.add_argument("--first-formulation", default=FIRST_FORMULATION,
+    parser.add_argument("--first-formulation",
+                        default=FIRST_FORMULATION if jax.default_backend() == "cpu" else None,
                         type=lambda s: None if s == "none" else s,
                         help="conv2d's formulation for the first convolution in training "
                              "('none': as conv2d chooses)")

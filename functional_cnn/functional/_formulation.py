@@ -6,7 +6,8 @@ gates tuned on one Intel Xeon were wrong on an AMD EPYC). The mode comes from
 ``$FUNCTIONAL_CNN_CONV``, or from the innermost :func:`conv_formulation` context, read when
 the op is traced:
 
-* ``"gates"`` (the default): the static shape rules each op states (no measurement).
+* ``"gates"`` (the default): the static shape rules each op states (no measurement), on a
+  CPU; elsewhere XLA's convolution, as below.
 * ``"auto"``: the first time a shape and dtype is traced, every applicable formulation is
   compiled on random inputs of exactly that shape and dtype -- its forward, input gradient and
   weight gradient in one program, as a training step runs them -- and timed (the best of a few
@@ -15,8 +16,8 @@ the op is traced:
   convolution *as measured*. The result is cached in memory and in a small JSON file
   (:func:`cache_file`), so later traces and later processes reuse it. Measuring uses compiled
   executables called on concrete arrays, so it works while an outer ``jax.jit`` is tracing.
-  On a non-CPU backend (GPU, TPU) ``"auto"`` means ``"lax"``: the formulations were written for
-  XLA:CPU, and nothing has measured them elsewhere.
+  On a non-CPU backend (GPU, TPU) ``"auto"``, like ``"gates"``, means ``"lax"``: the
+  formulations were written for XLA:CPU, and nothing has measured them elsewhere.
 * ``"lax"``: XLA's convolution always.
 
 A formulation pinned at the call (``conv2d(..., formulation=...)``, in training
@@ -286,9 +287,11 @@ def choose(mode: str, key: str, candidates: Mapping[str, Callable], specs, gate:
     mode ``"auto"`` on a CPU measures, and only for keys not yet in the cache and shapes with
     something to compute.
     """
+    if jax.default_backend() != "cpu":
+        return "lax"
     if mode == "gates":
         return gate
-    if (mode == "lax" or jax.default_backend() != "cpu" or set(candidates) <= {"lax"}
+    if (mode == "lax" or set(candidates) <= {"lax"}
             or any(math.prod(s.shape) == 0 for s in specs)):
         return "lax"
     path, machine = cache_file(), machine_key()

@@ -547,8 +547,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     ``functional/_formulation.py`` (``$FUNCTIONAL_CNN_CONV`` or :func:`conv_formulation`):
     ``"gates"`` (default) takes the static rules of ``_path`` (measured on an Intel Xeon and an
     AMD EPYC); ``"auto"`` times the candidates on this machine once per shape and caches the
-    fastest, keeping XLA's unless another is 5% faster (XLA's alone on GPU/TPU); ``"lax"``
-    XLA's always:
+    fastest, keeping XLA's unless another is 5% faster; ``"lax"`` XLA's always (and every
+    mode off the CPU):
 
     * *lax*: XLA's convolution, the rule above, for every shape;
     * *banded* (no groups, no dilation along the width, a band of at most 4M entries; gate: at

@@ -241,7 +241,7 @@ def test_modes_are_checked(monkeypatch):
         assert _formulation.mode() == "lax"
 
 
-def test_auto_is_lax_off_the_cpu_and_for_empty_batches(cache_dir, monkeypatch):
+def test_auto_and_gates_are_lax_off_the_cpu_and_auto_for_empty_batches(cache_dir, monkeypatch):
     monkeypatch.setattr(_formulation, "measure", _no_measuring)
     everything = {"lax": None, "banded": None}
     spec, empty = jax.ShapeDtypeStruct((2, 3), jnp.float32), jax.ShapeDtypeStruct((0, 3),
@@ -249,6 +249,7 @@ def test_auto_is_lax_off_the_cpu_and_for_empty_batches(cache_dir, monkeypatch):
     with monkeypatch.context() as patched:
         patched.setattr(jax, "default_backend", lambda: "gpu")
         assert _formulation.choose("auto", "k", everything, (spec,), "banded") == "lax"
+        assert _formulation.choose("gates", "k", everything, (spec,), "banded") == "lax"
     assert _formulation.choose("auto", "k", everything, (empty,), "banded") == "lax"
     assert _formulation.choose("auto", "k", {"lax": None}, (spec,), "lax") == "lax"
     assert _formulation.choose("gates", "k", everything, (spec,), "banded") == "banded"
