@@ -63,8 +63,13 @@ def _recipe(run: dict) -> str:
             f"{r['batch_size']}, {r['steps']} steps ({r['steps'] * r['batch_size'] / 60000:.2f} "
             f"epochs), one-cycle AdamW peaking at {r['peak_lr']:g}, label smoothing "
             f"{r['label_smoothing']:g}"
-            + (f", the first convolution trained as conv2d's {run['first_formulation']!r}"
-               if run.get("first_formulation") else ""))
+            + (f", conv2d's formulations in training {_pins(run['formulations'])}"
+               if any(run.get("formulations") or ()) else ""))
+
+
+def _pins(formulations) -> str:
+    """``['taps', None]`` as ``taps, as chosen``."""
+    return ", ".join(f or "as chosen" for f in formulations)
 
 
 def section(results: dict, rounds: int, command: str, machine: str) -> str:

@@ -52,16 +52,18 @@ RECIPE = {"steps": 1500, "batch_size": 32, "peak_lr": 1e-2, "label_smoothing": 0
 # the AMD EPYC of docs/BENCHMARKS.md, 2.63 -> 2.20 ms a step at batch 32, the 1500 steps done
 # 0.6 s sooner from a cold start (6 alternating runs). Evaluation keeps the gates' band. On a
 # CPU only: elsewhere conv2d keeps XLA's convolutions, which nothing here has measured against.
-FIRST_FORMULATION = "taps"
+# `python -m benchmarks.bench_formulations` measures every choice on the running machine.
+FORMULATIONS = ("taps", None)  # per convolution, in training; None: as conv2d chooses
 
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
-        hidden=RECIPE["hidden"], first_formulation=FIRST_FORMULATION):
-    """Conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any); the
-    first convolution trained by ``first_formulation`` (None: as conv2d chooses)."""
+        hidden=RECIPE["hidden"], formulations=FORMULATIONS):
+    """Conv -> BatchNorm -> ReLU -> max-pool stages, then ``hidden`` ReLU units (if any); stage
+    ``i``'s convolution trained by ``formulations[i]`` (None, or none given: as conv2d
+    chooses)."""
     layers = []
     for stage, width in enumerate(widths):
-        formulation = first_formulation if stage == 0 else None
+        formulation = formulations[stage] if stage < len(formulations) else None
         layers += [fcn.Conv2d(width, kernel, padding=padding, bias=False,
                               train_formulation=formulation),
                    fcn.BatchNorm2d(), fcn.ReLU(), fcn.MaxPool2d(2)]
@@ -74,7 +76,7 @@ def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["paddin
 def compiled_trainer(args):
     """The trainer, its programs compiling on two threads from here on."""
     trainer = train.make_trainer(
-        net(args.widths, args.kernel, args.padding, args.hidden, args.first_formulation),
+        net(args.widths, args.kernel, args.padding, args.hidden, args.formulations),
         # AdamW over one flat vector: one update instead of one per parameter, 0.4 s less to
         # compile (the same update; XLA fuses it otherwise, so the last bits may differ)
         optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay)),
@@ -91,11 +93,11 @@ def main(argv=None):
     parser.add_argument("--compile-cache", metavar="DIR",
                         help="JAX's persistent compilation cache (a warm start on the next run)")
     parser.add_argument("--vjp", default="custom", choices=fcn.VJP_MODES)
-    parser.add_argument("--first-formulation",
-                        default=FIRST_FORMULATION if jax.default_backend() == "cpu" else None,
-                        type=lambda s: None if s == "none" else s,
-                        help="conv2d's formulation for the first convolution in training "
-                             "('none': as conv2d chooses)")
+    parser.add_argument("--formulations",
+                        default=FORMULATIONS if jax.default_backend() == "cpu" else (),
+                        type=lambda s: tuple(None if f == "none" else f for f in s.split(",")),
+                        help="conv2d's formulation for each convolution in training, e.g. "
+                             "taps,none ('none': as conv2d chooses)")
     args = parser.parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
@@ -119,7 +121,7 @@ def main(argv=None):
     return record.finish(args.json, framework="functional_cnn", vjp=args.vjp,
                          compile_cache=bool(args.compile_cache),
                          recipe={k: getattr(args, k) for k in RECIPE},
-                         first_formulation=args.first_formulation)
+                         formulations=list(args.formulations))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The benchmark tools' shared pieces: the section writer and a tiny bench (the timing race is
 the audit's: tests/audit/test_timing.py)."""
 from benchmarks import _report, bench
+import functional_cnn.functional as F
 
 
 def test_write_section_replaces_only_its_own_markers(tmp_path):
@@ -182,3 +183,21 @@ def test_step_flops_refuses_branches():
     with pytest.raises(NotImplementedError, match="'cond'"):
         step_flops(branched, jax.ShapeDtypeStruct((4, 4), jnp.float32),
                    jax.ShapeDtypeStruct((2, 4), jnp.float32))
+
+
+def test_formulation_variants_pin_one_convolution_each():
+    from benchmarks import bench_formulations as B
+    pins = B.variants(2)
+    assert pins[B.AS_CHOSEN] == (None, None)
+    assert pins["conv1 taps"] == ("taps", None) and pins["conv2 lax"] == (None, "lax")
+    assert len(pins) == 1 + 2 * len(F.CONV_FORMULATIONS)
+
+
+def test_formulations_section_states_the_machine_and_the_ratios():
+    from benchmarks import bench_formulations as B
+    timing = {B.AS_CHOSEN: {"median_ms": 2.0, "min_ms": 1.9, "max_ms": 2.2},
+              "conv1 taps": {"median_ms": 1.5, "min_ms": 1.4, "max_ms": 1.7}}
+    text = B.section(timing, 32, "python -m x", "Some CPU, 2 CPUs; matmul peak 1 GFLOP/s")
+    assert "Measured on: Some CPU, 2 CPUs" in text and "batch 32" in text
+    assert "| conv1 taps | 1.500 (1.400-1.700) | 0.75 |" in text
+    assert "Reproduce: `python -m x`." in text

@@ -90,12 +90,12 @@ def test_short_run_writes_the_json(tmp_path, torch):
     assert saved["reached"] == (entry["test_accuracy"] >= 0.5)
 
 
-def test_the_recipe_line_names_a_pinned_first_formulation():
+def test_the_recipe_line_names_pinned_formulations():
     from benchmarks.bench_time_to_accuracy import _recipe
     run = {"recipe": {"widths": [8, 16], "kernel": 5, "padding": 0, "hidden": 128,
                       "batch_size": 32, "steps": 1500, "peak_lr": 0.01, "label_smoothing": 0.1}}
     assert _recipe(run).startswith("8/16-channel 5x5 convolutions (padding 0)")
-    assert "first convolution" not in _recipe({**run, "first_formulation": None})
-    assert _recipe({**run, "first_formulation": "taps"}).endswith(
+    assert "formulations" not in _recipe({**run, "formulations": [None, None]})
+    assert _recipe({**run, "formulations": ["taps", None]}).endswith(
         "1500 steps (0.80 epochs), one-cycle AdamW peaking at 0.01, label smoothing 0.1, "
-        "the first convolution trained as conv2d's 'taps'")
+        "conv2d's formulations in training taps, as chosen")

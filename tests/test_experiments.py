@@ -117,7 +117,7 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     assert 0.9 <= result["history"][0]["test_accuracy"] <= 1.0
     assert 0 < result["seconds"] == result["history"][-1]["seconds"]
     assert result["cpu_model"] and result["framework"] == "functional_cnn"
-    assert result["first_formulation"] == time_to_accuracy.FIRST_FORMULATION == "taps"
+    assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", None]
 
 
 @needs_mnist
