@@ -3,8 +3,9 @@
     python -m experiments.time_to_accuracy [--steps N] [--batch-size B] [--vjp custom]
         [--compile-cache DIR] [--json PATH] ...
 
-A small BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm -> ReLU -> max-pool 2, twice
-(``--widths`` channels), then a ``--hidden``-wide ReLU layer (0: none) -- trained with AdamW
+A small BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm -> ReLU ->
+max-pool 2, twice (``--widths`` channels; each convolution trained by conv2d's formulation in
+``--formulations``), then a ``--hidden``-wide ReLU layer (0: none) -- trained with AdamW
 (weight decay 5e-4, label smoothing) under a one-cycle learning rate over ``--steps`` batches
 (a fraction of an epoch: ``train.make_trainer(steps_per_epoch=...)``), then the whole test set
 is evaluated; if it is under ``--target``, up to ``--extra-rounds`` more rounds of ``--steps``
