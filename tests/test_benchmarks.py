@@ -201,3 +201,10 @@ def test_formulations_section_states_the_machine_and_the_ratios():
     assert "Measured on: Some CPU, 2 CPUs" in text and "batch 32" in text
     assert "| conv1 taps | 1.500 (1.400-1.700) | 0.75 |" in text
     assert "Reproduce: `python -m x`." in text
+
+
+def test_formulation_variants_that_cannot_run_are_left_out_before_compiling():
+    from benchmarks import bench_formulations as B
+    from experiments import time_to_accuracy as tta
+    assert B._runs(tta.net(formulations=("taps", None)), (2, 1, 28, 28))
+    assert not B._runs(tta.net(formulations=(None, "taps")), (2, 1, 28, 28))  # 200 products
