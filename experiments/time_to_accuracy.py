@@ -5,7 +5,8 @@
 
 A small BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm -> ReLU ->
 max-pool 2, twice (``--widths`` channels; each convolution trained by conv2d's formulation in
-``--formulations``), then a ``--hidden``-wide ReLU layer (0: none) -- trained with AdamW
+``--formulations``: by default as measured in the training step on this machine, if it has
+been, see :func:`formulations`), then a ``--hidden``-wide ReLU layer (0: none) -- trained with AdamW
 (weight decay 5e-4, label smoothing) under a one-cycle learning rate over ``--steps`` batches
 (a fraction of an epoch: ``train.make_trainer(steps_per_epoch=...)``), then the whole test set
 is evaluated; if it is under ``--target``, up to ``--extra-rounds`` more rounds of ``--steps``
@@ -24,6 +25,7 @@ import time
 START = time.perf_counter()  # first statement: imports below count
 
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from typing import Callable  # noqa: E402
 
 import jax  # noqa: E402
 import optax  # noqa: E402
@@ -32,11 +34,12 @@ from jax import numpy as jnp  # noqa: E402
 import functional_cnn as fcn  # noqa: E402
 from experiments._common import one_cycle_adamw  # noqa: E402
 from experiments._tta_common import TRAIN_SIZE, Record, plan, recipe_parser  # noqa: E402
-from functional_cnn import data, train  # noqa: E402
+from functional_cnn import data, train, tuning  # noqa: E402
 from functional_cnn.precompile import precompile  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
 TEST_SIZE = 10000
+INPUT_SHAPE = (-1, 1, 28, 28)
 # The test set is predicted in 20 calls of 500 images: 0.21 s on the AMD EPYC of
 # docs/BENCHMARKS.md, 0.35-0.40 s in chunks of 1000 to 10000, whose row blocks (230 MB for the
 # first convolution at 10000) overflow the caches (0.16 against 0.33 s on the Xeon with AMX).
@@ -53,7 +56,8 @@ RECIPE = {"steps": 1500, "batch_size": 32, "peak_lr": 1e-2, "label_smoothing": 0
 # the AMD EPYC of docs/BENCHMARKS.md, 2.63 -> 2.20 ms a step at batch 32, the 1500 steps done
 # 0.6 s sooner from a cold start (6 alternating runs). Evaluation keeps the gates' band. On a
 # CPU only: elsewhere conv2d keeps XLA's convolutions, which nothing here has measured against.
-# `python -m benchmarks.bench_formulations` measures every choice on the running machine.
+# The default where this machine has no measurement of its own (`--formulations tuned` makes
+# one, functional_cnn.tuning, and later runs use it).
 FORMULATIONS = ("taps", None)  # per convolution, in training; None: as conv2d chooses
 
 
@@ -74,18 +78,45 @@ def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["paddin
     return fcn.serial(*layers, fcn.Linear(10))
 
 
-def compiled_trainer(args):
+def trainer_for(args) -> Callable[[tuple], train.Trainer]:
+    """``pins -> Trainer``: the recipe's trainer, its convolutions trained by ``pins``."""
+    def make(pins):
+        return train.make_trainer(
+            net(args.widths, args.kernel, args.padding, args.hidden, pins),
+            # AdamW over one flat vector: one update instead of one per parameter, 0.4 s less
+            # to compile (the same update; XLA fuses it otherwise, so the last bits may differ)
+            optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay)),
+            batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
+            label_smoothing=args.label_smoothing, eval_batch_size=EVAL_CHUNK,
+            preprocess=lambda u8: data.normalize(u8, MEAN, STD))
+    return make
+
+
+def formulations(args) -> tuple[tuple, str]:
+    """The convolutions' training pins and where they come from: ``--formulations`` as given;
+    ``tuned``: measured in the training step on this machine (:mod:`functional_cnn.tuning`,
+    cached; if not cached yet it is measured now, and its half minute counts in this run's
+    time); by default the cached measurement where there is one, else :data:`FORMULATIONS`
+    (on a CPU)."""
+    stages, example = len(args.widths), jax.ShapeDtypeStruct((28, 28), jnp.uint8)
+    if args.formulations == "tuned":
+        tuned = tuning.tune_formulations(trainer_for(args), stages, INPUT_SHAPE, example)
+        return tuned.pins, "measured now" if tuned.measured else "measured before (cached)"
+    if args.formulations is not None:
+        pins = args.formulations.split(",")
+        return tuple(None if f == tuning.AS_CHOSEN else f for f in pins), "command line"
+    # unchecked: precompile's (abstract) init refuses a pin that cannot run, naming the layer
+    cached = tuning.cached_formulations(trainer_for(args), stages, INPUT_SHAPE, example,
+                                        check=False)
+    if cached is not None:
+        return cached, "measured before (cached)"
+    return (FORMULATIONS if jax.default_backend() == "cpu" else ()), "recipe"
+
+
+def compiled_trainer(args, pins):
     """The trainer, its programs compiling on two threads from here on."""
-    trainer = train.make_trainer(
-        net(args.widths, args.kernel, args.padding, args.hidden, args.formulations),
-        # AdamW over one flat vector: one update instead of one per parameter, 0.4 s less to
-        # compile (the same update; XLA fuses it otherwise, so the last bits may differ)
-        optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay)),
-        batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
-        label_smoothing=args.label_smoothing, eval_batch_size=EVAL_CHUNK,
-        preprocess=lambda u8: data.normalize(u8, MEAN, STD))
     images = {n: jax.ShapeDtypeStruct((n, 28, 28), jnp.uint8) for n in (TRAIN_SIZE, TEST_SIZE)}
-    return precompile(trainer, (-1, 1, 28, 28), train_images=images[TRAIN_SIZE],
+    return precompile(trainer_for(args)(pins), INPUT_SHAPE, train_images=images[TRAIN_SIZE],
                       eval_images=images[TEST_SIZE])
 
 
@@ -95,24 +126,25 @@ def main(argv=None):
                         help="JAX's persistent compilation cache (a warm start on the next run)")
     parser.add_argument("--vjp", default="custom", choices=fcn.VJP_MODES)
     parser.add_argument("--formulations",
-                        default=FORMULATIONS if jax.default_backend() == "cpu" else (),
-                        type=lambda s: tuple(None if f == "none" else f for f in s.split(",")),
-                        help="conv2d's formulation for each convolution in training, e.g. "
-                             "taps,none ('none': as conv2d chooses)")
+                        help="each convolution's conv2d formulation in training, e.g. taps,none "
+                             "('none': as conv2d chooses), or 'tuned': measured in the "
+                             "training step on this machine and cached; default: the cached "
+                             "measurement if any, else the recipe's")
     args = parser.parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     evaluate_at = plan(args)
+    pins, pins_from = formulations(args)
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
         loading = [loader.submit(data.load, "MNIST", split, args.data_dir)
                    for split in ("train", "test")]
-        trainer = compiled_trainer(args)
+        trainer = compiled_trainer(args, pins)
         train_set, test_set = (job.result() for job in loading)
     if (len(train_set), len(test_set)) != (TRAIN_SIZE, TEST_SIZE):
         raise SystemExit(f"expected {TRAIN_SIZE} + {TEST_SIZE} MNIST images, got "
                          f"{len(train_set)} + {len(test_set)}")
-    ts = trainer.init(jax.random.key(args.seed), (-1, 1, 28, 28))
+    ts = trainer.init(jax.random.key(args.seed), INPUT_SHAPE)
     record = Record(START, args.target)
     for steps in evaluate_at:
         ts, _ = trainer.epoch(ts, train_set.images, train_set.labels)
@@ -122,7 +154,7 @@ def main(argv=None):
     return record.finish(args.json, framework="functional_cnn", vjp=args.vjp,
                          compile_cache=bool(args.compile_cache),
                          recipe={k: getattr(args, k) for k in RECIPE},
-                         formulations=list(args.formulations))
+                         formulations=list(pins), formulations_from=pins_from)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: a single-threaded torch oracle, hypothesis profiles, ``needs_mnist``;
 ``assert_close`` is the package's own (``functional_cnn.verify``)."""
 import os
+import tempfile
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -11,6 +12,9 @@ from functional_cnn.verify import assert_close  # noqa: F401  (the tests' import
 # shape hypothesis draws (mode "auto"); subprocesses inherit it. tests/functional/
 # test_conv_formulation.py sets "auto" where it tests it.
 os.environ["FUNCTIONAL_CNN_CONV"] = "gates"
+# Measured choices (conv2d's "auto", functional_cnn.tuning) go to a cache of the session's own:
+# one left in the user's cache by earlier runs would change what the tests run.
+os.environ["FUNCTIONAL_CNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="functional_cnn_tests_")
 
 settings.register_profile(
     "default", deadline=None, max_examples=25, print_blob=True,

@@ -117,7 +117,30 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     assert 0.9 <= result["history"][0]["test_accuracy"] <= 1.0
     assert 0 < result["seconds"] == result["history"][-1]["seconds"]
     assert result["cpu_model"] and result["framework"] == "functional_cnn"
+    # nothing measured in this session's cache: the recipe's pins
     assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", None]
+    assert result["formulations_from"] == "recipe"
+
+
+def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_path,
+                                                                            monkeypatch):
+    from experiments import time_to_accuracy as tta
+    from functional_cnn import tuning
+    from functional_cnn.functional import _formulation
+    monkeypatch.setenv(_formulation.CACHE_DIR_ENV, str(tmp_path))
+    _formulation.forget()
+    args = tta.recipe_parser("x", **tta.RECIPE).parse_args([])
+    args.vjp, args.formulations = "custom", None
+    assert tta.formulations(args) == (("taps", None), "recipe")
+    key = tuning.cache_key(tta.trainer_for(args)((None, None)), tta.INPUT_SHAPE,
+                           jax.ShapeDtypeStruct((28, 28), jax.numpy.uint8))
+    _formulation.remember(key, {"choice": ["im2col", "lax"]})
+    assert tta.formulations(args) == (("im2col", "lax"), "measured before (cached)")
+    args.formulations = "none,taps"  # the command line wins
+    assert tta.formulations(args) == ((None, "taps"), "command line")
+    args.formulations, args.widths = None, (4, 8)  # another network: not measured
+    assert tta.formulations(args) == (("taps", None), "recipe")
+    _formulation.forget()
 
 
 @needs_mnist

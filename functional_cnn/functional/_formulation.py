@@ -217,6 +217,16 @@ def _write(path: str, machine: str, key: str, entry: dict) -> None:
                       f"stay in memory for this process", stacklevel=3)
 
 
+def cached(key: str):
+    """This machine's cache entry under ``key`` (from the file or memory), or None."""
+    return _entries(cache_file()).get(machine_key(), {}).get(key)
+
+
+def remember(key: str, entry: dict) -> None:
+    """Store ``entry`` under ``key`` for this machine, in memory and in the file."""
+    _write(cache_file(), machine_key(), key, entry)
+
+
 def conv_formulations(all_machines: bool = False) -> dict:
     """The choices known so far (file and memory): ``{key: {"choice", "seconds"}}`` for this
     machine (:func:`machine_key`), or ``{machine: {key: entry}}`` with ``all_machines``.
@@ -294,14 +304,13 @@ def choose(mode: str, key: str, candidates: Mapping[str, Callable], specs, gate:
     if (mode == "lax" or set(candidates) <= {"lax"}
             or any(math.prod(s.shape) == 0 for s in specs)):
         return "lax"
-    path, machine = cache_file(), machine_key()
-    entry = _entries(path).get(machine, {}).get(key)
+    entry = cached(key)
     if isinstance(entry, dict) and entry.get("choice") in candidates:
         return entry["choice"]
     seconds = measure(candidates, specs)
     choice = fastest(seconds)
     if seconds:
-        _write(path, machine, key, {"choice": choice, "seconds": seconds})
+        remember(key, {"choice": choice, "seconds": seconds})
     return choice
 
 

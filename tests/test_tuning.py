@@ -1,0 +1,123 @@
+"""functional_cnn.tuning: each convolution's formulation chosen inside the training step."""
+import json
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax import numpy as jnp
+
+import functional_cnn as fcn
+from functional_cnn import train, tuning
+from functional_cnn.audit import timing
+from functional_cnn.functional import CONV_FORMULATIONS, _formulation
+
+INPUT = (-1, 1, 8, 8)
+EXAMPLE = jax.ShapeDtypeStruct((8, 8), jnp.uint8)
+
+
+def make(pins):
+    """1 -> 8 -> 4 channels, 3x3: the second convolution has 8*3*3 = 72 products per output,
+    more than taps takes (64), so taps cannot run it."""
+    net = fcn.serial(fcn.Conv2d(8, 3, bias=False, train_formulation=pins[0]), fcn.ReLU(),
+                     fcn.Conv2d(4, 3, train_formulation=pins[1]), fcn.Flatten(), fcn.Linear(10))
+    return train.make_trainer(net, optax.sgd(0.1), batch_size=4)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(_formulation.CACHE_DIR_ENV, str(tmp_path))
+    _formulation.forget()
+    yield tmp_path
+    _formulation.forget()
+
+
+class _NotCompiled:
+    """Stands in for a compiled epoch: the fake races below never call it."""
+
+    def __init__(self, *args):
+        pass
+
+
+def fake_race(ms_by_variant, raced):
+    """A race returning ``ms_by_variant`` (ms a step, default 2.0) for the variants it gets,
+    recording their names in ``raced``."""
+    def race(runners, rounds):
+        raced.append(list(runners))
+        return {name: {"median_ms": 50 * ms_by_variant.get(name, 2.0)} for name in runners}
+    return race
+
+
+def test_each_convolution_gets_the_fastest_pin_beyond_the_margin_and_it_is_cached(
+        cache_dir, monkeypatch):
+    raced = []
+    # conv1: taps 25% faster; conv2: im2col 2% faster, within the 5% margin: conv2d's choice
+    monkeypatch.setattr(timing, "race", fake_race({"conv1 taps": 1.5, "conv2 im2col": 1.96},
+                                                  raced))
+    monkeypatch.setattr(tuning, "_Epochs", _NotCompiled)
+    result = tuning.tune_formulations(make, 2, INPUT, EXAMPLE, steps=50)
+    assert result.pins == ("taps", None) and result.measured
+    assert raced == [[f"conv1 {f}" for f in ("none", *CONV_FORMULATIONS)],
+                     ["conv2 none", "conv2 banded", "conv2 im2col", "conv2 lax"]]  # no taps
+    assert result.ms["conv1 taps"] == pytest.approx(1.5) and len(result.ms) == 9
+    saved = json.loads((cache_dir / _formulation.CACHE_NAME).read_text())
+    entry = saved["machines"][_formulation.machine_key()][
+        tuning.cache_key(make((None, None)), INPUT, EXAMPLE)]
+    assert entry["choice"] == ["taps", None] and entry["ms_per_step"] == result.ms
+
+    # a later process reads it instead of measuring; remeasure=True measures again
+    _formulation.forget()
+    monkeypatch.setattr(timing, "race", lambda *a: pytest.fail("measured a cached choice"))
+    again = tuning.tune_formulations(make, 2, INPUT, EXAMPLE)
+    assert again.pins == ("taps", None) and not again.measured and again.ms == result.ms
+    monkeypatch.setattr(timing, "race", fake_race({"conv2 lax": 1.0}, raced))
+    assert tuning.tune_formulations(make, 2, INPUT, EXAMPLE, remeasure=True).pins == \
+        (None, "lax")
+
+
+def test_the_cache_key_is_the_unpinned_network_input_batch_and_mode():
+    key = tuning.cache_key(make((None, None)), INPUT, EXAMPLE)
+    assert "train_formulation" not in key and "Conv2d(8, kernel_size=3" in key
+    assert key.endswith("| input (1, 8, 8) | example (8, 8) uint8 | batch 4 | vjp custom")
+    wider = train.make_trainer(make((None, None)).config.net, batch_size=8)
+    assert tuning.cache_key(wider, INPUT, EXAMPLE) != key
+
+
+@pytest.mark.parametrize("choice", [["taps"], ["taps", "fourier"], "taps,none", ["none", None]])
+def test_a_malformed_cache_entry_is_not_used(cache_dir, choice):
+    _formulation.remember(tuning.cache_key(make((None, None)), INPUT, EXAMPLE),
+                          {"choice": choice})
+    assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) is None
+
+
+def test_a_cached_pin_that_cannot_run_is_not_used_unless_unchecked(cache_dir):
+    _formulation.remember(tuning.cache_key(make((None, None)), INPUT, EXAMPLE),
+                          {"choice": [None, "taps"]})  # taps cannot run the second one
+    assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) is None
+    assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE, check=False) == (None, "taps")
+    with pytest.raises(ValueError, match="Conv2d.*taps.*cannot run"):
+        make((None, "taps")).init(jax.random.key(0), (4, 1, 8, 8))
+
+
+def test_a_real_tuning_compiles_and_times_every_variant_from_one_state(cache_dir):
+    result = tuning.tune_formulations(make, 2, INPUT, EXAMPLE, steps=2, rounds=1)
+    assert result.measured and all(p is None or p in CONV_FORMULATIONS for p in result.pins)
+    assert set(result.ms) == {f"conv1 {f}" for f in ("none", *CONV_FORMULATIONS)} | {
+        f"conv2 {f}" for f in ("none", "banded", "im2col", "lax")}
+    assert all(ms > 0 for ms in result.ms.values())
+    assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) == result.pins
+
+
+def test_every_epoch_of_a_timing_starts_from_the_same_state():
+    unpinned = make((None, None))
+    ts = unpinned.init(jax.random.key(0), INPUT)
+    images, labels = tuning._random_data(EXAMPLE, 8, 10)
+    assert images.dtype == jnp.uint8 and images.shape == (8, 8, 8) and labels.max() < 10
+    run = tuning._Epochs(unpinned, 2, ts, images, labels)
+    run(3)  # donates a copy each time: the initial state is intact
+    np.testing.assert_array_equal(run.ts.params[0]["weight"], ts.params[0]["weight"])
+    assert int(run.ts.step) == int(ts.step) == 0
+
+
+def test_pins_text():
+    assert tuning.pins_text(("taps", None)) == "taps,none"
