@@ -74,15 +74,12 @@ def implementation(model, impl):
 
 
 class JaxRunner:
-    """One compiled step of an article network by name (``impl`` a vjp mode or ``"plain"``),
-    or of ``net`` (a layer, with the hand-written rules) if given."""
+    """One compiled step of an article network by name (``impl`` a vjp mode or ``"plain"``)."""
 
-    def __init__(self, model, batch, impl, x, y, net=None):
-        _, self.params, self.state = (net or getattr(fcn.models, model)()).init(
-            jax.random.key(0), (batch, 1, 28, 28))
-        step, optimizer = jax_step(*(implementation(model, impl) if net is None else
-                                     (lambda p, s, x: net.apply(p, s, x, train=True),
-                                      fcn.cross_entropy)))
+    def __init__(self, model, batch, impl, x, y):
+        _, self.params, self.state = getattr(fcn.models, model)().init(jax.random.key(0),
+                                                                       (batch, 1, 28, 28))
+        step, optimizer = jax_step(*implementation(model, impl))
         self.opt_state = optimizer.init(self.params)
         self.x, self.y = jnp.asarray(x), jnp.asarray(y)
         start = time.perf_counter()

@@ -40,6 +40,7 @@ from functional_cnn.precompile import precompile  # noqa: E402
 MEAN, STD = 0.1307, 0.3081
 TEST_SIZE = 10000
 INPUT_SHAPE = (-1, 1, 28, 28)
+EXAMPLE = jax.ShapeDtypeStruct((28, 28), jnp.uint8)  # one training image, as the epoch indexes it
 # The test set is predicted in 20 calls of 500 images: 0.21 s on the AMD EPYC of
 # docs/BENCHMARKS.md, 0.35-0.40 s in chunks of 1000 to 10000, whose row blocks (230 MB for the
 # first convolution at 10000) overflow the caches (0.16 against 0.33 s on the Xeon with AMX).
@@ -98,15 +99,15 @@ def formulations(args) -> tuple[tuple, str]:
     cached; if not cached yet it is measured now, and its half minute counts in this run's
     time); by default the cached measurement where there is one, else :data:`FORMULATIONS`
     (on a CPU)."""
-    stages, example = len(args.widths), jax.ShapeDtypeStruct((28, 28), jnp.uint8)
+    stages = len(args.widths)
     if args.formulations == "tuned":
-        tuned = tuning.tune_formulations(trainer_for(args), stages, INPUT_SHAPE, example)
+        tuned = tuning.tune_formulations(trainer_for(args), stages, INPUT_SHAPE, EXAMPLE)
         return tuned.pins, "measured now" if tuned.measured else "measured before (cached)"
     if args.formulations is not None:
         pins = args.formulations.split(",")
         return tuple(None if f == tuning.AS_CHOSEN else f for f in pins), "command line"
     # unchecked: precompile's (abstract) init refuses a pin that cannot run, naming the layer
-    cached = tuning.cached_formulations(trainer_for(args), stages, INPUT_SHAPE, example,
+    cached = tuning.cached_formulations(trainer_for(args), stages, INPUT_SHAPE, EXAMPLE,
                                         check=False)
     if cached is not None:
         return cached, "measured before (cached)"

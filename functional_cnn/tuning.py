@@ -17,8 +17,11 @@ compiled epochs of ``steps`` training steps on random data::
 
 One convolution at a time (coordinate descent, first to last): every formulation that can run
 its shape is raced against conv2d's own choice, the others kept as chosen so far, in alternating
-rounds of one process (:func:`functional_cnn.audit.timing.race`); a pin replaces conv2d's choice
-only if its step is faster by :data:`~functional_cnn.functional._formulation.MARGIN`. The
+rounds of one process (:func:`functional_cnn.audit.timing.race`), each variant's time the best
+of its rounds (as conv2d's own measurement: the other rounds are other processes' noise); a pin
+replaces conv2d's choice only if its step is faster by
+:data:`~functional_cnn.functional._formulation.MARGIN`. Variants that compile to the same
+program are timed once (pinning the formulation conv2d would pick anyway). The
 result is cached beside conv2d's per-shape choices (``conv_formulations.json``, by machine: CPU
 model and flags, cores, jax version), keyed by the network's ``repr``, the input, the batch size
 and the gradient mode, so a later process looks it up instead of measuring (about 25 s for the
@@ -28,6 +31,7 @@ only, never the numbers beyond float rounding; a cached choice that cannot run i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -43,7 +47,7 @@ AS_CHOSEN = "none"  # the name of conv2d's own choice in timings and on command 
 
 
 class Tuning(NamedTuple):
-    """What :func:`tune_formulations` found: the ``pins``, the median ms of each variant's step
+    """What :func:`tune_formulations` found: the ``pins``, the ms of each variant's step
     (``"conv2 taps"``: the second convolution pinned to taps, the earlier ones as already
     chosen), and whether they were ``measured`` now (False: read from the cache)."""
 
@@ -100,17 +104,20 @@ def _random_data(example, size: int, num_classes: int, seed: int = 0):
     return jax.device_put(images), jax.device_put(labels)
 
 
-class _Epochs:
-    """A runner for :func:`race`: ``n`` epochs of ``steps`` training steps of one trainer,
-    each from the same initial state ``ts``: every variant computes on the same values (a
-    state trained on, on random labels, drifts towards values that make some CPUs' arithmetic
-    slow, such as subnormal floats)."""
+def _lowered_epoch(trainer: train.Trainer, steps: int, ts, images, labels):
+    """The trainer's epoch of ``steps`` steps, lowered for ``ts`` and the data."""
+    cfg = dataclasses.replace(trainer.config, steps_per_epoch=steps, scan=True, progress=None)
+    return train._scan_epoch_program(cfg).lower(ts, images, labels)
 
-    def __init__(self, trainer: train.Trainer, steps: int, ts, images, labels):
-        cfg = dataclasses.replace(trainer.config, steps_per_epoch=steps, scan=True,
-                                  progress=None)
-        self.data, self.ts = (images, labels), ts
-        self.epoch = train._scan_epoch_program(cfg).lower(ts, *self.data).compile()
+
+class _Epochs:
+    """A runner for :func:`race`: ``n`` calls of one compiled epoch, each from the same initial
+    state ``ts``: every variant computes on the same values (a state trained on, on random
+    labels, drifts towards values that make some CPUs' arithmetic slow, such as subnormal
+    floats)."""
+
+    def __init__(self, lowered, ts, images, labels):
+        self.epoch, self.ts, self.data = lowered.compile(), ts, (images, labels)
 
     def __call__(self, n: int) -> None:
         for _ in range(n):
@@ -124,23 +131,29 @@ def _variant_name(stage: int, formulation: str | None) -> str:
 
 def _tune_stage(make, pins: list, stage: int, input_shape, steps, ts, data, rounds):
     """Race every formulation of convolution ``stage`` (the others as in ``pins``): the
-    chosen one, and the timings by variant name."""
+    chosen one, and ms a step by variant name. Variants that lower to the same program (a
+    pin of the formulation conv2d would choose anyway) are compiled and timed once: they
+    share one time, so noise cannot choose between them."""
     from .audit.timing import race  # only when measuring: a cache lookup imports nothing more
 
-    runners = {}
+    programs, runners = {}, {}
     for formulation in (None, *CONV_FORMULATIONS):
         trainer = make(tuple(pins[:stage] + [formulation] + pins[stage + 1:]))
         if _can_run(trainer, input_shape):
-            runners[formulation] = _Epochs(trainer, steps, ts, *data)
-    timing = race({_variant_name(stage, f): run for f, run in runners.items()}, rounds)
-    ms = {name: t["median_ms"] / steps for name, t in timing.items()}
-    by_formulation = {f or AS_CHOSEN: ms[_variant_name(stage, f)] for f in runners}
-    choice = _formulation.fastest(by_formulation, default=AS_CHOSEN)
-    return (None if choice == AS_CHOSEN else choice), ms
+            lowered = _lowered_epoch(trainer, steps, ts, *data)
+            program = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+            programs[formulation] = program
+            if program not in runners:
+                runners[program] = _Epochs(lowered, ts, *data)
+    timing = race(runners, rounds)
+    ms = {f or AS_CHOSEN: timing[p]["min_ms"] / steps for f, p in programs.items()}
+    choice = _formulation.fastest(ms, default=AS_CHOSEN)
+    return (None if choice == AS_CHOSEN else choice), {
+        _variant_name(stage, None if f == AS_CHOSEN else f): t for f, t in ms.items()}
 
 
 def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, input_shape,
-                      example, *, num_classes: int = 10, steps: int = 50, rounds: int = 5,
+                      example, *, num_classes: int = 10, steps: int = 50, rounds: int = 7,
                       remeasure: bool = False) -> Tuning:
     """The fastest training pins of ``make``'s ``convolutions`` convolutions on this machine.
 

@@ -185,26 +185,14 @@ def test_step_flops_refuses_branches():
                    jax.ShapeDtypeStruct((2, 4), jnp.float32))
 
 
-def test_formulation_variants_pin_one_convolution_each():
+def test_formulations_section_states_the_machine_the_ratios_and_the_choice():
     from benchmarks import bench_formulations as B
-    pins = B.variants(2)
-    assert pins[B.AS_CHOSEN] == (None, None)
-    assert pins["conv1 taps"] == ("taps", None) and pins["conv2 lax"] == (None, "lax")
-    assert len(pins) == 1 + 2 * len(F.CONV_FORMULATIONS)
-
-
-def test_formulations_section_states_the_machine_and_the_ratios():
-    from benchmarks import bench_formulations as B
-    timing = {B.AS_CHOSEN: {"median_ms": 2.0, "min_ms": 1.9, "max_ms": 2.2},
-              "conv1 taps": {"median_ms": 1.5, "min_ms": 1.4, "max_ms": 1.7}}
-    text = B.section(timing, 32, "python -m x", "Some CPU, 2 CPUs; matmul peak 1 GFLOP/s")
+    from functional_cnn.tuning import Tuning
+    tuned = Tuning(("taps", None), {"conv1 none": 2.0, "conv1 taps": 1.5, "conv2 none": 1.6,
+                                    "conv2 lax": 2.4}, True)
+    text = B.section(tuned, 32, "python -m x", "Some CPU, 2 CPUs; matmul peak 1 GFLOP/s")
     assert "Measured on: Some CPU, 2 CPUs" in text and "batch 32" in text
-    assert "| conv1 taps | 1.500 (1.400-1.700) | 0.75 |" in text
-    assert "Reproduce: `python -m x`." in text
+    assert "| conv1 taps | 1.500 | 0.75 |" in text and "| conv2 lax | 2.400 | 1.50 |" in text
+    assert "`--formulations taps,none`" in text and "Reproduce: `python -m x`." in text
 
 
-def test_formulation_variants_that_cannot_run_are_left_out_before_compiling():
-    from benchmarks import bench_formulations as B
-    from experiments import time_to_accuracy as tta
-    assert B._runs(tta.net(formulations=("taps", None)), (2, 1, 28, 28))
-    assert not B._runs(tta.net(formulations=(None, "taps")), (2, 1, 28, 28))  # 200 products
