@@ -107,3 +107,19 @@ def test_vmap_over_parameters_of_an_ensemble(vjp):
     one_member = jax.jit(jax.grad(loss))  # eager against jit is test_jit_equals_eager's
     for i, (_, params, _) in enumerate(members):
         assert_close(jax.tree.map(lambda g: g[i], batched), one_member(params), 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("name", ["lenet", "mytorch_net"])
+def test_article_networks_pin_their_convolutions_in_training_only(name):
+    model = getattr(fcn.models, name)
+    net = model(formulations=("lax", "im2col"))
+    assert repr(net).count("train_formulation=") == 2
+    assert repr(model()) == repr(model((None, None))) and "train_formulation" not in repr(model())
+    x = jax.random.normal(jax.random.key(1), (4, 1, 28, 28))
+    _, params, state = net.init(jax.random.key(0), x.shape)
+    grads = [jax.jit(jax.grad(lambda p, m=m: m.apply(p, state, x, train=True)[0].sum()))(params)
+             for m in (net, model())]
+    for pinned, chosen in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(pinned, chosen, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="taps.*cannot run"):  # 10*5*5 products: over 64
+        fcn.models.lenet(formulations=(None, "taps")).init(jax.random.key(0), x.shape)

@@ -31,7 +31,9 @@ layers around it, so on an Intel Xeon (2 cores) the measured choices made LeNet'
 batch 256 take 64-68 ms against the gates' 35 ms, even measured on all three parts together
 (first measured part by part, which was worse still: banded's forward and weight gradient
 share their row blocks, im2col's their patches). ``"auto"`` stays for experiments on other
-machines; a choice made in the context of the whole step is the way forward.
+machines. A choice made in the context of the whole step is :mod:`functional_cnn.tuning`'s: it
+times a network's training step with its convolutions pinned (per layer, in training), and
+caches the pins in the same file (:func:`cached`, :func:`remember`), keyed by the network.
 
 A choice only affects speed, never the numbers beyond float rounding: every candidate computes
 the same sums, and a cache entry naming a formulation that does not apply to its shape is
