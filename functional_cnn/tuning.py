@@ -152,6 +152,19 @@ def _tune_stage(make, pins: list, stage: int, input_shape, steps, ts, data, roun
         _variant_name(stage, None if f == AS_CHOSEN else f): t for f, t in ms.items()}
 
 
+def _check_arguments(make, convolutions) -> None:
+    if not isinstance(convolutions, int) or convolutions < 1:
+        raise ValueError(f"tune_formulations: expected convolutions a positive int, got "
+                         f"{convolutions!r}")
+    trainer = make((None,) * convolutions)
+    if not isinstance(trainer, train.Trainer):
+        raise TypeError(f"tune_formulations: make(pins) must return a train.Trainer, got "
+                        f"{type(trainer).__name__}")
+    if trainer.config.mesh is not None:
+        raise ValueError("tune_formulations: expected a one-device trainer (mesh=None): the "
+                         "timings run its epoch on one device")
+
+
 def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, input_shape,
                       example, *, num_classes: int = 10, steps: int = 50, rounds: int = 7,
                       remeasure: bool = False) -> Tuning:
@@ -164,6 +177,7 @@ def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, 
     the cache where measured before (unless ``remeasure``), else measured (see the module
     docstring: ``steps`` steps a timing, ``rounds`` alternating rounds) and cached.
     """
+    _check_arguments(make, convolutions)
     if not remeasure and (pins := cached_formulations(make, convolutions, input_shape,
                                                       example)) is not None:
         key = cache_key(make((None,) * convolutions), input_shape, example)

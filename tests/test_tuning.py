@@ -8,7 +8,7 @@ import pytest
 from jax import numpy as jnp
 
 import functional_cnn as fcn
-from functional_cnn import train, tuning
+from functional_cnn import dataparallel, train, tuning
 from functional_cnn.audit import timing
 from functional_cnn.functional import CONV_FORMULATIONS, _formulation
 
@@ -135,6 +135,17 @@ def test_every_epoch_of_a_timing_starts_from_the_same_state():
     run(3)  # donates a copy each time: the initial state is intact
     np.testing.assert_array_equal(run.ts.params[0]["weight"], ts.params[0]["weight"])
     assert int(run.ts.step) == int(ts.step) == 0
+
+
+def test_bad_arguments_are_refused_before_anything_is_compiled():
+    with pytest.raises(ValueError, match="convolutions a positive int, got 0"):
+        tuning.tune_formulations(make, 0, INPUT, EXAMPLE)
+    with pytest.raises(TypeError, match="must return a train.Trainer, got Layer"):
+        tuning.tune_formulations(lambda pins: make(pins).config.net, 2, INPUT, EXAMPLE)
+    mesh = dataparallel.make_mesh(1)
+    with pytest.raises(ValueError, match="one-device trainer"):
+        tuning.tune_formulations(lambda pins: train.make_trainer(
+            make(pins).config.net, batch_size=4, mesh=mesh), 2, INPUT, EXAMPLE)
 
 
 def test_pins_text():
