@@ -60,6 +60,7 @@ RECIPE = {"steps": 1500, "batch_size": 32, "peak_lr": 1e-2, "label_smoothing": 0
 # The default where this machine has no measurement of its own (`--formulations tuned` makes
 # one, functional_cnn.tuning, and later runs use it).
 FORMULATIONS = ("taps", None)  # per convolution, in training; None: as conv2d chooses
+CACHED = "measured before (cached)"
 
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
@@ -102,23 +103,36 @@ def formulations(args) -> tuple[tuple, str]:
     stages = len(args.widths)
     if args.formulations == "tuned":
         tuned = tuning.tune_formulations(trainer_for(args), stages, INPUT_SHAPE, EXAMPLE)
-        return tuned.pins, "measured now" if tuned.measured else "measured before (cached)"
+        return tuned.pins, "measured now" if tuned.measured else CACHED
     if args.formulations is not None:
-        pins = args.formulations.split(",")
-        return tuple(None if f == tuning.AS_CHOSEN else f for f in pins), "command line"
-    # unchecked: precompile's (abstract) init refuses a pin that cannot run, naming the layer
+        return tuning.parse_pins(args.formulations, stages), "command line"
+    # unchecked (0.08 s): where a cached pin cannot run, main falls back to the recipe's
     cached = tuning.cached_formulations(trainer_for(args), stages, INPUT_SHAPE, EXAMPLE,
                                         check=False)
     if cached is not None:
-        return cached, "measured before (cached)"
-    return (FORMULATIONS if jax.default_backend() == "cpu" else ()), "recipe"
+        return cached, CACHED
+    return recipe_formulations(), "recipe"
 
 
-def compiled_trainer(args, pins):
-    """The trainer, its programs compiling on two threads from here on."""
+def compiled_trainer(args, pins, pins_from: str):
+    """``(trainer, pins, pins_from)``: the trainer, its programs compiling on two threads from
+    here on; with the recipe's pins instead where cached ones cannot run (a layer's abstract
+    init refuses them: a cache written by other code)."""
     images = {n: jax.ShapeDtypeStruct((n, 28, 28), jnp.uint8) for n in (TRAIN_SIZE, TEST_SIZE)}
-    return precompile(trainer_for(args)(pins), INPUT_SHAPE, train_images=images[TRAIN_SIZE],
-                      eval_images=images[TEST_SIZE])
+    try:
+        return precompile(trainer_for(args)(pins), INPUT_SHAPE, train_images=images[TRAIN_SIZE],
+                          eval_images=images[TEST_SIZE]), pins, pins_from
+    except ValueError as err:
+        if pins_from != CACHED:
+            raise
+        print(f"the cached formulations {tuning.pins_text(pins)} cannot run ({err}); training "
+              f"with the recipe's (the cache: {tuning.cache_file()})")
+        return compiled_trainer(args, recipe_formulations(), "recipe (the cached pins failed)")
+
+
+def recipe_formulations() -> tuple:
+    """:data:`FORMULATIONS` on a CPU; elsewhere none (conv2d keeps XLA's convolutions)."""
+    return FORMULATIONS if jax.default_backend() == "cpu" else ()
 
 
 def main(argv=None):
@@ -140,7 +154,7 @@ def main(argv=None):
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
         loading = [loader.submit(data.load, "MNIST", split, args.data_dir)
                    for split in ("train", "test")]
-        trainer = compiled_trainer(args, pins)
+        trainer, pins, pins_from = compiled_trainer(args, pins, pins_from)
         train_set, test_set = (job.result() for job in loading)
     if (len(train_set), len(test_set)) != (TRAIN_SIZE, TEST_SIZE):
         raise SystemExit(f"expected {TRAIN_SIZE} + {TEST_SIZE} MNIST images, got "

@@ -20,13 +20,15 @@ its shape is raced against conv2d's own choice, the others kept as chosen so far
 rounds of one process (:func:`functional_cnn.audit.timing.race`), each variant's time the best
 of its rounds (as conv2d's own measurement: the other rounds are other processes' noise); a pin
 replaces conv2d's choice only if its step is faster by
-:data:`~functional_cnn.functional._formulation.MARGIN`. Variants that compile to the same
-program are timed once (pinning the formulation conv2d would pick anyway). The
-result is cached beside conv2d's per-shape choices (``conv_formulations.json``, by machine: CPU
-model and flags, cores, jax version), keyed by the network's ``repr``, the input, the batch size
-and the gradient mode, so a later process looks it up instead of measuring (about 25 s for the
-network of ``experiments/time_to_accuracy.py`` on a 2-core AMD EPYC). A choice changes the speed
-only, never the numbers beyond float rounding; a cached choice that cannot run is measured again.
+:data:`~functional_cnn.functional._formulation.MARGIN`. Variants lowered to the same StableHLO
+are timed once (pinning the formulation conv2d would pick anyway). The result is cached beside
+conv2d's per-shape choices (``conv_formulations.json``, by machine: CPU model and flags, cores,
+jax version), keyed by :func:`cache_key` (the network's ``repr``, the input, the batch size,
+the gradient mode and conv2d's mode), so a later process looks it up instead of measuring
+(26-34 s for the network of ``experiments/time_to_accuracy.py`` on a 2-core AMD EPYC). A choice
+changes the speed only, never the numbers beyond float rounding; a cached choice that cannot
+run is measured again. The trainer must be a one-device one with ``scan=True`` (the epoch that
+is timed).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from .functional import CONV_FORMULATIONS
 from .functional import _formulation
 
 Pins = tuple  # one entry per convolution: a formulation's name, or None (conv2d's choice)
+cache_file = _formulation.cache_file  # where the pins are kept (with conv2d's own choices)
 AS_CHOSEN = "none"  # the name of conv2d's own choice in timings and on command lines
 
 
@@ -56,19 +59,28 @@ class Tuning(NamedTuple):
     measured: bool
 
 
+# The measurement's own version, in every key: bump it when what is timed changes.
+TUNING_VERSION = 1
+
+
 def cache_key(trainer: train.Trainer, input_shape, example) -> str:
-    """The context a choice holds for: the unpinned network, its input, batch and vjp mode."""
+    """The context a choice holds for: the unpinned network, its input, batch, vjp mode and
+    conv2d's mode (its own choice is the baseline; :func:`_formulation.mode`). Not the
+    optimizer, which adds the same update to every variant, nor the preprocessing."""
     cfg = trainer.config
-    return (f"training step | {cfg.net!r} | input {tuple(input_shape[1:])} | example "
-            f"{tuple(example.shape)} {np.dtype(example.dtype).name} | batch {cfg.batch_size} "
-            f"| vjp {cfg.vjp}")
+    return (f"{_formulation.STEP_KEY_PREFIX}{cfg.net!r} | input {tuple(input_shape[1:])} | "
+            f"example {tuple(example.shape)} {np.dtype(example.dtype).name} | batch "
+            f"{cfg.batch_size} | vjp {cfg.vjp} | conv mode {_formulation.mode()} | tuning "
+            f"{TUNING_VERSION}")
 
 
 def _can_run(trainer: train.Trainer, input_shape) -> bool:
-    """Whether every pin can run its convolution: the layers' init refuses one that cannot (a
-    ValueError), checked abstractly, before anything is compiled."""
+    """Whether every pin can run its convolution at the trainer's batch size (the band's and
+    im2col's bounds grow with it): the layers' init refuses one that cannot (a ValueError),
+    checked abstractly, before anything is compiled."""
+    batch_shape = (trainer.config.batch_size, *input_shape[1:])
     try:
-        jax.eval_shape(lambda key: trainer.config.net.init(key, input_shape)[1:],
+        jax.eval_shape(lambda key: trainer.config.net.init(key, batch_shape)[1:],
                        jax.random.key(0))
     except ValueError:
         return False
@@ -84,14 +96,31 @@ def cached_formulations(make: Callable[[Pins], train.Trainer], convolutions: int
                         example, check: bool = True) -> Pins | None:
     """The pins cached for this machine and context, else None. Reads a small JSON file and
     compiles nothing. ``check``: pins that cannot run their convolutions count as not cached
-    (an abstract trace of the network's init: 0.08 s at a cold start, where the trainer's own
-    init refuses such a pin anyway, naming the layer)."""
-    key = cache_key(make((None,) * convolutions), input_shape, example)
-    entry = _formulation.cached(key)
+    (an abstract trace of the network's init: 0.08 s at a cold start; unchecked, such a pin
+    makes the trainer's init or first epoch raise the layer's ValueError)."""
+    return _cached_entry(make, convolutions, input_shape, example, check)[0]
+
+
+def _cached_entry(make, convolutions, input_shape, example, check=True):
+    """``(pins, entry)`` from the cache, or ``(None, None)``."""
+    entry = _formulation.cached(cache_key(make((None,) * convolutions), input_shape, example))
     if not isinstance(entry, dict) or not _valid(entry.get("choice"), convolutions):
-        return None
+        return None, None
     pins = tuple(entry["choice"])
-    return pins if not check or _can_run(make(pins), input_shape) else None
+    if check and not _can_run(make(pins), input_shape):
+        return None, None
+    return pins, entry
+
+
+def parse_pins(text: str, convolutions: int) -> Pins:
+    """``"taps,none"`` -> ``("taps", None)`` (as :func:`pins_text` writes them), one per
+    convolution; a ``ValueError`` names a wrong count or an unknown formulation."""
+    names = text.split(",")
+    if len(names) != convolutions or any(n not in (AS_CHOSEN, *CONV_FORMULATIONS)
+                                         for n in names):
+        raise ValueError(f"expected {convolutions} comma-separated formulations, each one of "
+                         f"{(AS_CHOSEN, *CONV_FORMULATIONS)}, got {text!r}")
+    return tuple(None if n == AS_CHOSEN else n for n in names)
 
 
 def _random_data(example, size: int, num_classes: int, seed: int = 0):
@@ -106,7 +135,7 @@ def _random_data(example, size: int, num_classes: int, seed: int = 0):
 
 def _lowered_epoch(trainer: train.Trainer, steps: int, ts, images, labels):
     """The trainer's epoch of ``steps`` steps, lowered for ``ts`` and the data."""
-    cfg = dataclasses.replace(trainer.config, steps_per_epoch=steps, scan=True, progress=None)
+    cfg = dataclasses.replace(trainer.config, steps_per_epoch=steps, progress=None)
     return train._scan_epoch_program(cfg).lower(ts, images, labels)
 
 
@@ -120,7 +149,7 @@ class _Epochs:
         self.epoch, self.ts, self.data = lowered.compile(), ts, (images, labels)
 
     def __call__(self, n: int) -> None:
-        for _ in range(n):
+        for _ in range(n):  # the copy (the epoch donates it) is timed too: alike for all
             _, metrics = self.epoch(jax.tree.map(jnp.copy, self.ts), *self.data)
         jax.block_until_ready(metrics)
 
@@ -131,9 +160,9 @@ def _variant_name(stage: int, formulation: str | None) -> str:
 
 def _tune_stage(make, pins: list, stage: int, input_shape, steps, ts, data, rounds):
     """Race every formulation of convolution ``stage`` (the others as in ``pins``): the
-    chosen one, and ms a step by variant name. Variants that lower to the same program (a
-    pin of the formulation conv2d would choose anyway) are compiled and timed once: they
-    share one time, so noise cannot choose between them."""
+    chosen one, and ms a step by variant name. Variants lowered to the same StableHLO (a pin
+    of the formulation conv2d would choose anyway) are compiled and timed once: they share
+    one time, so noise cannot choose between them."""
     from .audit.timing import race  # only when measuring: a cache lookup imports nothing more
 
     programs, runners = {}, {}
@@ -152,7 +181,8 @@ def _tune_stage(make, pins: list, stage: int, input_shape, steps, ts, data, roun
         _variant_name(stage, None if f == AS_CHOSEN else f): t for f, t in ms.items()}
 
 
-def _check_arguments(make, convolutions) -> None:
+def _checked_trainer(make, convolutions) -> train.Trainer:
+    """``make``'s unpinned trainer, if it is one this tuner can time (else an error)."""
     if not isinstance(convolutions, int) or convolutions < 1:
         raise ValueError(f"tune_formulations: expected convolutions a positive int, got "
                          f"{convolutions!r}")
@@ -160,9 +190,11 @@ def _check_arguments(make, convolutions) -> None:
     if not isinstance(trainer, train.Trainer):
         raise TypeError(f"tune_formulations: make(pins) must return a train.Trainer, got "
                         f"{type(trainer).__name__}")
-    if trainer.config.mesh is not None:
-        raise ValueError("tune_formulations: expected a one-device trainer (mesh=None): the "
-                         "timings run its epoch on one device")
+    if trainer.config.mesh is not None or not trainer.config.scan:
+        raise ValueError(f"tune_formulations: expected a one-device trainer with scan=True "
+                         f"(the epoch it times), got mesh={trainer.config.mesh!r}, "
+                         f"scan={trainer.config.scan}")
+    return trainer
 
 
 def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, input_shape,
@@ -177,12 +209,10 @@ def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, 
     the cache where measured before (unless ``remeasure``), else measured (see the module
     docstring: ``steps`` steps a timing, ``rounds`` alternating rounds) and cached.
     """
-    _check_arguments(make, convolutions)
-    if not remeasure and (pins := cached_formulations(make, convolutions, input_shape,
-                                                      example)) is not None:
-        key = cache_key(make((None,) * convolutions), input_shape, example)
-        return Tuning(pins, _formulation.cached(key).get("ms_per_step", {}), False)
-    unpinned = make((None,) * convolutions)
+    unpinned = _checked_trainer(make, convolutions)
+    pins, entry = _cached_entry(make, convolutions, input_shape, example)
+    if not remeasure and pins is not None:
+        return Tuning(pins, dict(entry.get("ms_per_step", {})), False)
     data = _random_data(example, steps * unpinned.config.batch_size, num_classes)
     ts = unpinned.init(jax.random.key(0), input_shape)
     pins, ms = [None] * convolutions, {}
@@ -191,7 +221,7 @@ def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, 
                                             rounds)
         ms.update(stage_ms)
     _formulation.remember(cache_key(unpinned, input_shape, example),
-                          {"choice": list(pins), "ms_per_step": ms})
+                          {"choice": list(pins), "ms_per_step": dict(ms)})
     return Tuning(tuple(pins), ms, True)
 
 

@@ -143,6 +143,25 @@ def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_
     _formulation.forget()
 
 
+def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(monkeypatch,
+                                                                                capsys):
+    from experiments import time_to_accuracy as tta
+
+    def abstract_init_only(trainer, input_shape, **_):  # what refuses a pin in precompile
+        jax.eval_shape(lambda k: trainer.config.net.init(k, input_shape), jax.random.key(0))
+        return trainer
+    monkeypatch.setattr(tta, "precompile", abstract_init_only)
+    args = tta.recipe_parser("x", **tta.RECIPE).parse_args([])
+    args.vjp = "custom"
+    bad = (None, "taps")  # 8*5*5 = 200 products per output: more than taps takes
+    trainer, pins, pins_from = tta.compiled_trainer(args, bad, tta.CACHED)
+    assert pins == ("taps", None) and pins_from.startswith("recipe")
+    assert "train_formulation='taps'" in repr(trainer.config.net).split("BatchNorm2d")[0]
+    assert "the cached formulations none,taps cannot run" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="taps"):  # asked for on the command line: an error
+        tta.compiled_trainer(args, bad, "command line")
+
+
 @needs_mnist
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])
 def test_denoise_smoke(vjp, tmp_path):

@@ -92,12 +92,56 @@ def test_each_convolution_gets_the_fastest_pin_beyond_the_margin_and_it_is_cache
         (None, "lax")
 
 
-def test_the_cache_key_is_the_unpinned_network_input_batch_and_mode():
+def test_the_cache_key_is_the_unpinned_network_input_batch_and_modes():
     key = tuning.cache_key(make((None, None)), INPUT, EXAMPLE)
     assert "train_formulation" not in key and "Conv2d(8, kernel_size=3" in key
-    assert key.endswith("| input (1, 8, 8) | example (8, 8) uint8 | batch 4 | vjp custom")
+    assert key.endswith("| input (1, 8, 8) | example (8, 8) uint8 | batch 4 | vjp custom | "
+                        f"conv mode gates | tuning {tuning.TUNING_VERSION}")
     wider = train.make_trainer(make((None, None)).config.net, batch_size=8)
     assert tuning.cache_key(wider, INPUT, EXAMPLE) != key
+    with fcn.functional.conv_formulation("auto"):  # another baseline: another measurement
+        assert tuning.cache_key(make((None, None)), INPUT, EXAMPLE) != key
+
+
+def test_a_pin_is_checked_at_the_trainers_batch_size(monkeypatch):
+    from functional_cnn.functional import conv
+    # conv1's im2col patches: 9 * 36 = 324 entries per image: room for one, not for 4
+    monkeypatch.setattr(conv, "_IM2COL_MAX_ELEMENTS", 500)
+    assert tuning._can_run(make((None, None)), INPUT)
+    assert not tuning._can_run(make(("im2col", None)), INPUT)
+    one = train.make_trainer(make(("im2col", None)).config.net, batch_size=1)
+    assert tuning._can_run(one, INPUT)
+
+
+def test_the_returned_timings_are_not_the_cache(cache_dir, monkeypatch):
+    FakeTiming(monkeypatch, {})
+    result = tuning.tune_formulations(make, 2, INPUT, EXAMPLE)
+    result.ms["conv1 taps"] = -1.0
+    again = tuning.tune_formulations(make, 2, INPUT, EXAMPLE)
+    assert not again.measured and again.ms["conv1 taps"] == pytest.approx(2.0)
+    again.ms.clear()
+    assert tuning.tune_formulations(make, 2, INPUT, EXAMPLE).ms["conv1 taps"] == 2.0
+
+
+def test_step_entries_stay_out_of_conv2ds_per_shape_listing(cache_dir):
+    _formulation.remember(tuning.cache_key(make((None, None)), INPUT, EXAMPLE),
+                          {"choice": ["taps", None]})
+    _formulation.remember("forward | some shape", {"choice": "lax", "seconds": {"lax": 1.0}})
+    assert list(_formulation.conv_formulations()) == ["forward | some shape"]
+    assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) == ("taps", None)
+
+
+@pytest.mark.parametrize("text,pins", [("taps,none", ("taps", None)),
+                                       ("none,lax", (None, "lax"))])
+def test_pins_on_a_command_line(text, pins):
+    assert tuning.parse_pins(text, 2) == pins and tuning.pins_text(pins) == text
+
+
+@pytest.mark.parametrize("text", ["taps", "taps,none,none", "taps,fft", ""])
+def test_pins_on_a_command_line_must_name_each_convolution(text):
+    with pytest.raises(ValueError, match=r"expected 2 comma-separated formulations, each one "
+                                         r"of \('none', 'banded'.*got '"):
+        tuning.parse_pins(text, 2)
 
 
 @pytest.mark.parametrize("choice", [["taps"], ["taps", "fourier"], "taps,none", ["none", None]])
@@ -143,10 +187,11 @@ def test_bad_arguments_are_refused_before_anything_is_compiled():
     with pytest.raises(TypeError, match="must return a train.Trainer, got Layer"):
         tuning.tune_formulations(lambda pins: make(pins).config.net, 2, INPUT, EXAMPLE)
     mesh = dataparallel.make_mesh(1)
-    with pytest.raises(ValueError, match="one-device trainer"):
+    with pytest.raises(ValueError, match="one-device trainer with scan=True.*mesh=Mesh"):
         tuning.tune_formulations(lambda pins: train.make_trainer(
             make(pins).config.net, batch_size=4, mesh=mesh), 2, INPUT, EXAMPLE)
+    with pytest.raises(ValueError, match="mesh=None, scan=False"):
+        tuning.tune_formulations(lambda pins: train.make_trainer(
+            make(pins).config.net, batch_size=4, scan=False), 2, INPUT, EXAMPLE)
 
 
-def test_pins_text():
-    assert tuning.pins_text(("taps", None)) == "taps,none"

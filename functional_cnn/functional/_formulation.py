@@ -66,6 +66,9 @@ MARGIN = 0.05  # another formulation replaces XLA's only if at least 5% faster
 REPEATS = 5  # the best of these many timings (the others are noise: other processes, caches)
 TARGET_SECONDS = 0.003  # each timing runs enough calls to last at least this long
 _FORMAT = 1  # the cache file's layout version
+# functional_cnn.tuning's entries (pins for a whole training step) share the file; their keys
+# start with this, conv2d's per-shape ones with the part's name
+STEP_KEY_PREFIX = "training step | "
 
 _MODE_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "functional_cnn_conv_formulation", default=None)
@@ -230,10 +233,13 @@ def remember(key: str, entry: dict) -> None:
 
 
 def conv_formulations(all_machines: bool = False) -> dict:
-    """The choices known so far (file and memory): ``{key: {"choice", "seconds"}}`` for this
-    machine (:func:`machine_key`), or ``{machine: {key: entry}}`` with ``all_machines``.
-    ``seconds`` holds each candidate's measured time per call."""
-    machines = _entries(cache_file())
+    """conv2d's per-shape choices known so far (file and memory): ``{key: {"choice",
+    "seconds"}}`` for this machine (:func:`machine_key`), or ``{machine: {key: entry}}`` with
+    ``all_machines``. ``seconds`` holds each candidate's measured time per call. (The pins
+    :mod:`functional_cnn.tuning` measured for whole training steps are left out.)"""
+    machines = {machine: {key: entry for key, entry in entries.items()
+                          if not key.startswith(STEP_KEY_PREFIX)}
+                for machine, entries in _entries(cache_file()).items()}
     if all_machines:
         return json.loads(json.dumps(machines))
     return json.loads(json.dumps(machines.get(machine_key(), {})))
