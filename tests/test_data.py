@@ -1,12 +1,15 @@
 """The MNIST loader on tiny IDX files written here (.gz and raw), and its error messages."""
 import gzip
+import math
 import os
 import sys
 import types
+from collections import Counter
 
 import jax
 import numpy as np
 import pytest
+from jax import numpy as jnp
 
 from functional_cnn import data
 
@@ -131,6 +134,46 @@ def test_normalize_and_batches():
     assert sorted(np.concatenate([np.ravel(full), tail]).tolist()) == list(range(23))
     full2, _ = data.batch_indices(jax.random.key(1), 23, 5)
     assert not np.array_equal(full, full2)  # a new key, a new order
+
+
+def _chi_square(orders: np.ndarray, n: int) -> tuple[float, int]:
+    """Pearson's statistic of how often each of the n! orders came, and its degrees of
+    freedom."""
+    counts = Counter(map(tuple, orders.tolist()))
+    expected = len(orders) / math.factorial(n)
+    seen = sum((c - expected) ** 2 / expected for c in counts.values())
+    unseen = (math.factorial(n) - len(counts)) * expected  # orders never drawn
+    return seen + unseen, math.factorial(n) - 1
+
+
+@pytest.mark.parametrize("n,keys", [
+    (4, "split"), (5, "split"),
+    (4, "consecutive seeds"), (5, "consecutive seeds"),  # keys differing in one small word
+])
+def test_shuffled_orders_are_uniform_over_keys(n, keys):
+    count = 100 * math.factorial(n)
+    key_set = (jax.random.split(jax.random.key(7), count) if keys == "split"
+               else jax.vmap(jax.random.key)(jnp.arange(count)))
+    orders = np.asarray(jax.jit(jax.vmap(lambda k: data.shuffled_order(k, n)))(key_set))
+    assert (np.sort(orders, axis=1) == np.arange(n)).all()  # every one a permutation
+    statistic, dof = _chi_square(orders, n)
+    # the 0.999 quantile of chi-square(dof) (Wilson-Hilferty): fails by chance 1 in 1000,
+    # and the keys are fixed, so it never flakes; a skewed shuffle lands far above
+    z = 3.09
+    assert statistic < dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+def test_a_shuffled_order_is_a_permutation_of_any_size_and_fixed_by_its_key():
+    for n in (1, 2, 17, 60000):
+        order = np.asarray(data.shuffled_order(jax.random.key(3), n))
+        assert order.dtype == np.int32 and sorted(order.tolist()) == list(range(n))
+    big = np.asarray(data.shuffled_order(jax.random.key(3), 60000))
+    np.testing.assert_array_equal(big, np.asarray(data.shuffled_order(jax.random.key(3), 60000)))
+    assert abs(np.corrcoef(big, np.arange(60000))[0, 1]) < 0.02  # no trace of the data order
+    # another key, another order; an rbg key (4 words) too
+    assert not np.array_equal(big, np.asarray(data.shuffled_order(jax.random.key(4), 60000)))
+    rbg = np.asarray(data.shuffled_order(jax.random.key(3, impl="rbg"), 100))
+    assert sorted(rbg.tolist()) == list(range(100))
 
 
 def test_check_labels_names_the_set_the_example_and_the_label():
