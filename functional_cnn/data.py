@@ -27,6 +27,8 @@ import numpy as np
 from jax import lax
 from jax import numpy as jnp
 
+from . import prng
+
 #: torchvision class (and folder) names of the MNIST-format data sets this module reads.
 DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
 SPLITS = ("train", "test")
@@ -236,36 +238,21 @@ def normalize(images: jax.Array, mean: float = 0.0, std: float = 1.0) -> jax.Arr
     return (x - mean) / std
 
 
-_GOLDEN = np.uint32(0x9E3779B9)  # 2^32 / golden ratio: the usual odd constant between rounds
-
-
-def _fmix32(h):
-    """MurmurHash3's 32-bit finalizer: a bijection of ``uint32`` in which each input bit flips
-    each output bit with probability close to 1/2."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
 def shuffled_order(key, n: int) -> jax.Array:
     """A random order of ``0 .. n-1`` drawn from ``key``: the positions sorted by a keyed
-    bijection of 32-bit integers, three rounds of :func:`_fmix32` around the key's words mixed
-    into two seeds, ``h(p) = f(f(f(p ^ s1) ^ s2) + s1)``.
+    bijection of 32-bit integers (:func:`~functional_cnn.prng.keyed_bijection`, three rounds
+    of MurmurHash3's finalizer, under two seeds mixed from the key's words).
 
     A bijection has no ties, so the order is a permutation for any ``n <= 2^32``; over many
     keys each of the ``n!`` orders appears equally often (chi-square tests in
-    ``tests/test_data.py``, consecutive seeds included). One elementwise kernel and one sort:
-    ``jax.random.permutation``'s threefry rounds and its two sorts cost XLA:CPU 0.36-0.54
-    CPU-s to compile (this: 0.06-0.09), 0.3-0.5 CPU-s of every training epoch's compilation,
-    and run 2x slower (2-core AMD EPYC, 60000 examples). Not for cryptography."""
+    ``tests/test_data.py``, consecutive seeds included). One elementwise kernel and one sort,
+    whatever the key's generator: ``jax.random.permutation`` with threefry keys costs XLA:CPU
+    0.36-0.54 CPU-s to compile (this: 0.06-0.09), 0.3-0.5 CPU-s of every training epoch's
+    compilation, and runs 2x slower (2-core AMD EPYC, 60000 examples). Not for cryptography."""
     seed = np.uint32(0)
     for word in jax.random.key_data(key).reshape(-1):  # threefry: 2 words, rbg: 4
-        seed = _fmix32(seed ^ word.astype(jnp.uint32)) + _GOLDEN
-    second = _fmix32(seed)
-    h = jnp.arange(n, dtype=jnp.uint32)
-    h = _fmix32(_fmix32(_fmix32(h ^ seed) ^ second) + seed)
+        seed = prng.fmix32(seed ^ word.astype(jnp.uint32)) + prng.GOLDEN
+    h = prng.keyed_bijection(jnp.arange(n, dtype=jnp.uint32), seed, prng.fmix32(seed))
     return lax.sort_key_val(h, jnp.arange(n, dtype=jnp.int32))[1]
 
 

@@ -4,7 +4,6 @@ import math
 import os
 import sys
 import types
-from collections import Counter
 
 import jax
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from jax import numpy as jnp
 
 from functional_cnn import data
+from tests._stats import assert_uniform_orders
 
 
 def write_idx(path, array, compress):
@@ -136,16 +136,6 @@ def test_normalize_and_batches():
     assert not np.array_equal(full, full2)  # a new key, a new order
 
 
-def _chi_square(orders: np.ndarray, n: int) -> tuple[float, int]:
-    """Pearson's statistic of how often each of the n! orders came, and its degrees of
-    freedom."""
-    counts = Counter(map(tuple, orders.tolist()))
-    expected = len(orders) / math.factorial(n)
-    seen = sum((c - expected) ** 2 / expected for c in counts.values())
-    unseen = (math.factorial(n) - len(counts)) * expected  # orders never drawn
-    return seen + unseen, math.factorial(n) - 1
-
-
 @pytest.mark.parametrize("n,keys", [
     (4, "split"), (5, "split"),
     (4, "consecutive seeds"), (5, "consecutive seeds"),  # keys differing in one small word
@@ -154,13 +144,8 @@ def test_shuffled_orders_are_uniform_over_keys(n, keys):
     count = 100 * math.factorial(n)
     key_set = (jax.random.split(jax.random.key(7), count) if keys == "split"
                else jax.vmap(jax.random.key)(jnp.arange(count)))
-    orders = np.asarray(jax.jit(jax.vmap(lambda k: data.shuffled_order(k, n)))(key_set))
-    assert (np.sort(orders, axis=1) == np.arange(n)).all()  # every one a permutation
-    statistic, dof = _chi_square(orders, n)
-    # the 0.999 quantile of chi-square(dof) (Wilson-Hilferty): fails by chance 1 in 1000,
-    # and the keys are fixed, so it never flakes; a skewed shuffle lands far above
-    z = 3.09
-    assert statistic < dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert_uniform_orders(np.asarray(
+        jax.jit(jax.vmap(lambda k: data.shuffled_order(k, n)))(key_set)))
 
 
 def test_a_shuffled_order_is_a_permutation_of_any_size_and_fixed_by_its_key():

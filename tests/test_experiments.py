@@ -119,7 +119,7 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     assert result["cpu_model"] and result["framework"] == "functional_cnn"
     # nothing measured in this session's cache: the recipe's pins
     assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", None]
-    assert result["formulations_from"] == "recipe"
+    assert result["formulations_from"] == "recipe" and result["prng"] == "fmix32"
 
 
 def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_path,
