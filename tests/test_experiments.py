@@ -152,7 +152,7 @@ def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(
         return trainer
     monkeypatch.setattr(tta, "precompile", abstract_init_only)
     args = tta.recipe_parser("x", **tta.RECIPE).parse_args([])
-    args.vjp = "custom"
+    args.vjp, args.prng = "custom", tta.PRNG
     bad = (None, "taps")  # 8*5*5 = 200 products per output: more than taps takes
     trainer, pins, pins_from = tta.compiled_trainer(args, bad, tta.CACHED)
     assert pins == ("taps", None) and pins_from.startswith("recipe")
