@@ -99,3 +99,19 @@ def test_the_recipe_line_names_pinned_formulations():
     assert _recipe({**run, "formulations": ["taps", None]}).endswith(
         "1500 steps (0.80 epochs), one-cycle AdamW peaking at 0.01, label smoothing 0.1, "
         "conv2d's formulations in training taps, as chosen")
+    assert _recipe({**run, "prng": "fmix32"}).endswith(
+        "label smoothing 0.1, keys from functional_cnn.prng's FMIX32")
+    assert "prng" not in _recipe({**run, "prng": "threefry"})
+
+
+def test_the_race_alternates_its_order(monkeypatch):
+    from benchmarks import bench_time_to_accuracy as B
+    order = []
+
+    def fake_run(template, workdir):
+        order.append(next(name for name, t in B.RUNS.items() if t == template))
+        return {"reached": True, "seconds": 1.0, "history": [{"test_accuracy": 0.99}]}
+    monkeypatch.setattr(B, "run_once", fake_run)
+    B.race(2)
+    names = list(B.RUNS)
+    assert order == [names[1]] + names + names[::-1]  # priming, then each round's order
