@@ -14,11 +14,19 @@ from .combinators import serial
 from .layers import AvgPool2d, BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU
 
 
+def _two_pins(where: str, formulations) -> tuple:
+    """One training formulation (or None) per convolution of a two-convolution network."""
+    if not isinstance(formulations, (tuple, list)) or len(formulations) != 2:
+        raise ValueError(f"{where}: expected formulations, one per convolution (2), got "
+                         f"{formulations!r}")
+    return tuple(formulations)
+
+
 def mytorch_net(formulations=(None, None)):
     """Article 001: Conv(32,3,s2,p1) MaxPool(3,s2) [Conv(64,3,s2,p1) BN ReLU] AvgPool(3) Flatten
     Linear(10). Param names follow its torch twin (``2.conv.weight`` is our ``2.0.weight``).
     ``formulations``: each convolution's ``train_formulation`` (:func:`~.layers.Conv2d`)."""
-    first, second = formulations
+    first, second = _two_pins("mytorch_net", formulations)
     conv_block = serial(Conv2d(64, 3, stride=2, padding=1, train_formulation=second),
                         BatchNorm2d(), ReLU())
     return serial(Conv2d(32, 3, stride=2, padding=1, train_formulation=first),
@@ -28,7 +36,7 @@ def mytorch_net(formulations=(None, None)):
 def lenet(formulations=(None, None)):
     """Article 004: Conv(10,5) ReLU MaxPool(2) Conv(20,5) ReLU MaxPool(2) Flatten Linear(10).
     ``formulations``: each convolution's ``train_formulation`` (:func:`~.layers.Conv2d`)."""
-    first, second = formulations
+    first, second = _two_pins("lenet", formulations)
     return serial(Conv2d(10, 5, train_formulation=first), ReLU(), MaxPool2d(2),
                   Conv2d(20, 5, train_formulation=second), ReLU(), MaxPool2d(2), Flatten(),
                   Linear(10))

@@ -121,5 +121,8 @@ def test_article_networks_pin_their_convolutions_in_training_only(name):
              for m in (net, model())]
     for pinned, chosen in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(pinned, chosen, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=rf"{name}: expected formulations, one per "
+                                         r"convolution \(2\), got \('lax',\)"):
+        model(formulations=("lax",))
     with pytest.raises(ValueError, match="taps.*cannot run"):  # 10*5*5 products: over 64
         fcn.models.lenet(formulations=(None, "taps")).init(jax.random.key(0), x.shape)
