@@ -115,3 +115,14 @@ def test_the_race_alternates_its_order(monkeypatch):
     B.race(2)
     names = list(B.RUNS)
     assert order == [names[1]] + names + names[::-1]  # priming, then each round's order
+
+
+def test_the_race_is_also_compared_round_by_round():
+    from benchmarks.bench_time_to_accuracy import paired_text
+
+    def runs(*seconds):
+        return [{"seconds": t} for t in seconds]
+    text = paired_text({"functional_cnn, cold start": runs(6.0, 9.0, 5.0),
+                        "torch": runs(5.0, 6.0, 5.5)})
+    assert text == ("Round by round, functional_cnn, cold start over torch: 1.20 median "
+                    "(0.91-1.50); faster in 1 of 3 rounds.")
