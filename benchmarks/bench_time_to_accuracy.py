@@ -92,14 +92,17 @@ def section(results: dict, rounds: int, command: str, machine: str) -> str:
                      f"{statistics.median(seconds):.1f}",
                      f"{min(seconds):.1f}-{max(seconds):.1f}", ", ".join(accuracy)])
     header = ["run", "reached 99.0%", "median s", "min-max s", "test accuracy"]
-    lines += [""] + _report.table(header, rows) + ["", paired_text(results), "",
-                                                   "Reproduce: `FUNCTIONAL_CNN_DATA="
-                                                   f"../shared/datasets {command}`."]
+    lines += [""] + _report.table(header, rows) + [""]
+    if OURS in results and THEIRS in results:
+        lines += [paired_text(results), ""]
+    lines.append(f"Reproduce: `FUNCTIONAL_CNN_DATA=../shared/datasets {command}`.")
     return "\n".join(lines)
 
 
-def paired_text(results: dict, ours: str = "functional_cnn, cold start",
-                theirs: str = "torch") -> str:
+OURS, THEIRS = "functional_cnn, cold start", "torch"  # the race's two sides, from cold
+
+
+def paired_text(results: dict, ours: str = OURS, theirs: str = THEIRS) -> str:
     """Round by round, ``ours``' time over ``theirs``': the two ran within a minute of each
     other, so the ratio carries less of this machine's drift than the medians do."""
     ratios = [a["seconds"] / b["seconds"] for a, b in zip(results[ours], results[theirs])]

@@ -170,6 +170,10 @@ def test_time_to_accuracy_section_states_the_machine_and_each_recipe():
     assert ("* torch: 16/32-channel 5x5 convolutions (padding 0) with BatchNorm, a 128-wide "
             "hidden layer, batch 128, 350 steps (0.75 epochs), one-cycle AdamW peaking at 0.01, "
             "label smoothing 0.1") in text
+    assert "Round by round" not in text  # only one side ran
+    both = bench_time_to_accuracy.section({"functional_cnn, cold start": [run], "torch": [run]},
+                                          1, "python -m x", "Some CPU")
+    assert "over torch: 1.00 median (1.00-1.00); faster in 0 of 1 rounds." in both
 
 
 def test_step_flops_refuses_branches():
