@@ -46,8 +46,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--report", default=_report.BENCHMARKS, help="'none' to skip")
     args = parser.parse_args(argv)
-    recipe = tta.recipe_parser("recipe", **tta.RECIPE).parse_args([])
-    recipe.vjp = "custom"
+    recipe = tta.parser().parse_args([])
     tuned = tuning.tune_formulations(tta.trainer_for(recipe), len(recipe.widths),
                                      tta.INPUT_SHAPE, tta.EXAMPLE, rounds=args.rounds,
                                      remeasure=True)

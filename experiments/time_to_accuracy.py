@@ -146,7 +146,8 @@ def recipe_formulations() -> tuple:
     return FORMULATIONS if jax.default_backend() == "cpu" else ()
 
 
-def main(argv=None):
+def parser():
+    """This script's command line: the recipe's flags (its defaults) and its own."""
     parser = recipe_parser(__doc__.splitlines()[0], **RECIPE)
     parser.add_argument("--compile-cache", metavar="DIR",
                         help="JAX's persistent compilation cache (a warm start on the next run)")
@@ -158,7 +159,11 @@ def main(argv=None):
                              "measurement if any, else the recipe's")
     parser.add_argument("--prng", default=PRNG, choices=("fmix32", "threefry"),
                         help="the generator of the run's keys (default %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

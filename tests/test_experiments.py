@@ -129,8 +129,7 @@ def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_
     from functional_cnn.functional import _formulation
     monkeypatch.setenv(_formulation.CACHE_DIR_ENV, str(tmp_path))
     _formulation.forget()
-    args = tta.recipe_parser("x", **tta.RECIPE).parse_args([])
-    args.vjp, args.formulations = "custom", None
+    args = tta.parser().parse_args([])
     assert tta.formulations(args) == (("taps", None), "recipe")
     key = tuning.cache_key(tta.trainer_for(args)((None, None)), tta.INPUT_SHAPE,
                            jax.ShapeDtypeStruct((28, 28), jax.numpy.uint8))
@@ -151,8 +150,7 @@ def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(
         jax.eval_shape(lambda k: trainer.config.net.init(k, input_shape), jax.random.key(0))
         return trainer
     monkeypatch.setattr(tta, "precompile", abstract_init_only)
-    args = tta.recipe_parser("x", **tta.RECIPE).parse_args([])
-    args.vjp, args.prng = "custom", tta.PRNG
+    args = tta.parser().parse_args([])
     bad = (None, "taps")  # 8*5*5 = 200 products per output: more than taps takes
     trainer, pins, pins_from = tta.compiled_trainer(args, bad, tta.CACHED)
     assert pins == ("taps", None) and pins_from.startswith("recipe")
