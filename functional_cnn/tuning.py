@@ -98,12 +98,13 @@ def cached_formulations(make: Callable[[Pins], train.Trainer], convolutions: int
     compiles nothing. ``check``: pins that cannot run their convolutions count as not cached
     (an abstract trace of the network's init: 0.08 s at a cold start; unchecked, such a pin
     makes the trainer's init or first epoch raise the layer's ValueError)."""
-    return _cached_entry(make, convolutions, input_shape, example, check)[0]
+    key = cache_key(make((None,) * convolutions), input_shape, example)
+    return _cached_entry(make, key, convolutions, input_shape, check)[0]
 
 
-def _cached_entry(make, convolutions, input_shape, example, check=True):
-    """``(pins, entry)`` from the cache, or ``(None, None)``."""
-    entry = _formulation.cached(cache_key(make((None,) * convolutions), input_shape, example))
+def _cached_entry(make, key: str, convolutions, input_shape, check=True):
+    """``(pins, entry)`` cached under ``key``, or ``(None, None)``."""
+    entry = _formulation.cached(key)
     if not isinstance(entry, dict) or not _valid(entry.get("choice"), convolutions):
         return None, None
     pins = tuple(entry["choice"])
@@ -120,7 +121,12 @@ def parse_pins(text: str, convolutions: int) -> Pins:
                                          for n in names):
         raise ValueError(f"expected {convolutions} comma-separated formulations, each one of "
                          f"{(AS_CHOSEN, *CONV_FORMULATIONS)}, got {text!r}")
-    return tuple(None if n == AS_CHOSEN else n for n in names)
+    return tuple(_pin(n) for n in names)
+
+
+def _pin(name: str) -> str | None:
+    """A formulation's name as a pin (:data:`AS_CHOSEN`: None, conv2d's own choice)."""
+    return None if name == AS_CHOSEN else name
 
 
 def _random_data(example, size: int, num_classes: int, seed: int = 0):
@@ -154,10 +160,6 @@ class _Epochs:
         jax.block_until_ready(metrics)
 
 
-def _variant_name(stage: int, formulation: str | None) -> str:
-    return f"conv{stage + 1} {formulation or AS_CHOSEN}"
-
-
 def _tune_stage(make, pins: list, stage: int, input_shape, steps, ts, data, rounds):
     """Race every formulation of convolution ``stage`` (the others as in ``pins``): the
     chosen one, and ms a step by variant name. Variants lowered to the same StableHLO (a pin
@@ -176,9 +178,8 @@ def _tune_stage(make, pins: list, stage: int, input_shape, steps, ts, data, roun
                 runners[program] = _Epochs(lowered, ts, *data)
     timing = race(runners, rounds)
     ms = {f or AS_CHOSEN: timing[p]["min_ms"] / steps for f, p in programs.items()}
-    choice = _formulation.fastest(ms, default=AS_CHOSEN)
-    return (None if choice == AS_CHOSEN else choice), {
-        _variant_name(stage, None if f == AS_CHOSEN else f): t for f, t in ms.items()}
+    return (_pin(_formulation.fastest(ms, default=AS_CHOSEN)),
+            {f"conv{stage + 1} {name}": t for name, t in ms.items()})
 
 
 def _checked_trainer(make, convolutions) -> train.Trainer:
@@ -210,7 +211,8 @@ def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, 
     docstring: ``steps`` steps a timing, ``rounds`` alternating rounds) and cached.
     """
     unpinned = _checked_trainer(make, convolutions)
-    pins, entry = _cached_entry(make, convolutions, input_shape, example)
+    key = cache_key(unpinned, input_shape, example)
+    pins, entry = _cached_entry(make, key, convolutions, input_shape)
     if not remeasure and pins is not None:
         return Tuning(pins, dict(entry.get("ms_per_step", {})), False)
     data = _random_data(example, steps * unpinned.config.batch_size, num_classes)
@@ -220,8 +222,7 @@ def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, 
         pins[stage], stage_ms = _tune_stage(make, pins, stage, input_shape, steps, ts, data,
                                             rounds)
         ms.update(stage_ms)
-    _formulation.remember(cache_key(unpinned, input_shape, example),
-                          {"choice": list(pins), "ms_per_step": dict(ms)})
+    _formulation.remember(key, {"choice": list(pins), "ms_per_step": dict(ms)})
     return Tuning(tuple(pins), ms, True)
 
 
