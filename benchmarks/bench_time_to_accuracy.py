@@ -20,12 +20,12 @@ import tempfile
 
 from benchmarks import _report
 from benchmarks._report import BENCHMARKS, ROOT, command, write_section
-
+OURS, THEIRS = "functional_cnn, cold start", "torch"  # the race's two sides, from cold
 RUNS = {  # name -> command (the JSON path is appended)
-    "functional_cnn, cold start": [sys.executable, "-m", "experiments.time_to_accuracy"],
+    OURS: [sys.executable, "-m", "experiments.time_to_accuracy"],
     "functional_cnn, compile cache": [sys.executable, "-m", "experiments.time_to_accuracy",
                                       "--compile-cache", "{cache}"],
-    "torch": [sys.executable, os.path.join("benchmarks", "time_to_accuracy_torch.py")],
+    THEIRS: [sys.executable, os.path.join("benchmarks", "time_to_accuracy_torch.py")],
 }
 
 
@@ -98,8 +98,6 @@ def section(results: dict, rounds: int, command: str, machine: str) -> str:
     lines.append(f"Reproduce: `FUNCTIONAL_CNN_DATA=../shared/datasets {command}`.")
     return "\n".join(lines)
 
-
-OURS, THEIRS = "functional_cnn, cold start", "torch"  # the race's two sides, from cold
 
 
 def paired_text(results: dict, ours: str = OURS, theirs: str = THEIRS) -> str:
