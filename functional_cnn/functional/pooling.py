@@ -109,9 +109,10 @@ def _at_offset(views, first):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _window_maxima(cfg, x):
     """Each window's maximum and the offset ``first`` of its first maximum (row-major window
-    order; NaN wins, as in PyTorch), both from one variadic reduction (:func:`_first_max`):
-    neither is recomputed where XLA fuses the pool into its consumer (the custom rule's
-    forward; 1.2-1.5x faster steps than gathering the value at ``first``)."""
+    order; a NaN wins, the last of several, as in PyTorch), both from one variadic reduction
+    (:func:`_first_max` over :func:`_nan_keyed` pairs): neither is recomputed where XLA fuses the
+    pool into its consumer (the custom rule's forward; 1.2-1.5x faster steps than gathering
+    the value at ``first``)."""
     if isinstance(cfg, PoolConfig) and not tiles(cfg.axes):
         value, first = _sliding_maxima(cfg, x)
     else:
@@ -122,10 +123,13 @@ def _window_maxima(cfg, x):
 def _stacked_maxima(cfg, x):
     """Reduced over the window views stacked last: XLA fuses the views into the reduction
     where the windows tile the input (LeNet's and the race network's 2x2 pools)."""
-    stacked = jnp.stack(cfg.views(x, -jnp.inf), axis=-1)
-    offsets = lax.broadcasted_iota(jnp.int32, stacked.shape, stacked.ndim - 1)
-    return lax.reduce((stacked, offsets), (np.array(-np.inf, x.dtype), np.int32(0)),
-                      _first_max, (stacked.ndim - 1,))
+    views = cfg.views(x, -jnp.inf)
+    # values and keys stacked apart: one stack read twice would be written out whole first
+    keys = jnp.stack([_nan_keyed(view, np.int32(k)) for k, view in enumerate(views)], axis=-1)
+    value, key = lax.reduce((jnp.stack(views, axis=-1), keys),
+                            (np.array(-np.inf, x.dtype), np.int32(0)), _first_max,
+                            (keys.ndim - 1,))
+    return value, _unkeyed(key)
 
 
 _NO_POSITION = np.int32(np.iinfo(np.int32).max)  # the reduction's start: loses every tie
@@ -141,10 +145,11 @@ def _sliding_maxima(cfg: PoolConfig, x):
     xp = pad_spatial(x, cfg.axes, -jnp.inf)
     height, width = cfg.axes
     row, col = (lax.broadcasted_iota(jnp.int32, xp.shape, axis) for axis in (2, 3))
-    value, position = lax.reduce_window(
-        (xp, row * xp.shape[3] + col), (np.array(-np.inf, x.dtype), _NO_POSITION), _first_max,
-        (1, 1, height.kernel, width.kernel), (1, 1, height.stride, width.stride), "VALID",
-        window_dilation=(1, 1, height.dilation, width.dilation))
+    value, key = lax.reduce_window(
+        (xp, _nan_keyed(xp, row * xp.shape[3] + col)), (np.array(-np.inf, x.dtype), _NO_POSITION),
+        _first_max, (1, 1, height.kernel, width.kernel), (1, 1, height.stride, width.stride),
+        "VALID", window_dilation=(1, 1, height.dilation, width.dilation))
+    position = _unkeyed(key)
     i, j = (lax.broadcasted_iota(jnp.int32, value.shape, axis) for axis in (2, 3))
     a = (position // xp.shape[3] - i * height.stride) // height.dilation
     b = (position % xp.shape[3] - j * width.stride) // width.dilation
@@ -182,12 +187,30 @@ def _window_maxima_jvp(cfg, primals, tangents):
     return (value, first), (d_value, np.zeros(first.shape, jax.dtypes.float0))
 
 
+def _nan_keyed(x, keys):
+    """Each element's key for :func:`_first_max`: its offset (or position) ``k``, or ``-1 - k``
+    for a NaN. Negative keys make PyTorch's scan an order-free rule: a NaN beats any number,
+    and of several NaNs the *last* wins (torch's CPU and CUDA kernels replace their running
+    maximum at every NaN they meet)."""
+    return jnp.where(x != x, -1 - keys, keys)
+
+
+def _unkeyed(key):
+    """The offset (or position) behind a :func:`_nan_keyed` key."""
+    return jnp.where(key < 0, -1 - key, key)
+
+
 def _first_max(candidate, best):
-    """The reducer: the larger value (NaN beats anything); on a tie, the earlier offset."""
-    (value, offset), (best_value, best_offset) = candidate, best
-    take = (value > best_value) | (value != value)
-    take_offset = take | ((value == best_value) & (offset < best_offset))
-    return lax.select(take, value, best_value), lax.select(take_offset, offset, best_offset)
+    """The reducer: the larger value, a NaN over any number (by its negative key: every
+    comparison with a NaN is false); on a tie, or between NaNs, the smaller key (the earlier
+    offset, the later NaN). Both outputs by one choice, the larger pair in a total order, so
+    XLA may combine a window's pairs in any order and pick the same one, the sign of a zero
+    included. As many comparisons as before NaNs were keyed (four): the reduction is most of
+    a max pool's forward, and is not vectorized (the keys cost the race network's two pools
+    0.28 against 0.24 ms a step, by the profiler, AMD EPYC)."""
+    (value, key), (best_value, best_key) = candidate, best
+    take = (value > best_value) | (((value == best_value) | (key < 0)) & (key < best_key))
+    return lax.select(take, value, best_value), lax.select(take, key, best_key)
 
 
 def _max_forward(cfg, x):
@@ -195,11 +218,20 @@ def _max_forward(cfg, x):
     at the offset of its first maximum, so autodiff routes each window's gradient to exactly
     that element, like the rule. (JAX's reduce_max rule splits ties, and it cannot
     differentiate a dilated reduce_window max at all.) The selects fuse into the pool's
-    consumers, which XLA:CPU runs faster than a gather (LeNet's step and evaluation)."""
+    consumers, which XLA:CPU runs faster than a gather (LeNet's step and evaluation). A
+    window with NaNs takes its last NaN, as PyTorch does (``argmax`` alone takes the first)."""
     views = cfg.views(x, -jnp.inf)
-    first = jnp.argmax(jnp.stack(views, axis=-1), axis=-1)
+    first = _argmax_last_nan(jnp.stack(views, axis=-1))
     first = _padding_never_wins(cfg, lax.stop_gradient(_at_offset(views, first)), first)
     return _at_offset(views, first)
+
+
+def _argmax_last_nan(stacked):
+    """Per window (the last axis), the offset of the first maximum; of the last NaN where the
+    window has one."""
+    nans = jnp.isnan(stacked)
+    last_nan = stacked.shape[-1] - 1 - jnp.argmax(nans[..., ::-1], axis=-1)
+    return jnp.where(nans.any(axis=-1), last_nan, jnp.argmax(stacked, axis=-1))
 
 
 def _max_fwd(cfg, x):
@@ -266,7 +298,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fal
 
     Both paths (the rule and autodiff) take PyTorch's subgradient at ties: the first maximum;
     a window whose input elements are all ``-inf`` passes its cotangent to its first element
-    inside the input, never to the padding; a NaN is the maximum of its window.
+    inside the input, never to the padding; a NaN is the maximum of its window, and of several
+    NaNs the last in row-major order takes the cotangent (as PyTorch's kernels, which replace
+    their running maximum at every NaN).
     """
     check_vjp("max_pool2d", vjp)
     _checks.check_floating("max_pool2d", x)
@@ -444,7 +478,9 @@ def adaptive_max_pool2d(x, output_size, *, vjp: str = "custom"):
 
     Both paths (the rule and autodiff) take PyTorch's subgradient at ties: the first maximum
     in scan order (a constant input, overlapping windows); a window whose elements are all
-    ``-inf`` passes its cotangent to its first element; a NaN is the maximum of its window.
+    ``-inf`` passes its cotangent to its first element; a NaN is the maximum of its window,
+    the last of several taking the cotangent (a repeated row or column may then win, but it
+    is the same input element as the last NaN of the window itself).
     """
     check_vjp("adaptive_max_pool2d", vjp)
     _checks.check_floating("adaptive_max_pool2d", x)

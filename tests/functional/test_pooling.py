@@ -69,6 +69,58 @@ def test_max_pool_nan_wins_its_window_and_takes_the_gradient(vjp):
     np.testing.assert_array_equal(np.asarray(grad[0, 0]), expected)
 
 
+_NAN_POOLS = [  # (pool, kwargs): tiling, overlapping with padding, dilated, adaptive
+    ("max_pool2d", {"kernel_size": 2}),
+    ("max_pool2d", {"kernel_size": 3, "stride": 2, "padding": 1, "ceil_mode": True}),
+    ("max_pool2d", {"kernel_size": (3, 2), "stride": 1, "dilation": (2, 1)}),
+    ("adaptive_max_pool2d", {"output_size": (3, 2)}),  # irregular windows, repeats
+    ("adaptive_max_pool2d", {"output_size": 2}),  # the tiling path
+]
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("pool, kwargs", _NAN_POOLS)
+def test_max_pools_send_a_window_with_several_nans_to_its_last_like_torch(vjp, pool, kwargs,
+                                                                          torch):
+    # torch's kernels replace the running maximum at every NaN: the last NaN of a window (in
+    # row-major order) takes its cotangent; ties between numbers go to the first
+    x = np.random.default_rng(1).choice(np.array([np.nan, -1.0, 0.0, 1.0], np.float32),
+                                        (2, 3, 7, 6), p=[0.3, 0.2, 0.25, 0.25])
+    fn = getattr(F, pool)
+    y, pullback = jax.vjp(lambda x: fn(x, **kwargs, vjp=vjp), jnp.asarray(x))
+    g = np.arange(1, y.size + 1, dtype=np.float32).reshape(y.shape)  # which window went where
+    xt = torch.tensor(x, requires_grad=True)
+    yt = getattr(torch.nn.functional, pool)(xt, **kwargs)
+    yt.backward(torch.tensor(g))
+    assert np.isnan(np.asarray(y)).sum() > y.size // 4  # many windows have NaNs, some several
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
+    np.testing.assert_array_equal(np.asarray(pullback(jnp.asarray(g))[0]), xt.grad.numpy())
+
+
+def test_first_max_reducer_is_order_free():
+    # XLA may combine a window's (value, key) pairs in any order: the reducer must be
+    # commutative and associative, over every pair of these values (zeros of both signs,
+    # infinities) and keys, and NaNs, which come with negative keys (pooling._nan_keyed)
+    values = np.array([-np.inf, -1.0, -0.0, 0.0, 1.0, np.inf], np.float32)
+    pairs = ([(jnp.float32(v), jnp.int32(k)) for v in values for k in range(3)]
+             + [(jnp.float32(np.nan), jnp.int32(k)) for k in range(-3, 0)])
+    pick = jax.jit(pooling._first_max)
+
+    def same(p, q):
+        return bool(jnp.array_equal(p[0], q[0], equal_nan=True)) and int(p[1]) == int(q[1])
+
+    for a in pairs:
+        for b in pairs:
+            assert same(pick(a, b), pick(b, a)), (a, b)
+    a_bc = jax.jit(jax.vmap(jax.vmap(jax.vmap(
+        lambda a, b, c: (pick(a, pick(b, c)), pick(pick(a, b), c)), (None, None, 0)),
+        (None, 0, None)), (0, None, None)))
+    stacked = (jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs]))
+    left, right = a_bc(stacked, stacked, stacked)
+    np.testing.assert_array_equal(left[0], right[0])  # NaN equals NaN here
+    np.testing.assert_array_equal(left[1], right[1])
+
+
 def test_max_pool_gradient_with_an_empty_batch_and_overlapping_windows():
     # the scatter rule reshaped an empty batch with -1 (ZeroDivisionError) before the fix
     x = jnp.ones((0, 3, 7, 7))
