@@ -2,6 +2,7 @@
 across), its hand-written AdamW is torch.optim.AdamW, both sides' one-cycle rate is optax's,
 and a short run of the torch script writes its record."""
 import json
+import sys
 
 import jax
 import numpy as np
@@ -112,6 +113,7 @@ def test_the_race_alternates_its_order(monkeypatch):
         order.append(next(name for name, t in B.RUNS.items() if t == template))
         return {"reached": True, "seconds": 1.0, "history": [{"test_accuracy": 0.99}]}
     monkeypatch.setattr(B, "run_once", fake_run)
+    monkeypatch.setattr(B, "write_bytecode", lambda: None)
     B.race(2)
     names = list(B.RUNS)
     assert order == [names[1]] + names + names[::-1]  # priming, then each round's order
@@ -126,3 +128,14 @@ def test_the_race_is_also_compared_round_by_round():
                         "torch": runs(5.0, 6.0, 5.5)})
     assert text == ("Round by round, functional_cnn, cold start over torch: 1.20 median "
                     "(0.91-1.50); faster in 1 of 3 rounds.")
+
+
+def test_the_race_writes_bytecode_even_where_python_would_not(tmp_path, monkeypatch):
+    # this project's machines set PYTHONDONTWRITEBYTECODE: without the cache every run of the
+    # race compiled the library's source again
+    from benchmarks import bench_time_to_accuracy as B
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("X = 1\n")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    B.write_bytecode(tmp_path, ("pkg",))
+    assert [p.name.split(".")[0] for p in (tmp_path / "pkg" / "__pycache__").iterdir()] == ["mod"]
