@@ -51,7 +51,8 @@ def write_bytecode(root=ROOT, packages=("functional_cnn", "experiments", "benchm
     """The packages' ``__pycache__``, written even under ``PYTHONDONTWRITEBYTECODE`` (which
     stops only the interpreter's own writing; a cached file is still read)."""
     for package in packages:
-        compileall.compile_dir(os.path.join(root, package), quiet=1)
+        if not compileall.compile_dir(os.path.join(root, package), quiet=1):
+            raise SystemExit(f"bench_time_to_accuracy: {package} does not compile")
 
 
 def race(rounds: int) -> dict:

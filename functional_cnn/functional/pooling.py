@@ -57,7 +57,7 @@ class AdaptiveConfig(NamedTuple):
         """Per window offset ``(a, b)``, row-major: ``x[..., rows[a, i], cols[b, j]]``. A window
         shorter than the longest repeats its last row or column (``fill`` is not needed): a
         repeat never changes a maximum, and comes after the original in scan order, so it never
-        wins a tie."""
+        wins a tie (among NaNs, where the last wins, it may: it is the same input element)."""
         taps_h, taps_w = self.taps
         return [view for rows in tap_views(x, taps_h, 2) for view in tap_views(rows, taps_w, 3)]
 
@@ -113,7 +113,7 @@ def _window_maxima(cfg, x):
     (:func:`_first_max` over :func:`_nan_keyed` pairs): neither is recomputed where XLA fuses the
     pool into its consumer (the custom rule's forward; 1.2-1.5x faster steps than gathering
     the value at ``first``)."""
-    if isinstance(cfg, PoolConfig) and not tiles(cfg.axes):
+    if isinstance(cfg, PoolConfig) and not tiles(cfg.axes) and _positions_fit(cfg):
         value, first = _sliding_maxima(cfg, x)
     else:
         value, first = _stacked_maxima(cfg, x)
@@ -127,12 +127,19 @@ def _stacked_maxima(cfg, x):
     # values and keys stacked apart: one stack read twice would be written out whole first
     keys = jnp.stack([_nan_keyed(view, np.int32(k)) for k, view in enumerate(views)], axis=-1)
     value, key = lax.reduce((jnp.stack(views, axis=-1), keys),
-                            (np.array(-np.inf, x.dtype), np.int32(0)), _first_max,
+                            (np.array(-np.inf, x.dtype), _NO_POSITION), _first_max,
                             (keys.ndim - 1,))
     return value, _unkeyed(key)
 
 
-_NO_POSITION = np.int32(np.iinfo(np.int32).max)  # the reduction's start: loses every tie
+_NO_POSITION = np.int32(np.iinfo(np.int32).max)  # the reductions' start: loses every tie
+
+
+def _positions_fit(cfg: PoolConfig) -> bool:
+    """Whether a padded plane's positions fit :func:`_sliding_maxima`'s int32 keys (a wrapped,
+    negative position would read as a NaN's key); past that, the stacked views take over."""
+    height, width = cfg.axes
+    return height.padded_size * width.padded_size < _NO_POSITION
 
 
 def _sliding_maxima(cfg: PoolConfig, x):
@@ -209,10 +216,11 @@ def _first_max(candidate, best):
     PyTorch's (its first element's), as the autodiff path's may.
 
     The value as ``lax.max``, not selected by the key's test: the reduction is most of a max
-    pool's forward, and that test on the value too made it 1.6x slower (the race network's
-    two pools 0.235 -> 0.146 ms a step against the first-NaN reducer before it, LeNet's first
-    at batch 256 2.62 -> 2.28, article 001's 3x3/2 pool 0.74 -> 0.58 ms at batch 64; by the
-    profiler, AMD EPYC)."""
+    pool's forward, and that test on the value too made it up to 2x slower (article 001's
+    3x3/2 pool, 1.48 against 0.74 ms a step at batch 64). With ``lax.max`` it is faster than
+    the first-NaN reducer before it: the race network's two pools 0.235 -> 0.146 ms a step,
+    LeNet's first at batch 256 2.62 -> 2.28, article 001's 0.74 -> 0.58 (the profiler, AMD
+    EPYC)."""
     (value, key), (best_value, best_key) = candidate, best
     take = (value > best_value) | (((value == best_value) | (key < 0)) & (key < best_key))
     return lax.max(value, best_value), lax.select(take, key, best_key)

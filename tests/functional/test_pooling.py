@@ -79,31 +79,47 @@ _NAN_POOLS = [  # (pool, kwargs): tiling, overlapping with padding, dilated, ada
 
 
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_max_pool_window_with_two_nans_passes_its_gradient_to_the_last(vjp):
+    # as torch (checked there): 2x2 windows, and 3x3 windows at stride 1 with padding
+    x = jnp.array([[[[jnp.nan, 1.0], [jnp.nan, 2.0]]]])
+    grad, = jax.vjp(lambda x: F.max_pool2d(x, 2, vjp=vjp), x)[1](jnp.ones((1, 1, 1, 1)))
+    np.testing.assert_array_equal(grad[0, 0], [[0, 0], [1, 0]])
+    x = jnp.array([[[[jnp.nan, 1.0, 0.0], [jnp.nan, 2.0, jnp.nan], [0.0, 0.0, 0.0]]]])
+    grad, = jax.vjp(lambda x: F.max_pool2d(x, 3, 1, 1, vjp=vjp), x)[1](jnp.ones((1, 1, 3, 3)))
+    np.testing.assert_array_equal(grad[0, 0], [[0, 0, 0], [3, 0, 6], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
 @pytest.mark.parametrize("pool, kwargs", _NAN_POOLS)
 def test_max_pools_send_a_window_with_several_nans_to_its_last_like_torch(vjp, pool, kwargs,
-                                                                          torch):
+                                                                          dtype, torch):
     # torch's kernels replace the running maximum at every NaN: the last NaN of a window (in
-    # row-major order) takes its cotangent; ties between numbers go to the first
-    x = np.random.default_rng(1).choice(np.array([np.nan, -1.0, 0.0, 1.0], np.float32),
-                                        (2, 3, 7, 6), p=[0.3, 0.2, 0.25, 0.25])
+    # row-major order) takes its cotangent; ties between numbers go to the first; windows mix
+    # NaN, -inf and the padding. Small integers: exact in every dtype, sums included.
+    x = np.random.default_rng(1).choice(np.array([np.nan, -np.inf, -1.0, 0.0, 1.0], np.float32),
+                                        (2, 3, 7, 6), p=[0.3, 0.15, 0.15, 0.2, 0.2])
     fn = getattr(F, pool)
-    y, pullback = jax.vjp(lambda x: fn(x, **kwargs, vjp=vjp), jnp.asarray(x))
-    g = np.arange(1, y.size + 1, dtype=np.float32).reshape(y.shape)  # which window went where
-    xt = torch.tensor(x, requires_grad=True)
+    y, pullback = jax.vjp(lambda x: fn(x, **kwargs, vjp=vjp), jnp.asarray(x, dtype))
+    g = np.arange(y.size, dtype=np.float32).reshape(y.shape) % 7 + 1  # which window went where
+    xt = torch.tensor(x).to(getattr(torch, dtype)).requires_grad_()
     yt = getattr(torch.nn.functional, pool)(xt, **kwargs)
-    yt.backward(torch.tensor(g))
-    assert np.isnan(np.asarray(y)).sum() > y.size // 4  # many windows have NaNs, some several
-    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
-    np.testing.assert_array_equal(np.asarray(pullback(jnp.asarray(g))[0]), xt.grad.numpy())
+    yt.backward(torch.tensor(g).to(getattr(torch, dtype)))
+    assert np.isnan(np.asarray(y, np.float32)).sum() > y.size // 4  # many windows have NaNs
+    np.testing.assert_array_equal(np.asarray(y, np.float32), yt.detach().float().numpy())
+    np.testing.assert_array_equal(np.asarray(pullback(jnp.asarray(g, dtype))[0], np.float32),
+                                  xt.grad.float().numpy())
 
 
 def test_first_max_reducer_is_order_free():
     # XLA may combine a window's (value, key) pairs in any order: the reducer must be
-    # commutative and associative, over every pair of these values (zeros of both signs,
-    # infinities) and keys, and NaNs, which come with negative keys (pooling._nan_keyed)
+    # commutative and associative, over every pair of these values (infinities, zeros of both
+    # signs, which compare equal: a zero maximum's sign is not promised) and keys, NaNs, which
+    # come with negative keys (pooling._nan_keyed), and the reductions' start
     values = np.array([-np.inf, -1.0, -0.0, 0.0, 1.0, np.inf], np.float32)
     pairs = ([(jnp.float32(v), jnp.int32(k)) for v in values for k in range(3)]
-             + [(jnp.float32(np.nan), jnp.int32(k)) for k in range(-3, 0)])
+             + [(jnp.float32(np.nan), jnp.int32(k)) for k in range(-3, 0)]
+             + [(jnp.float32(-np.inf), jnp.int32(pooling._NO_POSITION))])
     pick = jax.jit(pooling._first_max)
 
     def same(p, q):
@@ -198,3 +214,12 @@ def test_overlapping_windows_reduce_in_place_as_the_stacked_views(shape, kernel,
     stacked = jax.jit(lambda x: pooling._stacked_maxima(cfg, x))(x)
     np.testing.assert_array_equal(sliding[0], stacked[0])
     np.testing.assert_array_equal(sliding[1], stacked[1])
+
+
+def test_planes_too_large_for_int32_positions_take_the_stacked_views():
+    # _sliding_maxima keys each element by its int32 position in the padded plane; a wrapped
+    # (negative) position would read as a NaN's key, so such planes go the stacked way
+    # (padded 46341 x 46341 is past 2^31 - 1, 46339 x 46339 within)
+    big = pooling.PoolConfig(pooling.pool_axes("test", (1, 1, 46340, 46340), 3, 2, 1, 1, False))
+    small = pooling.PoolConfig(pooling.pool_axes("test", (1, 1, 46338, 46338), 3, 2, 1, 1, False))
+    assert not pooling._positions_fit(big) and pooling._positions_fit(small)
