@@ -217,10 +217,11 @@ def _first_max(candidate, best):
 
     The value as ``lax.max``, not selected by the key's test: the reduction is most of a max
     pool's forward, and that test on the value too made it up to 2x slower (article 001's
-    3x3/2 pool, 1.48 against 0.74 ms a step at batch 64). With ``lax.max`` it is faster than
-    the first-NaN reducer before it: the race network's two pools 0.235 -> 0.146 ms a step,
-    LeNet's first at batch 256 2.62 -> 2.28, article 001's 0.74 -> 0.58 (the profiler, AMD
-    EPYC)."""
+    3x3/2 pool, 1.48 against 0.74 ms a step at batch 64). With ``lax.max`` it is as fast as
+    the first-NaN reducer before it over tiling windows (the race network's pools 0.24 ms a
+    step either way, LeNet's at batch 256 1.7-2.2 against 2.0-2.2) and faster over
+    overlapping ones (article 001's, 0.54 against 0.89-1.19 ms); the profiler, interleaved
+    runs, AMD EPYC."""
     (value, key), (best_value, best_key) = candidate, best
     take = (value > best_value) | (((value == best_value) | (key < 0)) & (key < best_key))
     return lax.max(value, best_value), lax.select(take, key, best_key)
