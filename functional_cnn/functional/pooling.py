@@ -208,22 +208,23 @@ def _unkeyed(key):
 
 
 def _first_max(candidate, best):
-    """The reducer: the maximum (``lax.max``, NaN-propagating) and the key of the larger pair,
-    a NaN over any number (by its negative key: every comparison with a NaN is false); on a
-    tie, or between NaNs, the smaller key (the earlier offset, the later NaN). Both are
-    order-free (the key is the largest in a total order), so XLA may combine a window's pairs
-    in any order and pick the same one; only the sign of a zero maximum may differ from
-    PyTorch's (its first element's), as the autodiff path's may.
+    """The reducer: the maximum (``lax.max``, NaN-propagating) and the key of the winning pair:
+    the larger value, and where neither is larger -- equal values, or a NaN on either side
+    (every comparison with a NaN is false) -- the smaller key. A number's key is its offset
+    (the earlier one wins a tie), a NaN's is negative (:func:`_nan_keyed`: below every
+    number's, and the later NaN's the smaller). That is the largest pair in a total order, so
+    XLA may combine a window's pairs in any order and pick the same one; only the sign of a
+    zero maximum may differ from PyTorch's (its first element's), as the autodiff path's may.
 
-    The value as ``lax.max``, not selected by the key's test: the reduction is most of a max
-    pool's forward, and that test on the value too made it up to 2x slower (article 001's
-    3x3/2 pool, 1.48 against 0.74 ms a step at batch 64). With ``lax.max`` it is as fast as
-    the first-NaN reducer before it over tiling windows (the race network's pools 0.24 ms a
-    step either way, LeNet's at batch 256 1.7-2.2 against 2.0-2.2) and faster over
-    overlapping ones (article 001's, 0.54 against 0.89-1.19 ms); the profiler, interleaved
-    runs, AMD EPYC."""
+    Three comparisons, the value by ``lax.max``: the reduction is most of a max pool's forward
+    and is not vectorized, so every operation shows. Selecting the value by the key's test
+    made article 001's 3x3/2 pool 2x slower (1.48 against 0.74 ms a step at batch 64); a
+    fourth comparison (``key < 0`` for the NaNs) cost 0.61-0.69 against 0.44-0.48 ms there.
+    Against the first-NaN reducer before it: 0.44-0.48 against 0.89-1.19 ms for that pool,
+    the race network's pools 0.17-0.23 against 0.24 (the profiler, interleaved runs, AMD
+    EPYC)."""
     (value, key), (best_value, best_key) = candidate, best
-    take = (value > best_value) | (((value == best_value) | (key < 0)) & (key < best_key))
+    take = (value > best_value) | (~(value < best_value) & (key < best_key))
     return lax.max(value, best_value), lax.select(take, key, best_key)
 
 
