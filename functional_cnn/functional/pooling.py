@@ -144,7 +144,9 @@ def _positions_fit(cfg: PoolConfig) -> bool:
 
 def _sliding_maxima(cfg: PoolConfig, x):
     """Overlapping windows: one variadic ``reduce_window`` over the padded input and its
-    positions ``p = row W_pad + col``, the offset recovered from the winner's position,
+    positions ``p = row W_pad + col`` (a NaN's keyed, :func:`_nan_keyed`; int32, so planes of
+    up to ``2^31 - 1`` elements: :func:`_positions_fit`), the offset recovered from the
+    winner's position,
     ``(a, b) = ((row - i s_h) / d_h, (col - j s_w) / d_w)``. Stacked, XLA copied the 9 views
     of article 001's 3x3/2 pool one by one and then into the stack (1.1 ms a step at batch
     64, by the profiler): 10% faster steps at batch 64 and 256 (AMD EPYC). Where windows tile
