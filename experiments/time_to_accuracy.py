@@ -24,6 +24,7 @@ import time
 
 START = time.perf_counter()  # first statement: imports below count
 
+import os  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -34,7 +35,7 @@ from jax import numpy as jnp  # noqa: E402
 import functional_cnn as fcn  # noqa: E402
 from experiments._common import one_cycle_adamw  # noqa: E402
 from experiments._tta_common import TRAIN_SIZE, Record, plan, recipe_parser  # noqa: E402
-from functional_cnn import data, prng, train, tuning  # noqa: E402
+from functional_cnn import data, dataparallel, prng, train, tuning  # noqa: E402
 from functional_cnn.precompile import precompile  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
@@ -65,6 +66,13 @@ CACHED = "measured before (cached)"
 # each (threefry: 20 unrolled rounds). The initial state's program: 7 kernels and 0.27-0.33
 # CPU-s to compile against 97 and 0.81-0.93 (AMD EPYC of docs/BENCHMARKS.md).
 PRNG = "fmix32"
+# Two host devices on a CPU (functional_cnn.dataparallel.per_device_gradients): each core runs
+# 16 images of every batch, where XLA:CPU's one device gained little from the second core (a
+# step of batch 32: 2.21 ms on one core, 2.15 on two). The race network's step on the AMD
+# EPYC of docs/BENCHMARKS.md: 1.30-1.95 against 1.72-2.78 ms (one process, alternating), for
+# 0.6 CPU-s more to compile; each device's BatchNorm normalizes its own 16 images: seeds 0-9,
+# 99.06% mean, 9 of 10 at 99.0%.
+DEVICES = 2
 
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
@@ -84,8 +92,10 @@ def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["paddin
     return fcn.serial(*layers, fcn.Linear(10))
 
 
-def trainer_for(args) -> Callable[[tuple], train.Trainer]:
-    """``pins -> Trainer``: the recipe's trainer, its convolutions trained by ``pins``."""
+def trainer_for(args, mesh=None) -> Callable[[tuple], train.Trainer]:
+    """``pins -> Trainer``: the recipe's trainer, its convolutions trained by ``pins``; over
+    ``mesh`` (:func:`host_mesh`) each device trains on its shard of every batch, with its own
+    BatchNorm statistics (``sync_batch_norm=False``)."""
     def make(pins):
         return train.make_trainer(
             net(args.widths, args.kernel, args.padding, args.hidden, pins),
@@ -94,7 +104,8 @@ def trainer_for(args) -> Callable[[tuple], train.Trainer]:
             optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay)),
             batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
             label_smoothing=args.label_smoothing, eval_batch_size=EVAL_CHUNK,
-            preprocess=lambda u8: data.normalize(u8, MEAN, STD))
+            preprocess=lambda u8: data.normalize(u8, MEAN, STD), mesh=mesh,
+            sync_batch_norm=mesh is None)
     return make
 
 
@@ -118,13 +129,14 @@ def formulations(args) -> tuple[tuple, str]:
     return recipe_formulations(), "recipe"
 
 
-def compiled_trainer(args, pins, pins_from: str):
-    """``(trainer, pins, pins_from)``: the trainer, its programs compiling on two threads from
-    here on; with the recipe's pins instead where cached ones cannot run (a layer's abstract
-    init refuses them: a cache written by other code)."""
+def compiled_trainer(args, pins, pins_from: str, mesh=None):
+    """``(trainer, pins, pins_from)``: the trainer (over ``mesh``), its programs compiling on
+    two threads from here on; with the recipe's pins instead where cached ones cannot run (a
+    layer's abstract init refuses them: a cache written by other code)."""
     images = {n: jax.ShapeDtypeStruct((n, 28, 28), jnp.uint8) for n in (TRAIN_SIZE, TEST_SIZE)}
     try:
-        return precompile(trainer_for(args)(pins), INPUT_SHAPE, train_images=images[TRAIN_SIZE],
+        return precompile(trainer_for(args, mesh)(pins), INPUT_SHAPE,
+                          train_images=images[TRAIN_SIZE],
                           eval_images=images[TEST_SIZE],
                           key=jax.eval_shape(lambda: seed_key(args, 0))), pins, pins_from
     except ValueError as err:
@@ -132,13 +144,38 @@ def compiled_trainer(args, pins, pins_from: str):
             raise
         print(f"the cached formulations {tuning.pins_text(pins)} cannot run ({err}); training "
               f"with the recipe's (the cache: {tuning.cache_file()})")
-        return compiled_trainer(args, recipe_formulations(), "recipe (the cached pins failed)")
+        return compiled_trainer(args, recipe_formulations(), "recipe (the cached pins failed)",
+                                mesh)
 
 
 def seed_key(args, seed: int):
     """The run's key: ``--prng``'s generator (fmix32: the initial state's program compiles in
     a third of threefry's CPU time, functional_cnn.prng)."""
     return jax.random.key(seed, impl=prng.FMIX32 if args.prng == "fmix32" else "threefry2x32")
+
+
+def host_mesh(devices: int | None):
+    """The mesh the race trains over: on a CPU, ``devices`` host devices (default: two, or one
+    on a one-core machine), each running its shard of every batch on one core; elsewhere, or
+    with one device, none. Call it first: JAX splits the CPU into devices only before it
+    first touches one (where it already has, as in a test's process, the devices it has)."""
+    if devices is None:
+        devices = min(DEVICES, len(os.sched_getaffinity(0)))
+    if devices > 1:
+        try:
+            jax.config.update("jax_num_cpu_devices", devices)
+        except RuntimeError:  # the backend is up already: keep its devices
+            pass
+    if jax.default_backend() != "cpu":
+        return None
+    devices = min(devices, jax.device_count())
+    return dataparallel.make_mesh(devices) if devices > 1 else None
+
+
+def load(split: str, root, mesh) -> data.Dataset:
+    """One MNIST split on the device, or replicated over ``mesh`` (here, beside the
+    compilations, rather than in the first call that needs it)."""
+    return dataparallel.replicate(data.load("MNIST", split, root), mesh)
 
 
 def recipe_formulations() -> tuple:
@@ -157,6 +194,10 @@ def parser():
                              "('none': as conv2d chooses), or 'tuned': measured in the "
                              "training step on this machine and cached; default: the cached "
                              "measurement if any, else the recipe's")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help=f"on a CPU: N host devices, each training on its share of every "
+                             f"batch with its own BatchNorm statistics (default: "
+                             f"{DEVICES}, at most the cores; 1: one device, the global batch)")
     parser.add_argument("--prng", default=PRNG, choices=("fmix32", "threefry"),
                         help="the generator of the run's keys (default %(default)s)")
     return parser
@@ -164,15 +205,15 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    mesh = host_mesh(args.devices)  # before anything touches a device
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     evaluate_at = plan(args)
     pins, pins_from = formulations(args)
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
-        loading = [loader.submit(data.load, "MNIST", split, args.data_dir)
-                   for split in ("train", "test")]
-        trainer, pins, pins_from = compiled_trainer(args, pins, pins_from)
+        loading = [loader.submit(load, split, args.data_dir, mesh) for split in ("train", "test")]
+        trainer, pins, pins_from = compiled_trainer(args, pins, pins_from, mesh)
         train_set, test_set = (job.result() for job in loading)
     if (len(train_set), len(test_set)) != (TRAIN_SIZE, TEST_SIZE):
         raise SystemExit(f"expected {TRAIN_SIZE} + {TEST_SIZE} MNIST images, got "
@@ -188,7 +229,7 @@ def main(argv=None):
                          compile_cache=bool(args.compile_cache),
                          recipe={k: getattr(args, k) for k in RECIPE},
                          formulations=list(pins), formulations_from=pins_from,
-                         prng=args.prng)
+                         prng=args.prng, devices=1 if mesh is None else mesh.size)
 
 
 if __name__ == "__main__":

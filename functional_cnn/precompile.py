@@ -19,11 +19,11 @@ dtypes when there is one (waiting for it if it is still compiling) and the ordin
 function, compiling on first use, otherwise. A compilation error is raised where the program
 is first called, as without precompiling.
 
-One device and the scanned epoch only (``mesh=None``, ``scan=True``): a mesh's sharded
-programs and the per-step loop keep compiling on first use. With ``FUNCTIONAL_CNN_CONV=auto``
-a convolution shape not yet in the cache is measured while it is traced, here on the calling
-thread or a worker, beside the other compilations, so its timings would be disturbed: run
-once without precompiling to fill the cache first.
+The scanned epoch only (``scan=True``): the per-step loop keeps compiling on first use. With
+a mesh every program is compiled for arguments replicated over it, as the trainer places
+them. With ``FUNCTIONAL_CNN_CONV=auto`` a convolution shape not yet in the cache is measured
+while it is traced, here on the calling thread or a worker, beside the other compilations, so
+its timings would be disturbed: run once without precompiling to fill the cache first.
 
 On 2 cores the compilations also compete with each other and with the data loading: XLA
 compiles one program on about 1.7 cores (the epoch of ``experiments/time_to_accuracy.py``:
@@ -44,7 +44,7 @@ from typing import Callable
 import jax
 from jax import numpy as jnp
 
-from . import train
+from . import dataparallel, train
 
 LABELS_DTYPE = jnp.int32  # functional_cnn.data's labels
 
@@ -74,8 +74,19 @@ class _AheadOfTime:
         return self.compiled.get(_signature(args), self.jitted)(*args)
 
 
-def _labels(n: int):
-    return jax.ShapeDtypeStruct((n,), LABELS_DTYPE)
+def _labels(n: int, sharding=None):
+    return jax.ShapeDtypeStruct((n,), LABELS_DTYPE, sharding=sharding)
+
+
+def _placed(cfg: train.TrainConfig, tree):
+    """Abstract values (or arrays) as the trainer's functions get them: replicated over its
+    mesh (the arguments' shardings are part of what a program is compiled for), or as they
+    are without one."""
+    if cfg.mesh is None:
+        return tree
+    sharding = dataparallel.replicated(cfg.mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        tree)
 
 
 def _here(fn, *args) -> Future:
@@ -96,7 +107,7 @@ def _compile_init(lowered: Future, key, input_shape) -> dict:
 
 
 def _compile_epoch(epoch, ts, images) -> dict:
-    labels = _labels(images.shape[0])
+    labels = _labels(images.shape[0], getattr(images, "sharding", None))
     return {_signature((ts, images, labels)): epoch.lower(ts, images, labels).compile()}
 
 
@@ -113,7 +124,8 @@ def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, jax.ShapeDtypeStruct]:
     (abstract)."""
     lowered = {}
     for size in _eval_chunks(cfg, images.shape[0]):
-        chunk = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype)
+        chunk = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype,
+                                     sharding=getattr(images, "sharding", None))
         program = logits.lower(ts.params, ts.state, chunk)
         lowered[_signature((ts.params, ts.state, chunk))] = program
     return lowered, program.out_info
@@ -127,8 +139,10 @@ def _compile_chunks(lowered_chunks: Future) -> tuple[dict, jax.ShapeDtypeStruct]
 def _compile_scores(chunks: Future, n: int) -> dict:
     """The scores of all ``n`` examples' logits (their width: from the chunks' program)."""
     _, chunk_logits = chunks.result()
-    all_logits = jax.ShapeDtypeStruct((n, chunk_logits.shape[-1]), chunk_logits.dtype)
-    compiled = train._scores.lower(all_logits, _labels(n)).compile()
+    sharding = getattr(chunk_logits, "sharding", None)
+    all_logits = jax.ShapeDtypeStruct((n, chunk_logits.shape[-1]), chunk_logits.dtype,
+                                      sharding=sharding)
+    compiled = train._scores.lower(all_logits, _labels(n, sharding)).compile()
     return {_signature((all_logits, _labels(n))): compiled}
 
 
@@ -140,16 +154,16 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     None to leave that program to compile on first use. ``key``: a PRNG key like the one
     ``init`` will get (default ``jax.random.key(0)``'s type)."""
     cfg = trainer.config
-    if cfg.mesh is not None or not cfg.scan:
-        raise ValueError("precompile: expected a one-device trainer with scan=True, got "
-                         f"mesh={cfg.mesh!r}, scan={cfg.scan}")
+    if not cfg.scan:
+        raise ValueError("precompile: expected a trainer with scan=True, got scan=False")
     key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
     input_shape = tuple(input_shape)
     fresh_state = train._fresh_state_program(cfg)
     # the state's shapes, by abstract evaluation; the initial state's and the evaluation's
     # programs lowered here, before the epoch's tracing takes the GIL, so that they compile on
     # a worker during that tracing
-    ts = jax.eval_shape(lambda k: train._fresh_state(cfg, k, input_shape), key)
+    ts = _placed(cfg, jax.eval_shape(lambda k: train._fresh_state(cfg, k, input_shape), key))
+    train_images, eval_images = _placed(cfg, (train_images, eval_images))
     lowered_init = _here(fresh_state.lower, key, input_shape)
     epoch = train._scan_epoch_program(cfg)
     logits = train._logits_program(cfg)
@@ -165,8 +179,9 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
         chunks.append(lambda: chunk_job.result()[0])
         scores.append(pool.submit(_compile_scores, chunk_job, eval_images.shape[0]).result)
     pool.shutdown(wait=False)
+    epoch = _AheadOfTime(epoch, epochs)
     return train.Trainer(
         cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, init)),
-        _AheadOfTime(epoch, epochs),
+        epoch if cfg.mesh is None else functools.partial(train._placed_epoch, cfg, epoch),
         functools.partial(train._predict, cfg, _AheadOfTime(logits, chunks)),
         _AheadOfTime(train._scores, scores))

@@ -11,6 +11,8 @@ import sys
 import time
 
 import jax
+import numpy as np
+import optax
 import pytest
 
 from functional_cnn import checkpoint, dataparallel, train, verify
@@ -38,6 +40,13 @@ def test_four_devices_match_one_device(tmp_path):
         assert case["params_rel_err"] < RTOL, (what, case)  # params and BatchNorm statistics
         assert case["loss4"] == pytest.approx(case["loss1"], rel=RTOL), (what, case)
         assert case["eval_loss4"] == pytest.approx(case["eval_loss1"], rel=RTOL), (what, case)
+    per_device = report["per_device_batch_norm"]
+    assert per_device["rel_err"] < RTOL, per_device  # each quarter's statistics, averaged
+    assert per_device["loss_sum"] == pytest.approx(per_device["ref_loss_sum"], rel=RTOL)
+    assert per_device["global_rel_diff"] > 100 * RTOL, per_device  # not the global batch's
+    ahead = report["precompiled_mesh"]
+    assert ahead == {"identical": True, "fallback_compiles": 0, "spread": 4}, ahead
+    assert report["race_devices"] == 2  # experiments/time_to_accuracy's default, of the 4
     four, one = report["cli"]["4"], report["cli"]["1"]
     assert (four["devices"], one["devices"]) == (4, 1)
     assert four["batch_size"] == one["batch_size"] == 12 and four["processes"] == 1
@@ -145,6 +154,30 @@ def test_one_device_mesh_matches_no_mesh():
         out.append(float(m["loss"]))
         assert (trainer.mesh is None) == (mesh is None)
     assert out[0] == pytest.approx(out[1], rel=1e-6)
+
+
+def test_per_device_batch_norm_on_a_one_device_mesh_matches_no_mesh():
+    """``sync_batch_norm=False`` over one device: the shard is the batch, the all-reduce a
+    sum of one; the same numbers as without a mesh."""
+    ds = tiny_data(20)
+    out = []
+    for mesh, sync in ((None, True), (dataparallel.make_mesh(1), False)):
+        # SGD: Adam would turn rounding noise in near-zero gradients into full-size steps
+        trainer = train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, mesh=mesh,
+                                     sync_batch_norm=sync)
+        ts, m = trainer.epoch(trainer.init(jax.random.key(0), (-1, 1, 28, 28)), ds.images,
+                              ds.labels)
+        out.append((jax.tree.leaves((ts.params, ts.state)), float(m["loss"])))
+    (a, la), (b, lb) = out
+    assert verify.max_errors([np.asarray(x) for x in a], [np.asarray(x) for x in b])[1] < RTOL
+    assert la == pytest.approx(lb, rel=RTOL)
+
+
+def test_sync_batch_norm_off_is_in_the_checkpoint_fingerprint():
+    on = train.make_trainer(small_net(), batch_size=4).config.fingerprint()
+    off = train.make_trainer(small_net(), batch_size=4, sync_batch_norm=False).config
+    assert "sync_batch_norm" not in on  # checkpoints written before the option still resume
+    assert off.fingerprint() == {**on, "sync_batch_norm": False}
 
 
 def test_distributed_config_from_flags_and_environment(monkeypatch):

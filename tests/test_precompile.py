@@ -52,8 +52,8 @@ def test_other_shapes_fall_back_to_the_jitted_functions():
     assert ahead.epoch.jitted._cache_size() == 1
 
 
-def test_precompile_refuses_a_mesh_or_the_step_loop():
-    with pytest.raises(ValueError, match="expected a one-device trainer with scan=True"):
+def test_precompile_refuses_the_step_loop():  # a mesh: tests/test_parallel.py
+    with pytest.raises(ValueError, match="expected a trainer with scan=True, got scan=False"):
         precompile(_trainer(scan=False), (-1, 1, 28, 28))
 
 
