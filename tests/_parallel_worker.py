@@ -47,8 +47,9 @@ def per_device_batch_norm():
     from functools import partial
     ds = TRAIN.range(0, 16)
     options = dict(batch_size=16, preprocess=lambda x: data.normalize(x, 0.5, 0.5))
-    mesh_cfg = train.make_trainer(models.mytorch_net(), optax.sgd(0.05), mesh=dataparallel.make_mesh(4),
-                                  sync_batch_norm=False, **options).config
+    mesh_cfg = train.make_trainer(models.mytorch_net(), optax.sgd(0.05),
+                                  mesh=dataparallel.make_mesh(4), sync_batch_norm=False,
+                                  **options).config
     one_cfg = train.make_trainer(models.mytorch_net(), optax.sgd(0.05), **options).config
     ts = train._fresh_state(one_cfg, jax.random.key(0), (-1, 1, 28, 28))
     key = jax.random.key(1)
