@@ -81,7 +81,9 @@ def _recipe(run: dict) -> str:
             + (f", conv2d's formulations in training {_pins(run['formulations'])}"
                if any(run.get("formulations") or ()) else "")
             + (", keys from functional_cnn.prng's FMIX32" if run.get("prng") == "fmix32"
-               else ""))
+               else "")
+            + (f", on {run['devices']} host devices (each its share of every batch, with its "
+               "own BatchNorm statistics)" if run.get("devices", 1) > 1 else ""))
 
 
 def _pins(formulations) -> str:

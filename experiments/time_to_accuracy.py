@@ -130,15 +130,23 @@ def formulations(args) -> tuple[tuple, str]:
 
 
 def compiled_trainer(args, pins, pins_from: str, mesh=None):
-    """``(trainer, pins, pins_from)``: the trainer (over ``mesh``), its programs compiling on
-    two threads from here on; with the recipe's pins instead where cached ones cannot run (a
-    layer's abstract init refuses them: a cache written by other code)."""
+    """``(trainer, evaluator, pins, pins_from)``: the trainer (over ``mesh``) and the one
+    evaluating on one device, their programs compiling on two threads from here on; with the
+    recipe's pins instead where cached ones cannot run (a layer's abstract init refuses them:
+    a cache written by other code)."""
     images = {n: jax.ShapeDtypeStruct((n, 28, 28), jnp.uint8) for n in (TRAIN_SIZE, TEST_SIZE)}
     try:
-        return precompile(trainer_for(args, mesh)(pins), INPUT_SHAPE,
-                          train_images=images[TRAIN_SIZE],
-                          eval_images=images[TEST_SIZE],
-                          key=jax.eval_shape(lambda: seed_key(args, 0))), pins, pins_from
+        trainer = precompile(trainer_for(args, mesh)(pins), INPUT_SHAPE,
+                             train_images=images[TRAIN_SIZE],
+                             eval_images=None if mesh else images[TEST_SIZE],
+                             key=jax.eval_shape(lambda: seed_key(args, 0)))
+        if mesh is None:
+            return trainer, trainer, pins, pins_from
+        # the test set split over two host devices took 0.05 s longer than on one, and its
+        # partitioned programs more to compile (AMD EPYC of docs/BENCHMARKS.md)
+        evaluator = precompile(trainer_for(args)(pins), INPUT_SHAPE, init=False,
+                               eval_images=images[TEST_SIZE], workers=1)
+        return trainer, evaluator, pins, pins_from
     except ValueError as err:
         if pins_from != CACHED:
             raise
@@ -178,6 +186,11 @@ def load(split: str, root, mesh) -> data.Dataset:
     return dataparallel.replicate(data.load("MNIST", split, root), mesh)
 
 
+def on_one_device(tree):
+    """``tree`` on the default device: one replica of a tree replicated over a mesh."""
+    return jax.device_put(tree, jax.devices()[0])
+
+
 def recipe_formulations() -> tuple:
     """:data:`FORMULATIONS` on a CPU; elsewhere none (conv2d keeps XLA's convolutions)."""
     return FORMULATIONS if jax.default_backend() == "cpu" else ()
@@ -212,8 +225,9 @@ def main(argv=None):
     evaluate_at = plan(args)
     pins, pins_from = formulations(args)
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
-        loading = [loader.submit(load, split, args.data_dir, mesh) for split in ("train", "test")]
-        trainer, pins, pins_from = compiled_trainer(args, pins, pins_from, mesh)
+        loading = [loader.submit(load, "train", args.data_dir, mesh),
+                   loader.submit(load, "test", args.data_dir, None)]
+        trainer, evaluator, pins, pins_from = compiled_trainer(args, pins, pins_from, mesh)
         train_set, test_set = (job.result() for job in loading)
     if (len(train_set), len(test_set)) != (TRAIN_SIZE, TEST_SIZE):
         raise SystemExit(f"expected {TRAIN_SIZE} + {TEST_SIZE} MNIST images, got "
@@ -222,7 +236,7 @@ def main(argv=None):
     record = Record(START, args.target)
     for steps in evaluate_at:
         ts, _ = trainer.epoch(ts, train_set.images, train_set.labels)
-        accuracy = train.evaluate(trainer, ts, test_set).accuracy
+        accuracy = train.evaluate(evaluator, on_one_device(ts), test_set).accuracy
         if record.evaluated(steps, steps * args.batch_size, accuracy):
             break
     return record.finish(args.json, framework="functional_cnn", vjp=args.vjp,

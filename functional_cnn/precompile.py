@@ -147,12 +147,13 @@ def _compile_scores(chunks: Future, n: int) -> dict:
 
 
 def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_images=None,
-               key=None, workers: int = 2) -> train.Trainer:
+               key=None, init: bool = True, workers: int = 2) -> train.Trainer:
     """``trainer`` with its programs compiling ahead, on ``workers`` threads (see the module
     docstring). ``input_shape`` as for ``trainer.init``; ``train_images`` / ``eval_images``:
     ``jax.ShapeDtypeStruct`` (or arrays) like the data sets' images (labels are int32), or
-    None to leave that program to compile on first use. ``key``: a PRNG key like the one
-    ``init`` will get (default ``jax.random.key(0)``'s type)."""
+    None to leave that program to compile on first use; ``init=False`` leaves the initial
+    state's program to compile on first use too (a trainer that will only evaluate). ``key``:
+    a PRNG key like the one ``init`` will get (default ``jax.random.key(0)``'s type)."""
     cfg = trainer.config
     if not cfg.scan:
         raise ValueError("precompile: expected a trainer with scan=True, got scan=False")
@@ -164,13 +165,13 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     # a worker during that tracing
     ts = _placed(cfg, jax.eval_shape(lambda k: train._fresh_state(cfg, k, input_shape), key))
     train_images, eval_images = _placed(cfg, (train_images, eval_images))
-    lowered_init = _here(fresh_state.lower, key, input_shape)
+    lowered_init = _here(fresh_state.lower, key, input_shape) if init else None
     epoch = train._scan_epoch_program(cfg)
     logits = train._logits_program(cfg)
     lowered_chunks = None if eval_images is None else _here(_lower_chunks, cfg, logits, ts,
                                                             eval_images)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
-    init = [pool.submit(_compile_init, lowered_init, key, input_shape).result]
+    init = [pool.submit(_compile_init, lowered_init, key, input_shape).result] if init else []
     epochs, chunks, scores = [], [], []
     if train_images is not None:
         epochs.append(pool.submit(_compile_epoch, epoch, ts, train_images).result)

@@ -105,6 +105,9 @@ def test_the_recipe_line_names_pinned_formulations():
     assert _recipe({**run, "prng": "fmix32"}).endswith(
         "label smoothing 0.1, keys from functional_cnn.prng's FMIX32")
     assert "prng" not in _recipe({**run, "prng": "threefry"})
+    assert _recipe({**run, "devices": 2}).endswith(
+        "on 2 host devices (each its share of every batch, with its own BatchNorm statistics)")
+    assert "devices" not in _recipe({**run, "devices": 1})
 
 
 def test_the_race_alternates_its_order(monkeypatch):

@@ -152,7 +152,8 @@ def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(
     monkeypatch.setattr(tta, "precompile", abstract_init_only)
     args = tta.parser().parse_args([])
     bad = (None, "taps")  # 8*5*5 = 200 products per output: more than taps takes
-    trainer, pins, pins_from = tta.compiled_trainer(args, bad, tta.CACHED)
+    trainer, evaluator, pins, pins_from = tta.compiled_trainer(args, bad, tta.CACHED)
+    assert evaluator is trainer  # one device (this process has one): no evaluator apart
     assert pins == ("taps", None) and pins_from.startswith("recipe")
     assert "train_formulation='taps'" in repr(trainer.config.net).split("BatchNorm2d")[0]
     assert "the cached formulations none,taps cannot run" in capsys.readouterr().out
