@@ -15,6 +15,10 @@ the interpreter (imports, data loading, compilation, training, evaluation): a co
 unless ``--compile-cache DIR`` lets a run reuse an earlier run's compiled programs (JAX's
 persistent compilation cache).
 
+On a CPU the batches are split over ``--devices`` host devices (default two, one per core:
+:func:`host_mesh`), each normalizing its share with its own BatchNorm statistics; the test set
+is evaluated on one device, and the formulations are measured (``tuned``) on one.
+
 Start-up is most of the race, so every program compiles ahead of time on two threads
 (:func:`functional_cnn.precompile.precompile`) while the data sets load, and the recipe needs
 one training program only (no ragged tail: ``--steps`` full batches). The plain-PyTorch script
@@ -168,7 +172,9 @@ def host_mesh(devices: int | None):
     with one device, none. Call it first: JAX splits the CPU into devices only before it
     first touches one (where it already has, as in a test's process, the devices it has)."""
     if devices is None:
-        devices = min(DEVICES, len(os.sched_getaffinity(0)))
+        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                 else os.cpu_count() or 1)
+        devices = min(DEVICES, cores)
     if devices > 1:
         try:
             jax.config.update("jax_num_cpu_devices", devices)

@@ -1,6 +1,10 @@
 """One-epoch smoke runs of every experiment on a few images of the shared MNIST, and the CLI."""
 import importlib
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -8,6 +12,8 @@ import pytest
 
 from functional_cnn import data
 from tests.conftest import needs_mnist
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SMOKE = {  # experiment -> train range (conv3x3 is batch size 1: keep it short)
     "conv3x3": (0, 20), "mytorch_net": (0, 64), "lenet": (0, 64), "mlp": (0, 64),
@@ -108,10 +114,13 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     from experiments import time_to_accuracy
 
     out = tmp_path / "tta.json"
-    argv = ["--steps", "200", "--batch-size", "64", "--target", "0.9", "--json", str(out)]
+    # one device: this process's devices must not depend on which test touches JAX first
+    argv = ["--steps", "200", "--batch-size", "64", "--target", "0.9", "--json", str(out),
+            "--devices", "1"]
     code = time_to_accuracy.main(argv)
     result = json.loads(out.read_text())
     assert code == 0 and result["reached"]  # 200 steps of batch 64 are far above 90%
+    assert result["devices"] == 1
     assert [h["steps"] for h in result["history"]] == [200]
     assert result["history"][0]["images"] == 200 * 64
     assert 0.9 <= result["history"][0]["test_accuracy"] <= 1.0
@@ -120,6 +129,23 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     # nothing measured in this session's cache: the recipe's pins
     assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", None]
     assert result["formulations_from"] == "recipe" and result["prng"] == "fmix32"
+
+
+@needs_mnist
+def test_time_to_accuracy_trains_on_two_host_devices_by_default(tmp_path):
+    """A fresh process (JAX splits the CPU before its first use): two host devices where
+    there are two cores, training each its half of every batch, the evaluation on one."""
+    out = tmp_path / "tta.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    done = subprocess.run([sys.executable, "-m", "experiments.time_to_accuracy", "--steps",
+                           "150", "--target", "0.8", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cores = len(os.sched_getaffinity(0))
+    assert result["devices"] == min(2, cores) and result["reached"], result
+    assert 0.8 <= result["history"][0]["test_accuracy"] <= 1.0
 
 
 def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_path,
