@@ -21,14 +21,32 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 from experiments._machine import cpu_model
 from benchmarks import _report
 from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 
-# name -> (network, global batch size, scan); batch sizes divide by 1, 2, 4, 8
-CASES = {"lenet": ("lenet", 64, False), "mytorch_net (BatchNorm)": ("mytorch_net", 40, False),
-         "mlp": ("mlp", 64, True)}
+class Case(NamedTuple):
+    network: str  # a function of functional_cnn.models, or "race": experiments.time_to_accuracy's
+    batch: int  # global; divides by 1, 2, 4, 8
+    scan: bool
+    sync_batch_norm: bool = True  # False: each device's BatchNorm normalizes its own shard
+
+
+CASES = {"lenet": Case("lenet", 64, False),
+         "mytorch_net (BatchNorm)": Case("mytorch_net", 40, False),
+         "mytorch_net (per-device BatchNorm)": Case("mytorch_net", 40, False, False),
+         "race network (per-device BatchNorm)": Case("race", 32, True, False),
+         "mlp": Case("mlp", 64, True)}
+
+
+def _network(name: str):
+    if name == "race":
+        from experiments import time_to_accuracy
+        return time_to_accuracy.net()
+    from functional_cnn import models
+    return getattr(models, name)()
 
 
 # ----------------------------------------------------------------------------- worker
@@ -37,7 +55,7 @@ def worker(images: int):
     import numpy as np
     from jax import numpy as jnp
 
-    from functional_cnn import data, dataparallel, models, train
+    from functional_cnn import data, dataparallel, train
 
     try:
         ds, source = data.load("MNIST", "train", download=False).range(0, images), "MNIST"
@@ -48,9 +66,10 @@ def worker(images: int):
         source = "synthetic"
     mesh = dataparallel.make_mesh()  # every device of this process
     trainers, states = {}, {}
-    for name, (net, batch, scan) in CASES.items():
-        trainer = train.make_trainer(getattr(models, net)(), train.adamw(), batch_size=batch,
-                                     scan=scan, mesh=mesh)
+    for name, case in CASES.items():
+        trainer = train.make_trainer(_network(case.network), train.adamw(),
+                                     batch_size=case.batch, scan=case.scan, mesh=mesh,
+                                     sync_batch_norm=case.sync_batch_norm)
         ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
         ts, m = trainer.epoch(ts, ds.images, ds.labels)  # compile (full batches and the tail)
         float(m["loss"])
@@ -117,7 +136,7 @@ def table(medians, devices, info, images, rounds):
     first = info[devices[0]]
     header = ["network (global batch)"] + [f"{n} device{'s' * (n > 1)}" for n in devices]
     cells = []
-    for case, (_, batch, scan) in CASES.items():
+    for case, (_, batch, scan, _) in CASES.items():
         base = medians[case, devices[0]]
         cells.append([f"{case} ({batch}, {'scan' if scan else 'per-step'})"]
                      + [f"{medians[case, n]:,.0f} img/s ({medians[case, n] / base:.2f}x)"
@@ -136,15 +155,17 @@ def section(rows, setup, platform_name, device_kind, command):
         note = (
             "On the CPU the N devices are `--xla_force_host_platform_device_count=N` *host* "
             "devices: XLA:CPU runs each device's share of the batch on the same cores (this "
-            f"machine has {os.cpu_count()}), so **no speedup is expected or seen**; the columns "
+            f"machine has {os.cpu_count()}). With global-batch BatchNorm the columns mostly "
             "measure what the sharding costs (smaller per-device convolutions, the all-reduces "
             "of the gradients and of BatchNorm's statistics, one dispatch per device, and for the "
             "per-step networks a wait after every step, which XLA:CPU needs with several devices "
-            "to avoid a collective deadlock). The "
-            "point of these runs is that the same code runs sharded and, as "
-            "`tests/test_parallel.py` checks, gives the same parameters and loss as on one "
-            "device. Accelerators are measured by the same command with `--platform gpu`, on "
-            "a machine with several of them.")
+            "to avoid a collective deadlock); the point of those runs is that the same code "
+            "runs sharded and, as `tests/test_parallel.py` checks, gives the same parameters and "
+            "loss as on one device. With per-device BatchNorm (`make_trainer(sync_batch_norm="
+            "False)`: each device its shard alone, one all-reduce a step) up to one device per "
+            "core can gain, where XLA:CPU's one device leaves a core idle. Accelerators are "
+            "measured by the same command with `--platform gpu`, on a machine with several of "
+            "them.")
     else:
         note = (f"The N devices are real accelerators ({device_kind}), the first N of them "
                 "(`CUDA_VISIBLE_DEVICES`).")

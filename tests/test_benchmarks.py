@@ -46,6 +46,8 @@ def test_scaling_section_says_which_devices_it_measured():
     cpu = bench_devices.section("| rows |", "cpu (cpu)", "cpu", "cpu", "python -m x")
     assert "`--xla_force_host_platform_device_count=N` *host* devices" in cpu
     assert "lent" not in cpu  # it knows what it ran on, not what a task was given
+    assert "With per-device BatchNorm (`make_trainer(sync_batch_norm=False)`" in cpu
+    assert {c.sync_batch_norm for c in bench_devices.CASES.values()} == {True, False}
     gpu = bench_devices.section("| rows |", "gpu (NVIDIA H100)", "gpu", "NVIDIA H100",
                                 "python -m x")
     assert "real accelerators (NVIDIA H100)" in gpu and "host" not in gpu
