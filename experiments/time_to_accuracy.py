@@ -28,6 +28,7 @@ import time
 
 START = time.perf_counter()  # first statement: imports below count
 
+import argparse  # noqa: E402
 import os  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Callable  # noqa: E402
@@ -182,7 +183,10 @@ def host_mesh(devices: int | None):
             pass
     if jax.default_backend() != "cpu":
         return None
-    devices = min(devices, jax.device_count())
+    if devices > jax.device_count():
+        print(f"asked for {devices} host devices, but JAX's CPU backend started with "
+              f"{jax.device_count()} before this run could split it: training on those")
+        devices = jax.device_count()
     return dataparallel.make_mesh(devices) if devices > 1 else None
 
 
@@ -202,6 +206,13 @@ def recipe_formulations() -> tuple:
     return FORMULATIONS if jax.default_backend() == "cpu" else ()
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of devices, got {value}")
+    return value
+
+
 def parser():
     """This script's command line: the recipe's flags (its defaults) and its own."""
     parser = recipe_parser(__doc__.splitlines()[0], **RECIPE)
@@ -213,7 +224,7 @@ def parser():
                              "('none': as conv2d chooses), or 'tuned': measured in the "
                              "training step on this machine and cached; default: the cached "
                              "measurement if any, else the recipe's")
-    parser.add_argument("--devices", type=int, metavar="N",
+    parser.add_argument("--devices", type=_positive, metavar="N",
                         help=f"on a CPU: N host devices, each training on its share of every "
                              f"batch with its own BatchNorm statistics (default: "
                              f"{DEVICES}, at most the cores; 1: one device, the global batch)")

@@ -148,6 +148,20 @@ def test_time_to_accuracy_trains_on_two_host_devices_by_default(tmp_path):
     assert 0.8 <= result["history"][0]["test_accuracy"] <= 1.0
 
 
+def test_time_to_accuracy_devices_flag(capsys):
+    from experiments import time_to_accuracy as tta
+    with pytest.raises(SystemExit):
+        tta.parser().parse_args(["--devices", "0"])
+    assert "expected a positive number of devices, got 0" in capsys.readouterr().err
+    jax.devices()  # this process's backend is up: it cannot be split any more
+    assert tta.host_mesh(1) is None
+    n = jax.device_count()
+    mesh = tta.host_mesh(n + 1)  # more than the backend has: what it has, and it says so
+    assert (1 if mesh is None else mesh.size) == n
+    assert f"asked for {n + 1} host devices, but JAX's CPU backend started with {n}" in \
+        capsys.readouterr().out
+
+
 def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_path,
                                                                             monkeypatch):
     from experiments import time_to_accuracy as tta
