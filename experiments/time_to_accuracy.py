@@ -206,7 +206,7 @@ def recipe_formulations() -> tuple:
     return FORMULATIONS if jax.default_backend() == "cpu" else ()
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of devices, got {value}")
@@ -224,7 +224,7 @@ def parser():
                              "('none': as conv2d chooses), or 'tuned': measured in the "
                              "training step on this machine and cached; default: the cached "
                              "measurement if any, else the recipe's")
-    parser.add_argument("--devices", type=_positive, metavar="N",
+    parser.add_argument("--devices", type=positive_int, metavar="N",
                         help=f"on a CPU: N host devices, each training on its share of every "
                              f"batch with its own BatchNorm statistics (default: "
                              f"{DEVICES}, at most the cores; 1: one device, the global batch)")
@@ -240,6 +240,10 @@ def main(argv=None):
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     evaluate_at = plan(args)
+    try:  # here, not where the formulations' fallback would take it for theirs
+        dataparallel.check_divides(args.batch_size, mesh, where="time_to_accuracy")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     pins, pins_from = formulations(args)
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
         loading = [loader.submit(load, "train", args.data_dir, mesh),

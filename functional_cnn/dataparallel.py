@@ -9,7 +9,10 @@ computation over the devices and inserts the all-reduces where a value needs the
 the gradient of the batch-mean loss, and BatchNorm's batch mean and variance. BatchNorm in
 data-parallel training therefore normalizes with the statistics of the global batch, exactly as
 on one device, and the result does not depend on the number of devices (up to float rounding of
-the reductions; ``tests/test_parallel.py`` checks 4 devices against 1).
+the reductions; ``tests/test_parallel.py`` checks 4 devices against 1). The exception is asked
+for by name: with ``make_trainer(sync_batch_norm=False)`` each device runs its shard alone
+(:func:`per_device_gradients`), its BatchNorm with its shard's statistics, and the result
+depends on the number of devices.
 
 Multi-host: every process runs the same script. :func:`initialize_distributed` calls
 :func:`jax.distributed.initialize` only when asked, by flags or by the environment variables
@@ -25,6 +28,7 @@ import os
 
 import jax
 import numpy as np
+from jax import numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -172,7 +176,8 @@ def per_device_gradients(gradients, mesh: Mesh, reduction: str):
     differ between shards.
 
     Each device's BatchNorm normalizes with its own shard's statistics, as torch's
-    ``DistributedDataParallel`` does without ``SyncBatchNorm``: the result depends on the
+    ``DistributedDataParallel`` does without ``SyncBatchNorm`` (whose running statistics are
+    rank 0's, broadcast; here they are the devices' average): the result depends on the
     number of devices. What it buys is one collective per step instead of one for every
     BatchNorm statistic forward and backward and every gradient, which XLA:CPU pays for in
     rendezvous between host devices (``make_trainer(sync_batch_norm=False)``)."""
@@ -185,9 +190,11 @@ def per_device_gradients(gradients, mesh: Mesh, reduction: str):
         # would be a kernel of its own (16 more, 0.4 CPU-s more to compile the race's epoch)
         flat_grads, unravel_grads = ravel_pytree(grads)
         flat_state, unravel_state = ravel_pytree(new_state)
-        # (the count in float32, exact below 2^24: an int32 would be a second all-reduce)
+        # the count as a float (exact below 2^24 in float32): an int32 would be a second
+        # all-reduce
+        count_dtype = jnp.promote_types(loss_sum.dtype, jnp.float32)
         flat_grads, flat_state, loss_sum, count = jax.lax.psum(
-            (flat_grads, flat_state, loss_sum, correct.astype(loss_sum.dtype)), AXIS)
+            (flat_grads, flat_state, loss_sum, correct.astype(count_dtype)), AXIS)
         if reduction == "mean":
             flat_grads = flat_grads / n
         return unravel_grads(flat_grads), (unravel_state(flat_state / n), loss_sum,

@@ -20,8 +20,9 @@ function, compiling on first use, otherwise. A compilation error is raised where
 is first called, as without precompiling.
 
 The scanned epoch only (``scan=True``): the per-step loop keeps compiling on first use. With
-a mesh every program is compiled for arguments replicated over it, as the trainer places
-them. With ``FUNCTIONAL_CNN_CONV=auto`` a convolution shape not yet in the cache is measured
+a mesh the epoch's and the evaluation's programs are compiled for arguments replicated over
+it, as the trainer places them (the initial state is computed on one device and replicated
+after). With ``FUNCTIONAL_CNN_CONV=auto`` a convolution shape not yet in the cache is measured
 while it is traced, here on the calling thread or a worker, beside the other compilations, so
 its timings would be disturbed: run once without precompiling to fill the cache first.
 
@@ -171,7 +172,7 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     lowered_chunks = None if eval_images is None else _here(_lower_chunks, cfg, logits, ts,
                                                             eval_images)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
-    init = [pool.submit(_compile_init, lowered_init, key, input_shape).result] if init else []
+    inits = [pool.submit(_compile_init, lowered_init, key, input_shape).result] if init else []
     epochs, chunks, scores = [], [], []
     if train_images is not None:
         epochs.append(pool.submit(_compile_epoch, epoch, ts, train_images).result)
@@ -182,7 +183,7 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     pool.shutdown(wait=False)
     epoch = _AheadOfTime(epoch, epochs)
     return train.Trainer(
-        cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, init)),
+        cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, inits)),
         epoch if cfg.mesh is None else functools.partial(train._placed_epoch, cfg, epoch),
         functools.partial(train._predict, cfg, _AheadOfTime(logits, chunks)),
         _AheadOfTime(train._scores, scores))

@@ -114,6 +114,18 @@ def _check_config(batch_size, reduction, eval_batch_size, steps_per_epoch):
                          f"{reduction!r}")
 
 
+def _check_sync_batch_norm(sync_batch_norm, batch_size, mesh):
+    if not isinstance(sync_batch_norm, bool):
+        raise ValueError(f"make_trainer: expected sync_batch_norm True or False, got "
+                         f"{sync_batch_norm!r}")
+    if not sync_batch_norm and mesh is not None and mesh.size > 1 and batch_size < 2 * mesh.size:
+        raise ValueError(
+            f"make_trainer: sync_batch_norm=False normalizes each device's shard by its own "
+            f"statistics, which needs at least 2 examples per device; batch_size "
+            f"{batch_size} over {mesh.size} devices gives {batch_size // mesh.size}. Use a "
+            f"batch size of at least {2 * mesh.size}, fewer devices, or sync_batch_norm=True")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training configuration, frozen; :func:`make_trainer` documents the fields.
@@ -143,6 +155,7 @@ class TrainConfig:
         _check_config(self.batch_size, self.reduction, self.eval_batch_size,
                       self.steps_per_epoch)
         dataparallel.check_divides(self.batch_size, self.mesh)
+        _check_sync_batch_norm(self.sync_batch_norm, self.batch_size, self.mesh)
         if self.optimizer is None:  # frozen: the defaults are resolved once, here
             object.__setattr__(self, "optimizer", adamw())
         if self.loss is None:
@@ -154,8 +167,15 @@ class TrainConfig:
                     "vjp": self.vjp, "label_smoothing": self.label_smoothing,
                     "shuffle": self.shuffle, "augment": self.augment is not None,
                     "scan": self.scan, "steps_per_epoch": self.steps_per_epoch}
-        # only where it is off: checkpoints written before the option still resume
-        return settings if self.sync_batch_norm else {**settings, "sync_batch_norm": False}
+        if self.per_device_batch_norm:  # the result depends on the number of devices
+            settings["per_device_batch_norm"] = self.mesh.size
+        return settings  # otherwise as before the option: their checkpoints still resume
+
+    @property
+    def per_device_batch_norm(self) -> bool:
+        """Whether each device trains on its shard alone (``sync_batch_norm=False`` over
+        several devices)."""
+        return not self.sync_batch_norm and self.mesh is not None and self.mesh.size > 1
 
     @property
     def wait_each_call(self) -> bool:
@@ -230,10 +250,12 @@ def _batch_gradients(cfg: TrainConfig, params, model_state, x, labels, drop_key)
 
 def _gradients(cfg: TrainConfig, batch_size: int) -> Callable:
     """:func:`_batch_gradients`, on each device's shard where the trainer asks for per-device
-    BatchNorm statistics (``sync_batch_norm=False``) and the batch splits evenly; a ragged
-    tail that does not split is computed as one batch, replicated."""
+    BatchNorm statistics (``sync_batch_norm=False``) and the batch splits evenly into shards
+    of at least 2 examples; a ragged tail that does not is computed as one batch, replicated
+    (with the whole tail's statistics)."""
     gradients = functools.partial(_batch_gradients, cfg)
-    if cfg.mesh is None or cfg.sync_batch_norm or batch_size % cfg.mesh.size:
+    n = 1 if cfg.mesh is None else cfg.mesh.size
+    if not cfg.per_device_batch_norm or batch_size % n or batch_size < 2 * n:
         return gradients
     return dataparallel.per_device_gradients(gradients, cfg.mesh, cfg.reduction)
 
@@ -396,8 +418,11 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       number of devices; the gradients, running statistics and metrics are combined by one
       all-reduce per step (:func:`~functional_cnn.dataparallel.per_device_gradients`). What
       it buys is speed where collectives are dear: two host devices on a 2-core CPU run the
-      race network of ``experiments/time_to_accuracy.py`` 1.3-1.4x faster than one device.
-      A ragged tail that does not split evenly is computed as one batch, replicated.
+      race network of ``experiments/time_to_accuracy.py`` 1.2-1.4x faster than one device
+      (docs/BENCHMARKS.md). The batch size must give each device at least 2 examples
+      (``ValueError`` otherwise); a ragged tail that does not split evenly into such shards
+      is computed as one batch, replicated. Without a mesh, or over one device, it changes
+      nothing.
     """
     cfg = TrainConfig(net, optimizer, **options)
     jit = _jit(cfg.mesh)

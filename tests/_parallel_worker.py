@@ -40,41 +40,73 @@ def compare(name, **kw):
             "seconds": time.perf_counter() - t0}
 
 
-def per_device_batch_norm():
-    """One step of a BatchNorm network with ``sync_batch_norm=False`` on the 4-device mesh
-    against the same step written out on one device: each quarter of the batch's gradient
-    and BatchNorm update computed alone, then averaged."""
+def _dropout_bn_net():
+    import functional_cnn as fcn
+    return fcn.serial(fcn.Conv2d(4, 3, stride=2), fcn.BatchNorm2d(), fcn.ReLU(), fcn.Flatten(),
+                      fcn.Dropout(0.5), fcn.Linear(10))
+
+
+def _by_shards(cfg, ts, images, labels, key, shards):
+    """One step written out shard by shard on one device: each shard's gradient, BatchNorm
+    update and dropout (its key folded with the shard's index) alone, then combined."""
+    _, drop_key = jax.random.split(key)
+    x, size = cfg.preprocess(images), images.shape[0] // shards
+    outs = [train._batch_gradients(cfg, ts.params, ts.state, x[i * size:(i + 1) * size],
+                                   labels[i * size:(i + 1) * size],
+                                   jax.random.fold_in(drop_key, i)) for i in range(shards)]
+    total = lambda *v: sum(v)  # noqa: E731
+    grads = jax.tree.map(total, *[o[0] for o in outs])
+    if cfg.reduction == "mean":
+        grads = jax.tree.map(lambda g: g / shards, grads)
+    state = jax.tree.map(lambda *v: sum(v) / shards, *[o[1][0] for o in outs])
+    updates, opt_state = cfg.optimizer.update(grads, ts.opt_state, ts.params)
+    ts = train.TrainState(optax.apply_updates(ts.params, updates), state, opt_state,
+                          ts.step + 1, ts.key)
+    return ts, (sum(o[1][1] for o in outs), sum(o[1][2] for o in outs))
+
+
+def per_device_epoch(reduction):
+    """An epoch of a BatchNorm + Dropout network with ``sync_batch_norm=False`` on the
+    4-device mesh (a batch of 16, then a tail of 4, whose shards of 1 run as one batch,
+    replicated) against the same written out on one device."""
     from functools import partial
-    ds = TRAIN.range(0, 16)
-    options = dict(batch_size=16, preprocess=lambda x: data.normalize(x, 0.5, 0.5))
-    mesh_cfg = train.make_trainer(models.mytorch_net(), optax.sgd(0.05),
-                                  mesh=dataparallel.make_mesh(4), sync_batch_norm=False,
-                                  **options).config
-    one_cfg = train.make_trainer(models.mytorch_net(), optax.sgd(0.05), **options).config
-    ts = train._fresh_state(one_cfg, jax.random.key(0), (-1, 1, 28, 28))
-    key = jax.random.key(1)
+    ds = TRAIN.range(0, 20)
+    # the same step size either way (a sum's gradient is the batch size times the mean's)
+    sgd = optax.sgd(0.05 if reduction == "mean" else 0.05 / 16)
+    options = dict(batch_size=16, shuffle=False, reduction=reduction,
+                   preprocess=lambda x: data.normalize(x, 0.5, 0.5))
+    mesh_cfg = train.make_trainer(_dropout_bn_net(), sgd, mesh=dataparallel.make_mesh(4),
+                                  sync_batch_norm=False, **options).config
+    one_cfg = train.make_trainer(_dropout_bn_net(), sgd, **options).config
+    ts0 = train._fresh_state(one_cfg, jax.random.key(0), (-1, 1, 28, 28))
+    mesh_ts, metrics = jax.jit(partial(train._scan_epoch, mesh_cfg))(
+        dataparallel.replicate(ts0, mesh_cfg.mesh), ds.images, ds.labels)
 
-    def by_quarters(ts, images, labels):
-        x = one_cfg.preprocess(images)
-        outs = [train._batch_gradients(one_cfg, ts.params, ts.state, x[i:i + 4],
-                                       labels[i:i + 4], None) for i in range(0, 16, 4)]
-        mean = lambda *v: sum(v) / 4  # noqa: E731
-        grads = jax.tree.map(mean, *[o[0] for o in outs])
-        state = jax.tree.map(mean, *[o[1][0] for o in outs])
-        updates, _ = one_cfg.optimizer.update(grads, ts.opt_state, ts.params)
-        return optax.apply_updates(ts.params, updates), state, sum(o[1][1] for o in outs)
+    def reference(ts, images, labels):
+        ts, full, tail, step_key = train._epoch_start(one_cfg, ts, labels)
+        ts, (loss, correct) = _by_shards(one_cfg, ts, images[full[0]], labels[full[0]],
+                                         jax.random.fold_in(step_key, 0), 4)
+        ts, (tail_loss, tail_correct) = train._train_step(
+            one_cfg, ts, images[tail], labels[tail], jax.random.fold_in(step_key, 1))
+        return ts, (loss + tail_loss) / 20, (correct + tail_correct) / 20
 
-    mesh_ts, (loss_sum, _) = jax.jit(partial(train._train_step, mesh_cfg))(
-        dataparallel.replicate(ts, mesh_cfg.mesh), ds.images, ds.labels, key)
-    params, state, ref_loss_sum = jax.jit(by_quarters)(ts, ds.images, ds.labels)
-    whole = train._batch_gradients(one_cfg, ts.params, ts.state, one_cfg.preprocess(ds.images),
-                                   ds.labels, None)[0]  # the global batch's: not what ran
-    flat = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
-    return {"rel_err": verify.max_errors(flat((mesh_ts.params, mesh_ts.state)),
-                                         flat((params, state)))[1],
-            "loss_sum": float(loss_sum), "ref_loss_sum": float(ref_loss_sum),
-            "global_rel_diff": verify.max_errors(flat(jax.tree.map(
-                lambda p, g: p - 0.05 * g, ts.params, whole)), flat(params))[1]}
+    ref_ts, ref_loss, ref_accuracy = jax.jit(reference)(ts0, ds.images, ds.labels)
+    global_ts, _ = jax.jit(partial(train._scan_epoch, one_cfg))(ts0, ds.images, ds.labels)
+    flat = lambda ts: [np.asarray(x) for x in jax.tree.leaves((ts.params, ts.state))]  # noqa
+    return {"rel_err": verify.max_errors(flat(mesh_ts), flat(ref_ts))[1],
+            "loss": float(metrics["loss"]), "ref_loss": float(ref_loss),
+            "accuracy": float(metrics["accuracy"]), "ref_accuracy": float(ref_accuracy),
+            "global_rel_diff": verify.max_errors(flat(global_ts), flat(ref_ts))[1]}
+
+
+def per_device_config():
+    """What the option puts in checkpoints, and the batch it refuses."""
+    def config(devices, batch=16):
+        return train.make_trainer(_dropout_bn_net(), batch_size=batch, sync_batch_norm=False,
+                                  mesh=dataparallel.make_mesh(devices)).config
+    return {"fingerprints": [config(d).fingerprint().get("per_device_batch_norm")
+                             for d in (1, 2, 4)],
+            "too_small": message(lambda: config(4, batch=4))}
 
 
 def precompiled_mesh():
@@ -98,7 +130,8 @@ def precompiled_mesh():
                         train.evaluate(trainer, ts, test).loss))
     (a, la, ea), (b, lb, eb) = results
     return {"identical": all(bool((x == y).all()) for x, y in zip(a, b)) and la == lb
-            and ea == eb, "fallback_compiles": ahead.epoch.args[1].jitted._cache_size(),
+            and ea == eb, "fallback_compiles": ahead.epoch.args[1].jitted._cache_size()
+            + ahead.predict.args[1].jitted._cache_size(),
             "spread": len(b[0].sharding.device_set)}
 
 
@@ -132,10 +165,12 @@ def main():
         compare("mytorch_net scan", net=models.mytorch_net, n_images=132, batch_size=16,
                 scan=True, optimizer=optax.sgd(0.05)),
     ]
-    report["per_device_batch_norm"] = per_device_batch_norm()
+    report["per_device"] = {r: per_device_epoch(r) for r in ("mean", "sum")}
+    report["per_device_config"] = per_device_config()
     report["precompiled_mesh"] = precompiled_mesh()
     from experiments import time_to_accuracy
-    report["race_devices"] = time_to_accuracy.host_mesh(None).size  # the backend's are up
+    race_mesh = time_to_accuracy.host_mesh(None)  # the backend's devices are up already
+    report["race_devices"] = 1 if race_mesh is None else race_mesh.size
     report["cli"] = {d: cli(d) for d in (4, 1)}
     from experiments import mytorch_net
     report["errors"] = {

@@ -146,6 +146,12 @@ def test_time_to_accuracy_trains_on_two_host_devices_by_default(tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert result["devices"] == min(2, cores) and result["reached"], result
     assert 0.8 <= result["history"][0]["test_accuracy"] <= 1.0
+    if cores >= 2:  # a batch that does not split: said before anything compiles
+        odd = subprocess.run([sys.executable, "-m", "experiments.time_to_accuracy",
+                              "--batch-size", "31"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert odd.returncode != 0 and "Traceback" not in odd.stderr, odd.stderr[-3000:]
+        assert "global batch size 31 does not divide evenly over 2 devices" in odd.stderr
 
 
 def test_time_to_accuracy_devices_flag(capsys):
@@ -193,7 +199,7 @@ def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(
     args = tta.parser().parse_args([])
     bad = (None, "taps")  # 8*5*5 = 200 products per output: more than taps takes
     trainer, evaluator, pins, pins_from = tta.compiled_trainer(args, bad, tta.CACHED)
-    assert evaluator is trainer  # one device (this process has one): no evaluator apart
+    assert evaluator is trainer  # no mesh given: one trainer trains and evaluates
     assert pins == ("taps", None) and pins_from.startswith("recipe")
     assert "train_formulation='taps'" in repr(trainer.config.net).split("BatchNorm2d")[0]
     assert "the cached formulations none,taps cannot run" in capsys.readouterr().out
