@@ -73,10 +73,11 @@ CACHED = "measured before (cached)"
 PRNG = "fmix32"
 # Two host devices on a CPU (functional_cnn.dataparallel.per_device_gradients): each core runs
 # 16 images of every batch, where XLA:CPU's one device gained little from the second core (a
-# step of batch 32: 2.21 ms on one core, 2.15 on two). The race network's step on the AMD
-# EPYC of docs/BENCHMARKS.md: 1.30-1.95 against 1.72-2.78 ms (one process, alternating), for
-# 0.6 CPU-s more to compile; each device's BatchNorm normalizes its own 16 images: seeds 0-9,
-# 99.06% mean, 9 of 10 at 99.0%.
+# step of batch 32: 2.21 ms on one core, 2.15 on two). On the AMD EPYC of docs/BENCHMARKS.md
+# the race network's step ran 1.2-1.4x faster (one process, alternating), its epoch up to 0.4
+# CPU-s more to compile, and the race took 5.26 s median against 5.63 (10 alternating
+# processes each). Each device's BatchNorm normalizes its own 16 images: seeds 0-19, 18 of 20
+# at 99.0%, mean 99.07%.
 DEVICES = 2
 
 
