@@ -120,31 +120,41 @@ def _eval_chunks(cfg: train.TrainConfig, n: int) -> list[int]:
     return sorted(sizes)
 
 
-def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, jax.ShapeDtypeStruct]:
-    """The prediction chunks of ``images``-shaped data, lowered, and one chunk's logits
-    (abstract)."""
-    lowered = {}
+def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, list]:
+    """The prediction chunks of ``images``-shaped data, lowered, and every chunk's logits
+    (abstract, in order)."""
+    lowered, out = {}, {}
+    start = jax.ShapeDtypeStruct((), jnp.int32)
     for size in _eval_chunks(cfg, images.shape[0]):
-        chunk = jax.ShapeDtypeStruct((size, *images.shape[1:]), images.dtype,
-                                     sharding=getattr(images, "sharding", None))
-        program = logits.lower(ts.params, ts.state, chunk)
-        lowered[_signature((ts.params, ts.state, chunk))] = program
-    return lowered, program.out_info
+        program = logits.lower(size, ts.params, ts.state, images, start)
+        lowered[_signature((size, ts.params, ts.state, images, start))] = program
+        out[size] = program.out_info
+    n, step = images.shape[0], cfg.eval_batch_size
+    return lowered, [out[min(step, n - i)] for i in range(0, n, step)]
 
 
-def _compile_chunks(lowered_chunks: Future) -> tuple[dict, jax.ShapeDtypeStruct]:
-    lowered, out_info = lowered_chunks.result()
-    return {sig: low.compile() for sig, low in lowered.items()}, out_info
+def _compile_chunks(lowered_chunks: Future) -> tuple[dict, list]:
+    lowered, chunk_logits = lowered_chunks.result()
+    # the compiled programs take no static argument (the chunk's size)
+    compiled = {sig: _without_size(low.compile()) for sig, low in lowered.items()}
+    return compiled, chunk_logits
 
 
-def _compile_scores(chunks: Future, n: int) -> dict:
-    """The scores of all ``n`` examples' logits (their width: from the chunks' program)."""
+def _without_size(compiled):
+    return lambda size, *args: compiled(*args)
+
+
+def _compile_scores(chunks: Future, n: int) -> tuple[dict, dict]:
+    """The chunks' concatenation and the scores of all ``n`` examples' logits (their
+    shapes: from the chunks' programs)."""
     _, chunk_logits = chunks.result()
-    sharding = getattr(chunk_logits, "sharding", None)
-    all_logits = jax.ShapeDtypeStruct((n, chunk_logits.shape[-1]), chunk_logits.dtype,
+    sharding = getattr(chunk_logits[0], "sharding", None)
+    all_logits = jax.ShapeDtypeStruct((n, chunk_logits[0].shape[-1]), chunk_logits[0].dtype,
                                       sharding=sharding)
+    concatenate = train._concatenate.lower(chunk_logits).compile()
     compiled = train._scores.lower(all_logits, _labels(n, sharding)).compile()
-    return {_signature((all_logits, _labels(n))): compiled}
+    return ({_signature((chunk_logits,)): concatenate},
+            {_signature((all_logits, _labels(n))): compiled})
 
 
 def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_images=None,
@@ -173,17 +183,20 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
                                                             eval_images)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
     inits = [pool.submit(_compile_init, lowered_init, key, input_shape).result] if init else []
-    epochs, chunks, scores = [], [], []
+    epochs, chunks, concatenations, scores = [], [], [], []
     if train_images is not None:
         epochs.append(pool.submit(_compile_epoch, epoch, ts, train_images).result)
     if eval_images is not None:
         chunk_job = pool.submit(_compile_chunks, lowered_chunks)
         chunks.append(lambda: chunk_job.result()[0])
-        scores.append(pool.submit(_compile_scores, chunk_job, eval_images.shape[0]).result)
+        score_job = pool.submit(_compile_scores, chunk_job, eval_images.shape[0])
+        concatenations.append(lambda: score_job.result()[0])
+        scores.append(lambda: score_job.result()[1])
     pool.shutdown(wait=False)
     epoch = _AheadOfTime(epoch, epochs)
     return train.Trainer(
         cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, inits)),
         epoch if cfg.mesh is None else functools.partial(train._placed_epoch, cfg, epoch),
-        functools.partial(train._predict, cfg, _AheadOfTime(logits, chunks)),
+        functools.partial(train._predict, cfg, _AheadOfTime(logits, chunks),
+                          _AheadOfTime(train._concatenate, concatenations)),
         _AheadOfTime(train._scores, scores))

@@ -41,6 +41,8 @@ def test_precompiled_trainer_matches_the_plain_one_and_calls_its_own_programs():
     assert ahead.epoch.jitted._cache_size() == 0 and len(ahead.epoch.compiled) == 1
     assert len(ahead.scores.compiled) == 1  # (its fallback is module-level: shared)
     assert len(ahead.predict.args[1].compiled) == 2  # chunks of 5 and of 2
+    assert ahead.predict.args[1].jitted._cache_size() == 0  # each cut inside its program
+    assert len(ahead.predict.args[2].compiled) == 1  # their concatenation
 
 
 def test_other_shapes_fall_back_to_the_jitted_functions():
