@@ -29,7 +29,6 @@ import time
 START = time.perf_counter()  # first statement: imports below count
 
 import argparse  # noqa: E402
-import os  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -41,6 +40,7 @@ import functional_cnn as fcn  # noqa: E402
 from experiments._common import one_cycle_adamw  # noqa: E402
 from experiments._tta_common import TRAIN_SIZE, Record, plan, recipe_parser  # noqa: E402
 from functional_cnn import data, dataparallel, prng, train, tuning  # noqa: E402
+from functional_cnn.functional._formulation import usable_cores  # noqa: E402
 from functional_cnn.precompile import precompile  # noqa: E402
 
 MEAN, STD = 0.1307, 0.3081
@@ -174,9 +174,7 @@ def host_mesh(devices: int | None):
     with one device, none. Call it first: JAX splits the CPU into devices only before it
     first touches one (where it already has, as in a test's process, the devices it has)."""
     if devices is None:
-        cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                 else os.cpu_count() or 1)
-        devices = min(DEVICES, cores)
+        devices = min(DEVICES, usable_cores())
     if devices > 1:
         try:
             jax.config.update("jax_num_cpu_devices", devices)

@@ -112,25 +112,17 @@ def _compile_epoch(epoch, ts, images) -> dict:
     return {_signature((ts, images, labels)): epoch.lower(ts, images, labels).compile()}
 
 
-def _eval_chunks(cfg: train.TrainConfig, n: int) -> list[int]:
-    """The chunk sizes :func:`train._predict` splits ``n`` examples into."""
-    sizes = {min(cfg.eval_batch_size, n)}
-    if n > cfg.eval_batch_size and n % cfg.eval_batch_size:
-        sizes.add(n % cfg.eval_batch_size)
-    return sorted(sizes)
-
-
 def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, list]:
-    """The prediction chunks of ``images``-shaped data, lowered, and every chunk's logits
-    (abstract, in order)."""
+    """The prediction chunks of ``images``-shaped data (one program per chunk size), lowered,
+    and every chunk's logits (abstract, in order)."""
     lowered, out = {}, {}
     start = jax.ShapeDtypeStruct((), jnp.int32)
-    for size in _eval_chunks(cfg, images.shape[0]):
+    sizes = [size for _, size in train.eval_chunks(cfg, images.shape[0])]
+    for size in sorted(set(sizes)):
         program = logits.lower(size, ts.params, ts.state, images, start)
         lowered[_signature((size, ts.params, ts.state, images, start))] = program
         out[size] = program.out_info
-    n, step = images.shape[0], cfg.eval_batch_size
-    return lowered, [out[min(step, n - i)] for i in range(0, n, step)]
+    return lowered, [out[size] for size in sizes]
 
 
 def _compile_chunks(lowered_chunks: Future) -> tuple[dict, list]:
@@ -148,6 +140,8 @@ def _compile_scores(chunks: Future, n: int) -> tuple[dict, dict]:
     """The chunks' concatenation and the scores of all ``n`` examples' logits (their
     shapes: from the chunks' programs)."""
     _, chunk_logits = chunks.result()
+    if not chunk_logits:  # no example: nothing to compile (predicting them raises, as unjitted)
+        return {}, {}
     sharding = getattr(chunk_logits[0], "sharding", None)
     all_logits = jax.ShapeDtypeStruct((n, chunk_logits[0].shape[-1]), chunk_logits[0].dtype,
                                       sharding=sharding)

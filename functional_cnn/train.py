@@ -114,16 +114,21 @@ def _check_config(batch_size, reduction, eval_batch_size, steps_per_epoch):
                          f"{reduction!r}")
 
 
-def _check_sync_batch_norm(sync_batch_norm, batch_size, mesh):
-    if not isinstance(sync_batch_norm, bool):
+# sync_batch_norm=False: the fewest examples a device's BatchNorm normalizes by themselves
+MIN_SHARD = 2
+
+
+def _check_sync_batch_norm(cfg: TrainConfig):
+    if not isinstance(cfg.sync_batch_norm, bool):
         raise ValueError(f"make_trainer: expected sync_batch_norm True or False, got "
-                         f"{sync_batch_norm!r}")
-    if not sync_batch_norm and mesh is not None and mesh.size > 1 and batch_size < 2 * mesh.size:
+                         f"{cfg.sync_batch_norm!r}")
+    if cfg.per_device_batch_norm and not cfg.splits_per_device(cfg.batch_size):
+        n = cfg.mesh.size
         raise ValueError(
             f"make_trainer: sync_batch_norm=False normalizes each device's shard by its own "
-            f"statistics, which needs at least 2 examples per device; batch_size "
-            f"{batch_size} over {mesh.size} devices gives {batch_size // mesh.size}. Use a "
-            f"batch size of at least {2 * mesh.size}, fewer devices, or sync_batch_norm=True")
+            f"statistics, which needs at least {MIN_SHARD} examples per device; batch_size "
+            f"{cfg.batch_size} over {n} devices gives {cfg.batch_size // n}. Use a batch size "
+            f"of at least {MIN_SHARD * n}, fewer devices, or sync_batch_norm=True")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +160,7 @@ class TrainConfig:
         _check_config(self.batch_size, self.reduction, self.eval_batch_size,
                       self.steps_per_epoch)
         dataparallel.check_divides(self.batch_size, self.mesh)
-        _check_sync_batch_norm(self.sync_batch_norm, self.batch_size, self.mesh)
+        _check_sync_batch_norm(self)
         if self.optimizer is None:  # frozen: the defaults are resolved once, here
             object.__setattr__(self, "optimizer", adamw())
         if self.loss is None:
@@ -176,6 +181,14 @@ class TrainConfig:
         """Whether each device trains on its shard alone (``sync_batch_norm=False`` over
         several devices)."""
         return not self.sync_batch_norm and self.mesh is not None and self.mesh.size > 1
+
+    def splits_per_device(self, batch_size: int) -> bool:
+        """Whether a batch of ``batch_size`` runs shard by shard (per-device BatchNorm, and
+        equal shards of at least :data:`MIN_SHARD` examples)."""
+        if not self.per_device_batch_norm:
+            return False
+        n = self.mesh.size
+        return batch_size % n == 0 and batch_size >= MIN_SHARD * n
 
     @property
     def wait_each_call(self) -> bool:
@@ -254,8 +267,7 @@ def _gradients(cfg: TrainConfig, batch_size: int) -> Callable:
     of at least 2 examples; a ragged tail that does not is computed as one batch, replicated
     (with the whole tail's statistics)."""
     gradients = functools.partial(_batch_gradients, cfg)
-    n = 1 if cfg.mesh is None else cfg.mesh.size
-    if not cfg.per_device_batch_norm or batch_size % n or batch_size < 2 * n:
+    if not cfg.splits_per_device(batch_size):
         return gradients
     return dataparallel.per_device_gradients(gradients, cfg.mesh, cfg.reduction)
 
@@ -381,11 +393,17 @@ def _concatenate(chunks):
     return jnp.concatenate(chunks)
 
 
+def eval_chunks(cfg: TrainConfig, n: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of each chunk :func:`_predict` splits ``n`` examples into: chunks of
+    ``eval_batch_size``, the last possibly shorter."""
+    return [(start, min(cfg.eval_batch_size, n - start))
+            for start in range(0, n, cfg.eval_batch_size)]
+
+
 def _predict(cfg: TrainConfig, logits: Callable, concatenate: Callable, params, state, images):
     # Chunks from Python rather than lax.map: convolutions are slow inside XLA:CPU loops.
-    chunks, n = [], images.shape[0]
-    for start in range(0, n, cfg.eval_batch_size):
-        size = min(cfg.eval_batch_size, n - start)
+    chunks = []
+    for start, size in eval_chunks(cfg, images.shape[0]):
         chunks.append(logits(size, params, state, images, np.int32(start)))
         if cfg.wait_each_call:
             jax.block_until_ready(chunks[-1])

@@ -137,9 +137,10 @@ def _isa_digest(path: str = "/proc/cpuinfo") -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:8]
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """Cores this process may use: XLA:CPU splits a convolution over them, so the fastest
-    formulation on 2 cores need not be the fastest on 16."""
+    formulation on 2 cores need not be the fastest on 16 (and experiments/time_to_accuracy
+    makes at most one host device per core)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -159,8 +160,8 @@ FORMULATIONS_VERSION = 4
 def machine_key() -> str:
     """What a measurement holds for: CPU model, ISA flags, cores, jax version, backend and
     :data:`FORMULATIONS_VERSION`."""
-    return (f"{_cpu()} | {_cores()} cores | jax {jax.__version__} | {jax.default_backend()} | "
-            f"formulations {FORMULATIONS_VERSION}")
+    return (f"{_cpu()} | {usable_cores()} cores | jax {jax.__version__} | "
+            f"{jax.default_backend()} | formulations {FORMULATIONS_VERSION}")
 
 
 # --------------------------------------------------------------------------------- the cache
