@@ -164,8 +164,8 @@ def compiled_trainer(args, pins, pins_from: str, mesh=None):
 
 def seed_key(args, seed: int):
     """The run's key: ``--prng``'s generator (fmix32: the initial state's program compiles in
-    a third of threefry's CPU time, functional_cnn.prng)."""
-    return jax.random.key(seed, impl=prng.FMIX32 if args.prng == "fmix32" else "threefry2x32")
+    a third of threefry's CPU time, and its key is hashed on the host: functional_cnn.prng)."""
+    return prng.key(seed) if args.prng == "fmix32" else jax.random.key(seed)
 
 
 def host_mesh(devices: int | None):

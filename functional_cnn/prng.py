@@ -49,11 +49,14 @@ def keyed_bijection(x, k0, k1):
 
 def _seed(seed):
     """Two words from an integer seed (its high word too where it has one)."""
-    seed = jnp.asarray(seed)
-    low = seed.astype(jnp.uint32)
-    high = ((seed >> 32).astype(jnp.uint32) if seed.dtype.itemsize == 8
-            else jnp.zeros((), jnp.uint32))
-    return jnp.stack([fmix32(low ^ GOLDEN), fmix32(high + fmix32(low))])
+    return _seed_words(jnp.asarray(seed), jnp)
+
+
+def _seed_words(seed, xp):
+    """:func:`_seed` in the array module ``xp`` (``jnp``, or ``np`` on the host: :func:`key`)."""
+    low = seed.astype(xp.uint32)
+    high = (seed >> 32).astype(xp.uint32) if seed.dtype.itemsize == 8 else xp.zeros_like(low)
+    return xp.stack([fmix32(low ^ GOLDEN), fmix32(high + fmix32(low))], axis=-1)
 
 
 def _random_bits(key, bit_width: int, shape):
@@ -82,6 +85,17 @@ FMIX32 = define_prng_impl(key_shape=(2,), seed=_seed, split=_split, random_bits=
                           fold_in=_fold_in, name="functional_cnn.prng.FMIX32", tag="fmix32")
 
 
-def key(seed: int) -> jax.Array:
-    """``jax.random.key(seed, impl=FMIX32)``."""
-    return jax.random.key(seed, impl=FMIX32)
+def key(seed) -> jax.Array:
+    """``jax.random.key(seed, impl=FMIX32)``; a Python or numpy integer is hashed on the host.
+
+    JAX computes a key's words from a concrete seed eagerly, one jitted program per operation:
+    seven small programs to compile (0.25 CPU-s on the AMD EPYC of docs/BENCHMARKS.md, at the
+    start of every run). numpy computes the same words here, after JAX's conversion of the seed
+    (to int64, then to the default integer type: int32 unless ``jax_enable_x64``). Arrays and
+    traced seeds go to ``jax.random.key``."""
+    if not isinstance(seed, (int, np.integer)):
+        return jax.random.key(seed, impl=FMIX32)
+    seed = np.asarray(np.int64(seed) + jax.config.jax_random_seed_offset)
+    seed = seed.astype(jax.dtypes.canonicalize_dtype(np.int64)).reshape(1)  # 1-d: wraps silently
+    words = _seed_words(seed, np).reshape(2)
+    return jax.random.wrap_key_data(jax.device_put(words), impl=FMIX32)
