@@ -91,11 +91,13 @@ def key(seed) -> jax.Array:
     JAX computes a key's words from a concrete seed eagerly, one jitted program per operation:
     seven small programs to compile (0.25 CPU-s on the AMD EPYC of docs/BENCHMARKS.md, at the
     start of every run). numpy computes the same words here, after JAX's conversion of the seed
-    (to int64, then to the default integer type: int32 unless ``jax_enable_x64``). Arrays and
-    traced seeds go to ``jax.random.key``."""
+    (a Python int to int64, then any seed to its canonical type: int32 unless
+    ``jax_enable_x64``). Arrays and traced seeds go to ``jax.random.key``."""
     if not isinstance(seed, (int, np.integer)):
         return jax.random.key(seed, impl=FMIX32)
-    seed = np.asarray(np.int64(seed) + jax.config.jax_random_seed_offset)
-    seed = seed.astype(jax.dtypes.canonicalize_dtype(np.int64)).reshape(1)  # 1-d: wraps silently
+    seed = np.asarray(np.int64(seed) if isinstance(seed, int) else seed)
+    seed = seed.astype(jax.dtypes.canonicalize_dtype(seed.dtype)).reshape(1)  # 1-d: wraps quietly
+    if jax.config.jax_random_seed_offset:
+        seed = seed + seed.dtype.type(jax.config.jax_random_seed_offset)
     words = _seed_words(seed, np).reshape(2)
     return jax.random.wrap_key_data(jax.device_put(words), impl=FMIX32)

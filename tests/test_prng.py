@@ -1,4 +1,5 @@
 """functional_cnn.prng: FMIX32, a JAX PRNG implementation cheap to compile."""
+import contextlib
 import math
 
 import jax
@@ -9,6 +10,7 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from functional_cnn import checkpoint, prng
 from tests._compiles import compiled_programs
+from tests.conftest import float64
 from tests._stats import assert_uniform_counts, assert_uniform_orders
 
 
@@ -19,15 +21,18 @@ def test_a_key_is_a_typed_key_of_two_words_fixed_by_its_seed():
     assert not np.array_equal(jax.random.key_data(key), jax.random.key_data(prng.key(1)))
 
 
-@pytest.mark.parametrize("seed", [0, 1, -1, 2**31, 2**32 + 5, 2**63 - 1, -2**63])
-def test_a_key_hashed_on_the_host_is_jax_s_own_and_compiles_nothing(seed):
-    with compiled_programs() as compiled:
-        key = prng.key(seed)
-    assert compiled == []
-    assert jax.random.key_impl(key) == prng.FMIX32
-    expected = jax.random.key_data(jax.random.key(seed, impl=prng.FMIX32))
-    assert jax.random.key_data(key).dtype == expected.dtype == jnp.uint32
-    np.testing.assert_array_equal(jax.random.key_data(key), expected)
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, -1, 2**31, 2**32 + 5, 2**63 - 1, -2**63, True,
+                                  np.int32(-5), np.uint32(2**32 - 1), np.uint64(2**64 - 1)])
+def test_a_key_hashed_on_the_host_is_jax_s_own_and_compiles_nothing(seed, x64):
+    with float64() if x64 else contextlib.nullcontext():
+        with compiled_programs() as compiled:
+            key = prng.key(seed)
+        assert compiled == []
+        assert jax.random.key_impl(key) == prng.FMIX32
+        expected = jax.random.key_data(jax.random.key(seed, impl=prng.FMIX32))
+        assert jax.random.key_data(key).dtype == expected.dtype == jnp.uint32
+        np.testing.assert_array_equal(jax.random.key_data(key), expected)
 
 
 def test_the_bijection_never_repeats_a_word_and_depends_on_both_key_words():
