@@ -17,7 +17,7 @@ persistent compilation cache).
 
 On a CPU the batches are split over ``--devices`` host devices (default two, one per core:
 :func:`host_mesh`), each normalizing its share with its own BatchNorm statistics; the test set
-is evaluated on one device, and the formulations are measured (``tuned``) on one.
+is evaluated on one device; the formulations are measured (``tuned``) on the devices it trains on.
 
 Start-up is most of the race, so every program compiles ahead of time on two threads
 (:func:`functional_cnn.precompile.precompile`) while the data sets load, and the recipe needs
@@ -115,20 +115,20 @@ def trainer_for(args, mesh=None) -> Callable[[tuple], train.Trainer]:
     return make
 
 
-def formulations(args) -> tuple[tuple, str]:
+def formulations(args, mesh=None) -> tuple[tuple, str]:
     """The convolutions' training pins and where they come from: ``--formulations`` as given;
-    ``tuned``: measured in the training step on this machine (:mod:`functional_cnn.tuning`,
-    cached; if not cached yet it is measured now, and its half minute counts in this run's
-    time); by default the cached measurement where there is one, else :data:`FORMULATIONS`
-    (on a CPU)."""
+    ``tuned``: measured in the training step on this machine, over ``mesh`` as the run trains
+    (:mod:`functional_cnn.tuning`, cached; if not cached yet it is measured now, and its half
+    minute counts in this run's time); by default the cached measurement where there is one,
+    else :data:`FORMULATIONS` (on a CPU)."""
     stages = len(args.widths)
     if args.formulations == "tuned":
-        tuned = tuning.tune_formulations(trainer_for(args), stages, INPUT_SHAPE, EXAMPLE)
+        tuned = tuning.tune_formulations(trainer_for(args, mesh), stages, INPUT_SHAPE, EXAMPLE)
         return tuned.pins, "measured now" if tuned.measured else CACHED
     if args.formulations is not None:
         return tuning.parse_pins(args.formulations, stages), "command line"
     # unchecked (0.08 s): where a cached pin cannot run, main falls back to the recipe's
-    cached = tuning.cached_formulations(trainer_for(args), stages, INPUT_SHAPE, EXAMPLE,
+    cached = tuning.cached_formulations(trainer_for(args, mesh), stages, INPUT_SHAPE, EXAMPLE,
                                         check=False)
     if cached is not None:
         return cached, CACHED
@@ -243,7 +243,7 @@ def main(argv=None):
         dataparallel.check_divides(args.batch_size, mesh, where="time_to_accuracy")
     except ValueError as err:
         raise SystemExit(str(err)) from None
-    pins, pins_from = formulations(args)
+    pins, pins_from = formulations(args, mesh)
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
         loading = [loader.submit(load, "train", args.data_dir, mesh),
                    loader.submit(load, "test", args.data_dir, None)]

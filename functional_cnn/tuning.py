@@ -27,8 +27,9 @@ jax version), keyed by :func:`cache_key` (the network's ``repr``, the input, the
 the gradient mode and conv2d's mode), so a later process looks it up instead of measuring
 (26-34 s for the network of ``experiments/time_to_accuracy.py`` on a 2-core AMD EPYC). A choice
 changes the speed only, never the numbers beyond float rounding; a cached choice that cannot
-run is measured again. The trainer must be a one-device one with ``scan=True`` (the epoch that
-is timed).
+run is measured again. The trainer must have ``scan=True`` (the epoch that is timed); one over a
+mesh is timed over its devices (the key names them), as it trains: on two host devices each
+convolution runs half the batch, and what is fastest there need not be fastest on one.
 """
 from __future__ import annotations
 
@@ -64,14 +65,18 @@ TUNING_VERSION = 1
 
 
 def cache_key(trainer: train.Trainer, input_shape, example) -> str:
-    """The context a choice holds for: the unpinned network, its input, batch, vjp mode and
-    conv2d's mode (its own choice is the baseline; :func:`_formulation.mode`). Not the
-    optimizer, which adds the same update to every variant, nor the preprocessing."""
+    """The context a choice holds for: the unpinned network, its input, batch, vjp mode,
+    conv2d's mode (its own choice is the baseline; :func:`_formulation.mode`) and, over a mesh,
+    its devices and whether each normalizes its own shard. Not the optimizer, which adds the
+    same update to every variant, nor the preprocessing."""
     cfg = trainer.config
+    devices = "" if cfg.mesh is None else (
+        f" | devices {cfg.mesh.size}" + (" per-device BatchNorm" if cfg.per_device_batch_norm
+                                          else ""))
     return (f"{_formulation.STEP_KEY_PREFIX}{cfg.net!r} | input {tuple(input_shape[1:])} | "
             f"example {tuple(example.shape)} {np.dtype(example.dtype).name} | batch "
-            f"{cfg.batch_size} | vjp {cfg.vjp} | conv mode {_formulation.mode()} | tuning "
-            f"{TUNING_VERSION}")
+            f"{cfg.batch_size} | vjp {cfg.vjp} | conv mode {_formulation.mode()}{devices} | "
+            f"tuning {TUNING_VERSION}")
 
 
 def _can_run(trainer: train.Trainer, input_shape) -> bool:
@@ -191,10 +196,9 @@ def _checked_trainer(make, convolutions) -> train.Trainer:
     if not isinstance(trainer, train.Trainer):
         raise TypeError(f"tune_formulations: make(pins) must return a train.Trainer, got "
                         f"{type(trainer).__name__}")
-    if trainer.config.mesh is not None or not trainer.config.scan:
-        raise ValueError(f"tune_formulations: expected a one-device trainer with scan=True "
-                         f"(the epoch it times), got mesh={trainer.config.mesh!r}, "
-                         f"scan={trainer.config.scan}")
+    if not trainer.config.scan:
+        raise ValueError("tune_formulations: expected a trainer with scan=True (the epoch it "
+                         "times), got scan=False")
     return trainer
 
 
@@ -215,7 +219,7 @@ def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, 
     pins, entry = _cached_entry(make, key, convolutions, input_shape)
     if not remeasure and pins is not None:
         return Tuning(pins, dict(entry.get("ms_per_step", {})), False)
-    data = _random_data(example, steps * unpinned.config.batch_size, num_classes)
+    data = unpinned.place(_random_data(example, steps * unpinned.config.batch_size, num_classes))
     ts = unpinned.init(jax.random.key(0), input_shape)
     pins, ms = [None] * convolutions, {}
     for stage in range(convolutions):

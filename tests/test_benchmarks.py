@@ -196,8 +196,9 @@ def test_formulations_section_states_the_machine_the_ratios_and_the_choice():
     from functional_cnn.tuning import Tuning
     tuned = Tuning(("taps", None), {"conv1 none": 2.0, "conv1 taps": 1.5, "conv2 none": 1.6,
                                     "conv2 lax": 2.4}, True)
-    text = B.section(tuned, 32, "python -m x", "Some CPU, 2 CPUs; matmul peak 1 GFLOP/s")
-    assert "Measured on: Some CPU, 2 CPUs" in text and "batch 32" in text
+    text = B.section(tuned, 32, 2, "python -m x", "Some CPU, 2 CPUs; matmul peak 1 GFLOP/s")
+    assert "Measured on: Some CPU, 2 CPUs" in text and "batch 32 on 2 host devices" in text
+    assert "batch 32, ms" in B.section(tuned, 32, 1, "python -m x", "Some CPU")
     assert "| conv1 taps | 1.500 | 0.75 |" in text and "| conv2 lax | 2.400 | 1.50 |" in text
     assert "`--formulations taps,none`" in text and "Reproduce: `python -m x`." in text
 

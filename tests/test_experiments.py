@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from functional_cnn import data
+from functional_cnn import data, dataparallel
 from tests.conftest import needs_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -181,6 +181,11 @@ def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_
                            jax.ShapeDtypeStruct((28, 28), jax.numpy.uint8))
     _formulation.remember(key, {"choice": ["im2col", "lax"]})
     assert tta.formulations(args) == (("im2col", "lax"), "measured before (cached)")
+    mesh = dataparallel.make_mesh(1)  # training over a mesh: its own measurement
+    assert tta.formulations(args, mesh) == (("taps", None), "recipe")
+    _formulation.remember(tuning.cache_key(tta.trainer_for(args, mesh)((None, None)),
+                                           tta.INPUT_SHAPE, tta.EXAMPLE), {"choice": ["lax", None]})
+    assert tta.formulations(args, mesh) == (("lax", None), "measured before (cached)")
     args.formulations = "none,taps"  # the command line wins
     assert tta.formulations(args) == ((None, "taps"), "command line")
     args.formulations, args.widths = None, (4, 8)  # another network: not measured

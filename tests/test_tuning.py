@@ -169,6 +169,22 @@ def test_a_real_tuning_compiles_and_times_every_variant_from_one_state(cache_dir
     assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) == result.pins
 
 
+def on_mesh(pins):
+    """:func:`make`'s trainer over a mesh of this process's one device."""
+    return train.make_trainer(make(pins).config.net, optax.sgd(0.1), batch_size=4,
+                              mesh=dataparallel.make_mesh(1))
+
+
+def test_a_trainer_over_a_mesh_is_tuned_over_it_under_a_key_of_its_own(cache_dir):
+    key = tuning.cache_key(on_mesh((None, None)), INPUT, EXAMPLE)
+    assert key == tuning.cache_key(make((None, None)), INPUT, EXAMPLE).replace(
+        " | tuning", " | devices 1 | tuning")
+    result = tuning.tune_formulations(on_mesh, 2, INPUT, EXAMPLE, steps=2, rounds=1)
+    assert result.measured and len(result.ms) == 9
+    assert tuning.cached_formulations(on_mesh, 2, INPUT, EXAMPLE) == result.pins
+    assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) is None  # not one device's
+
+
 def test_every_epoch_of_a_timing_starts_from_the_same_state():
     unpinned = make((None, None))
     ts = unpinned.init(jax.random.key(0), INPUT)
@@ -186,11 +202,7 @@ def test_bad_arguments_are_refused_before_anything_is_compiled():
         tuning.tune_formulations(make, 0, INPUT, EXAMPLE)
     with pytest.raises(TypeError, match="must return a train.Trainer, got Layer"):
         tuning.tune_formulations(lambda pins: make(pins).config.net, 2, INPUT, EXAMPLE)
-    mesh = dataparallel.make_mesh(1)
-    with pytest.raises(ValueError, match="one-device trainer with scan=True.*mesh=Mesh"):
-        tuning.tune_formulations(lambda pins: train.make_trainer(
-            make(pins).config.net, batch_size=4, mesh=mesh), 2, INPUT, EXAMPLE)
-    with pytest.raises(ValueError, match="mesh=None, scan=False"):
+    with pytest.raises(ValueError, match="a trainer with scan=True .* got scan=False"):
         tuning.tune_formulations(lambda pins: train.make_trainer(
             make(pins).config.net, batch_size=4, scan=False), 2, INPUT, EXAMPLE)
 
