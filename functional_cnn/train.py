@@ -320,8 +320,20 @@ def _zero_totals():  # fresh each epoch: the loop donates its totals
     return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
 
 
+def _placed_zero_totals(cfg: TrainConfig):
+    """:func:`_zero_totals` for the per-step loop, placed as each step returns its totals
+    (replicated over the mesh): the first step's call otherwise has other input types than the
+    second's, which compiled the step again (0.8 s for LeNet on the AMD EPYC of
+    docs/BENCHMARKS.md), and eager zeros compile programs of their own."""
+    zeros = (np.zeros((), np.float32), np.zeros((), np.int32))
+    return jax.device_put(zeros) if cfg.mesh is None else dataparallel.replicate(zeros, cfg.mesh)
+
+
 def _epoch_metrics(totals, n):
-    return {"loss": totals[0] / n, "accuracy": totals[1] / n}
+    """Mean loss and accuracy from the totals: inside the epoch's program, or on the host
+    (numpy: an eager division compiles a program of its own), in float32 either way."""
+    return {"loss": totals[0] / np.float32(n),
+            "accuracy": totals[1].astype(np.float32) / np.float32(n)}
 
 
 def _report_every(cfg: TrainConfig, n: int) -> int:
@@ -353,23 +365,30 @@ def _step_row(cfg: TrainConfig, ts, totals, images, labels, batches, row, i, ste
     return _step_at(cfg, ts, totals, images, labels, batches[row], i, step_key)
 
 
+def _loop_epoch_start(cfg: TrainConfig, ts: TrainState, labels):
+    """:func:`_epoch_start`, its tail a row of batches as :func:`_step_row` takes them (cut
+    here: eagerly, ``tail[None]`` compiled a program of its own)."""
+    ts, full, tail, step_key = _epoch_start(cfg, ts, labels)
+    return ts, full, tail[None], step_key
+
+
 def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainState, images,
                 labels):
     """The same steps, each a jitted call from Python (``start``, ``step``: the jitted
-    :func:`_epoch_start` and :func:`_step_row`): XLA:CPU runs NCHW convolutions inside a while
-    loop (``lax.scan``) several times slower than outside one (jax issue #12868)."""
+    :func:`_loop_epoch_start` and :func:`_step_row`): XLA:CPU runs NCHW convolutions inside a
+    while loop (``lax.scan``) several times slower than outside one (jax issue #12868)."""
     ts, full, tail, step_key = start(ts, labels)
     every = None if cfg.progress is None else _report_every(cfg, labels.shape[0])
-    totals = _zero_totals()
+    totals = _placed_zero_totals(cfg)
     for i in range(full.shape[0]):
         ts, totals = step(ts, totals, images, labels, full, i, i, step_key)
         if cfg.wait_each_call:
             jax.block_until_ready(totals)
         if every is not None and i % every == 0:
             cfg.progress.update(i, *totals, (i + 1) * cfg.batch_size)
-    if tail.shape[0]:
-        ts, totals = step(ts, totals, images, labels, tail[None], 0, full.shape[0], step_key)
-    return ts, _epoch_metrics(totals, epoch_examples(cfg, labels.shape[0]))
+    if tail.shape[1]:
+        ts, totals = step(ts, totals, images, labels, tail, 0, full.shape[0], step_key)
+    return ts, _epoch_metrics(jax.device_get(totals), epoch_examples(cfg, labels.shape[0]))
 
 
 def _placed_epoch(cfg: TrainConfig, epoch: Callable, ts: TrainState, images, labels):
@@ -461,7 +480,7 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
         epoch = _scan_epoch_program(cfg)
     else:
         epoch = functools.partial(
-            _loop_epoch, cfg, jit(functools.partial(_epoch_start, cfg), donate_argnums=0),
+            _loop_epoch, cfg, jit(functools.partial(_loop_epoch_start, cfg), donate_argnums=0),
             jit(functools.partial(_step_row, cfg), donate_argnums=(0, 1)))
     if cfg.mesh is not None:
         epoch = functools.partial(_placed_epoch, cfg, epoch)

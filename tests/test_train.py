@@ -10,7 +10,8 @@ from jax import numpy as jnp
 
 import functional_cnn as fcn
 from functional_cnn import checkpoint as ckpt
-from functional_cnn import data, train
+from functional_cnn import data, dataparallel, train
+from tests._compiles import compiled_programs
 from tests._train_helpers import small_net, tiny_data
 
 
@@ -49,6 +50,25 @@ def test_scan_and_loop_epochs_agree():
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh", [None, "one device"])
+def test_a_step_by_step_epoch_compiles_its_step_once_and_nothing_eagerly(mesh):
+    """The first step's totals are placed as every later step's (over a mesh they had compiled
+    the step twice), the tail's row is cut in the epoch's start and the metrics are computed on
+    the host (each an eager program before)."""
+    mesh = None if mesh is None else dataparallel.make_mesh(1)
+    ds = tiny_data()  # 23 examples: 4 full batches of 5 and a tail of 3
+    trainer = train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, scan=False,
+                                 mesh=mesh, label_smoothing=0.1)  # a net's own programs only
+    ts = trainer.init(jax.random.key(3), (-1, 1, 28, 28))
+    with compiled_programs() as compiled:
+        ts, metrics = trainer.epoch(ts, ds.images, ds.labels)
+    assert sorted(compiled) == ["jit(_loop_epoch_start)", "jit(_step_row)", "jit(_step_row)"]
+    assert metrics["loss"].dtype == metrics["accuracy"].dtype == np.float32
+    with compiled_programs() as compiled:  # a second epoch: all compiled
+        trainer.epoch(ts, ds.images, ds.labels)
+    assert compiled == []
 
 
 @pytest.mark.parametrize("scan", [True, False])
