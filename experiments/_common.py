@@ -143,12 +143,13 @@ def _ranges(p: Protocol, args):
 
 
 def _load(args, ranges):
+    """The training and evaluation sets, each cut from its split (read once) on the host."""
     cache = {}
 
     def get(split, start, stop):
         if split not in cache:
-            cache[split] = data.load(args.dataset, split, args.data_dir)
-        return cache[split].range(start, stop)
+            cache[split] = data.Dataset(*data.load_numpy(args.dataset, split, args.data_dir))
+        return data.to_device(*cache[split].range(start, stop))
 
     train_range, eval_ranges = ranges
     return get(*train_range), {k: get(*r) for k, r in eval_ranges.items()}

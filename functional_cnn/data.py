@@ -40,7 +40,8 @@ ENV_VAR = "FUNCTIONAL_CNN_DATA"
 
 
 class Dataset(NamedTuple):
-    """Images ``uint8 (N, H, W)`` and labels ``int32 (N,)``, both on the device."""
+    """Images ``uint8 (N, H, W)`` and labels ``int32 (N,)``, both on the device (:meth:`range`
+    also cuts numpy arrays, before :func:`to_device` puts them there)."""
 
     images: jax.Array
     labels: jax.Array
@@ -200,9 +201,16 @@ def load(name: str = "MNIST", split: str = "train", root=None, download: bool = 
     ``ROOT/NAME/raw/``. Missing files raise :class:`DataFileError` (a ``FileNotFoundError``) that
     names them, the directory and how to get them.
     """
-    images, labels = load_numpy(name, split, root, download)
-    # device_put, not jnp.asarray: that compiles a program for each array (0.3 CPU-s)
-    return Dataset(jax.device_put(images), jax.device_put(labels.astype(np.int32)))
+    return to_device(*load_numpy(name, split, root, download))
+
+
+def to_device(images: np.ndarray, labels: np.ndarray) -> Dataset:
+    """numpy images and labels as a :class:`Dataset` on the device, the labels as int32.
+
+    By ``jax.device_put``: ``jnp.asarray`` compiles a program for each array (0.3 CPU-s at the
+    start of every run). Cut the arrays before, on the host: a slice of an array on the device
+    is an eager program of its own, compiled for each size."""
+    return Dataset(jax.device_put(images), jax.device_put(np.asarray(labels, np.int32)))
 
 
 def check_labels(num_classes: int, where: str = "check_labels", **datasets: Dataset | None):

@@ -101,10 +101,14 @@ def _here(fn, *args) -> Future:
     return done
 
 
+def _without_static(compiled, index: int):
+    """``compiled``, called as its jitted function is: with the static argument at ``index``,
+    which the compiled program does not take (it was compiled for its value)."""
+    return lambda *args: compiled(*args[:index], *args[index + 1:])
+
+
 def _compile_init(lowered: Future, key, input_shape) -> dict:
-    compiled = lowered.result().compile()
-    # the compiled program takes the key only: the input shape was a static argument
-    return {_signature((key, input_shape)): lambda key, input_shape: compiled(key)}
+    return {_signature((key, input_shape)): _without_static(lowered.result().compile(), 1)}
 
 
 def _compile_epoch(epoch, ts, images) -> dict:
@@ -113,41 +117,31 @@ def _compile_epoch(epoch, ts, images) -> dict:
 
 
 def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, list]:
-    """The prediction chunks of ``images``-shaped data (one program per chunk size), lowered,
-    and every chunk's logits (abstract, in order)."""
-    lowered, out = {}, {}
+    """The prediction program of ``images``-shaped data (its chunks are all one size),
+    lowered, and every chunk's logits (abstract, in order)."""
     start = jax.ShapeDtypeStruct((), jnp.int32)
-    sizes = [size for _, size in train.eval_chunks(cfg, images.shape[0])]
-    for size in sorted(set(sizes)):
-        program = logits.lower(size, ts.params, ts.state, images, start)
-        lowered[_signature((size, ts.params, ts.state, images, start))] = program
-        out[size] = program.out_info
-    return lowered, [out[size] for size in sizes]
+    chunks = train.eval_chunks(cfg, images.shape[0])
+    size = chunks[0][1]
+    program = logits.lower(size, ts.params, ts.state, images, start)
+    return ({_signature((size, ts.params, ts.state, images, start)): program},
+            [program.out_info] * len(chunks))
 
 
 def _compile_chunks(lowered_chunks: Future) -> tuple[dict, list]:
     lowered, chunk_logits = lowered_chunks.result()
-    # the compiled programs take no static argument (the chunk's size)
-    compiled = {sig: _without_size(low.compile()) for sig, low in lowered.items()}
-    return compiled, chunk_logits
-
-
-def _without_size(compiled):
-    return lambda size, *args: compiled(*args)
+    return {sig: _without_static(low.compile(), 0) for sig, low in lowered.items()}, chunk_logits
 
 
 def _compile_scores(chunks: Future, n: int) -> tuple[dict, dict]:
     """The chunks' concatenation and the scores of all ``n`` examples' logits (their
     shapes: from the chunks' programs)."""
     _, chunk_logits = chunks.result()
-    if not chunk_logits:  # no example: nothing to compile (predicting them raises, as unjitted)
-        return {}, {}
     sharding = getattr(chunk_logits[0], "sharding", None)
     all_logits = jax.ShapeDtypeStruct((n, chunk_logits[0].shape[-1]), chunk_logits[0].dtype,
                                       sharding=sharding)
-    concatenate = train._concatenate.lower(chunk_logits).compile()
+    concatenate = train._concatenate.lower(chunk_logits, n).compile()
     compiled = train._scores.lower(all_logits, _labels(n, sharding)).compile()
-    return ({_signature((chunk_logits,)): concatenate},
+    return ({_signature((chunk_logits, n)): _without_static(concatenate, 1)},
             {_signature((all_logits, _labels(n))): compiled})
 
 

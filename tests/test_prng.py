@@ -10,8 +10,8 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from functional_cnn import checkpoint, prng
 from tests._compiles import compiled_programs
-from tests.conftest import float64
 from tests._stats import assert_uniform_counts, assert_uniform_orders
+from tests.conftest import float64
 
 
 def test_a_key_is_a_typed_key_of_two_words_fixed_by_its_seed():

@@ -11,8 +11,10 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from functional_cnn import checkpoint as ckpt
 from functional_cnn import data, dataparallel, train
+from functional_cnn.verify import tolerance
 from tests._compiles import compiled_programs
 from tests._train_helpers import small_net, tiny_data
+from tests.conftest import assert_close
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -131,6 +133,22 @@ def test_evaluate_and_bad_config():
         train.make_trainer(small_net(), batch_size=2, reduction="none")
     with pytest.raises(ValueError, match="expected epochs a non-negative int"):
         train.fit(trainer, ts, ds, epochs=-1)
+
+
+@pytest.mark.parametrize("n, spans", [(7, [(0, 3), (3, 3), (4, 3)]), (6, [(0, 3), (3, 3)]),
+                                      (2, [(0, 2)]), (0, [(0, 0)])])
+def test_eval_chunks_are_one_size_the_last_overlapping_and_predict_each_example_once(n, spans):
+    trainer = train.make_trainer(small_net(), batch_size=5, eval_batch_size=3)
+    assert train.eval_chunks(trainer.config, n) == spans
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    ds = tiny_data(7).range(0, n) if n else data.Dataset(tiny_data(1).images[:0],
+                                                            tiny_data(1).labels[:0])
+    with compiled_programs() as compiled:
+        logits = trainer.predict(ts.params, ts.state, ds.images)
+    assert compiled.count("jit(_logits)") == 1  # one program, whatever the last chunk
+    expected, _ = small_net().apply(ts.params, ts.state, data.normalize(ds.images))
+    assert logits.shape == expected.shape == (n, 10)  # none empty: an empty output, as torch
+    assert_close(logits, expected, tolerance("autodiff"))  # other batches: reordered sums
 
 
 def linear_net():  # the cheapest to compile: progress does not depend on the network
