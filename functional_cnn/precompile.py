@@ -117,14 +117,16 @@ def _compile_epoch(epoch, ts, images) -> dict:
 
 
 def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, list]:
-    """The prediction program of ``images``-shaped data (its chunks are all one size),
-    lowered, and every chunk's logits (abstract, in order)."""
+    """The prediction chunks of ``images``-shaped data (one program per chunk size), lowered,
+    and every chunk's logits (abstract, in order)."""
+    lowered, out = {}, {}
     start = jax.ShapeDtypeStruct((), jnp.int32)
-    chunks = train.eval_chunks(cfg, images.shape[0])
-    size = chunks[0][1]
-    program = logits.lower(size, ts.params, ts.state, images, start)
-    return ({_signature((size, ts.params, ts.state, images, start)): program},
-            [program.out_info] * len(chunks))
+    sizes = [size for _, size in train.eval_chunks(cfg, images.shape[0])]
+    for size in sorted(set(sizes)):
+        program = logits.lower(size, ts.params, ts.state, images, start)
+        lowered[_signature((size, ts.params, ts.state, images, start))] = program
+        out[size] = program.out_info
+    return lowered, [out[size] for size in sizes]
 
 
 def _compile_chunks(lowered_chunks: Future) -> tuple[dict, list]:
@@ -139,9 +141,9 @@ def _compile_scores(chunks: Future, n: int) -> tuple[dict, dict]:
     sharding = getattr(chunk_logits[0], "sharding", None)
     all_logits = jax.ShapeDtypeStruct((n, chunk_logits[0].shape[-1]), chunk_logits[0].dtype,
                                       sharding=sharding)
-    concatenate = train._concatenate.lower(chunk_logits, n).compile()
+    concatenate = train._concatenate.lower(chunk_logits).compile()
     compiled = train._scores.lower(all_logits, _labels(n, sharding)).compile()
-    return ({_signature((chunk_logits, n)): _without_static(concatenate, 1)},
+    return ({_signature((chunk_logits,)): concatenate},
             {_signature((all_logits, _labels(n))): compiled})
 
 

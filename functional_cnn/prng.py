@@ -92,12 +92,11 @@ def key(seed) -> jax.Array:
     seven small programs to compile (0.25 CPU-s on the AMD EPYC of docs/BENCHMARKS.md, at the
     start of every run). numpy computes the same words here, after JAX's conversion of the seed
     (a Python int to int64, then any seed to its canonical type: int32 unless
-    ``jax_enable_x64``). Arrays and traced seeds go to ``jax.random.key``."""
-    if not isinstance(seed, (int, np.integer)):
+    ``jax_enable_x64``). Arrays, traced seeds and runs with a ``jax_random_seed_offset`` go to
+    ``jax.random.key``."""
+    if not isinstance(seed, (int, np.integer)) or jax.config.jax_random_seed_offset:
         return jax.random.key(seed, impl=FMIX32)
     seed = np.asarray(np.int64(seed) if isinstance(seed, int) else seed)
     seed = seed.astype(jax.dtypes.canonicalize_dtype(seed.dtype)).reshape(1)  # 1-d: wraps quietly
-    if jax.config.jax_random_seed_offset:
-        seed = seed + seed.dtype.type(jax.config.jax_random_seed_offset)
     words = _seed_words(seed, np).reshape(2)
     return jax.random.wrap_key_data(jax.device_put(words), impl=FMIX32)

@@ -316,8 +316,9 @@ def _step_at(cfg: TrainConfig, ts, totals, images, labels, idx, i, step_key):
     return ts, (totals[0] + loss_sum, totals[1] + correct)
 
 
-def _zero_totals():  # fresh each epoch: the loop donates its totals
-    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+def _zero_totals(xp=jnp):
+    """The loss sum and correct count before an epoch's first step (``xp``: the array module)."""
+    return xp.zeros((), xp.float32), xp.zeros((), xp.int32)
 
 
 def _placed_zero_totals(cfg: TrainConfig):
@@ -325,13 +326,18 @@ def _placed_zero_totals(cfg: TrainConfig):
     (replicated over the mesh): the first step's call otherwise has other input types than the
     second's, which compiled the step again (0.8 s for LeNet on the AMD EPYC of
     docs/BENCHMARKS.md), and eager zeros compile programs of their own."""
-    zeros = (np.zeros((), np.float32), np.zeros((), np.int32))
-    return jax.device_put(zeros) if cfg.mesh is None else dataparallel.replicate(zeros, cfg.mesh)
+    return _put(cfg, _zero_totals(np))
+
+
+def _put(cfg: TrainConfig, tree):
+    """Host values on the device as the trainer's programs return theirs (no program to
+    compile): replicated over its mesh, or on the default device."""
+    return jax.device_put(tree) if cfg.mesh is None else dataparallel.replicate(tree, cfg.mesh)
 
 
 def _epoch_metrics(totals, n):
-    """Mean loss and accuracy from the totals: inside the epoch's program, or on the host
-    (numpy: an eager division compiles a program of its own), in float32 either way."""
+    """Mean loss and accuracy from the totals, in float32: inside the epoch's program, or on
+    the host (numpy: an eager division compiles a program of its own)."""
     return {"loss": totals[0] / np.float32(n),
             "accuracy": totals[1].astype(np.float32) / np.float32(n)}
 
@@ -388,7 +394,8 @@ def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainStat
             cfg.progress.update(i, *totals, (i + 1) * cfg.batch_size)
     if tail.shape[1]:
         ts, totals = step(ts, totals, images, labels, tail, 0, full.shape[0], step_key)
-    return ts, _epoch_metrics(jax.device_get(totals), epoch_examples(cfg, labels.shape[0]))
+    metrics = _epoch_metrics(jax.device_get(totals), epoch_examples(cfg, labels.shape[0]))
+    return ts, _put(cfg, metrics)  # arrays, as the scanned epoch returns
 
 
 def _placed_epoch(cfg: TrainConfig, epoch: Callable, ts: TrainState, images, labels):
@@ -405,26 +412,23 @@ def _logits(cfg: TrainConfig, size: int, params, state, images, start):
     return cfg.net.apply(params, state, cfg.preprocess(chunk), train=False, vjp=cfg.vjp)[0]
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _concatenate(chunks, n: int):
-    """The logits of :func:`eval_chunks`' chunks of ``n`` examples as one array, the rows the
-    last chunk shares with the one before taken once. Jitted, so that it can be compiled ahead
-    (eagerly, a first concatenation of 20 chunks compiled for 28 ms after training)."""
-    shared = len(chunks) * chunks[0].shape[0] - n
-    return jnp.concatenate([*chunks[:-1], chunks[-1][shared:]])
+@jax.jit
+def _concatenate(chunks):
+    """The chunks' logits as one array: jitted, so that it can be compiled ahead (eagerly, a
+    first concatenation of 20 chunks compiled for 28 ms after training)."""
+    return jnp.concatenate(chunks)
 
 
 def eval_chunks(cfg: TrainConfig, n: int) -> list[tuple[int, int]]:
     """``(start, size)`` of each chunk :func:`_predict` splits ``n`` examples into: chunks of
-    ``eval_batch_size`` (or all ``n``, if fewer), the last ending at ``n``. Where the chunks
-    do not tile ``n``, the last overlaps the one before (in eval mode an example's logits do
-    not depend on the others'): one program predicts every chunk, where a shorter last one
-    would compile a second (0.25-0.5 s for article 001's network). No example: one empty
-    chunk (an empty output, as torch's)."""
-    size = min(cfg.eval_batch_size, n)
-    if size == 0:
+    ``eval_batch_size``, the last possibly shorter, as torch's ``DataLoader`` batches them
+    (the last one does not overlap the one before, which would save its program's compilation:
+    a BatchNorm without running statistics normalizes each chunk with its own); no example,
+    one empty chunk (an empty output, as torch's)."""
+    if n == 0:
         return [(0, 0)]
-    return [(min(start, n - size), size) for start in range(0, n, size)]
+    return [(start, min(cfg.eval_batch_size, n - start))
+            for start in range(0, n, cfg.eval_batch_size)]
 
 
 def _predict(cfg: TrainConfig, logits: Callable, concatenate: Callable, params, state, images):
@@ -434,7 +438,7 @@ def _predict(cfg: TrainConfig, logits: Callable, concatenate: Callable, params, 
         chunks.append(logits(size, params, state, images, np.int32(start)))
         if cfg.wait_each_call:
             jax.block_until_ready(chunks[-1])
-    return concatenate(chunks, images.shape[0])
+    return concatenate(chunks)
 
 
 def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = None,
@@ -533,6 +537,9 @@ def _scores(logits, labels):
 
 def evaluate(trainer: Trainer, ts: TrainState, data: Dataset) -> Evaluation:
     """Accuracy and mean (unsmoothed) cross-entropy of ``data`` in eval mode (``train=False``)."""
+    if len(data) == 0:
+        raise ValueError("evaluate: expected a data set with examples, got an empty one (no "
+                         "accuracy to compute)")
     data = trainer.place(data)
     logits = trainer.predict(*trainer.place((ts.params, ts.state)), data.images)
     loss, predictions = (trainer.scores or _scores)(logits, data.labels)

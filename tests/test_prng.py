@@ -35,6 +35,17 @@ def test_a_key_hashed_on_the_host_is_jax_s_own_and_compiles_nothing(seed, x64):
         np.testing.assert_array_equal(jax.random.key_data(key), expected)
 
 
+def test_a_seed_offset_is_left_to_jax():
+    jax.config.update("jax_random_seed_offset", -7)  # no host hashing: JAX's own wrap-around
+    try:
+        for seed in (5, np.uint32(5)):
+            np.testing.assert_array_equal(
+                jax.random.key_data(prng.key(seed)),
+                jax.random.key_data(jax.random.key(seed, impl=prng.FMIX32)))
+    finally:
+        jax.config.update("jax_random_seed_offset", 0)
+
+
 def test_the_bijection_never_repeats_a_word_and_depends_on_both_key_words():
     x = jnp.arange(1 << 16, dtype=jnp.uint32)
     words = np.asarray(prng.keyed_bijection(x, np.uint32(1), np.uint32(2)))

@@ -68,6 +68,7 @@ def test_a_step_by_step_epoch_compiles_its_step_once_and_nothing_eagerly(mesh):
         ts, metrics = trainer.epoch(ts, ds.images, ds.labels)
     assert sorted(compiled) == ["jit(_loop_epoch_start)", "jit(_step_row)", "jit(_step_row)"]
     assert metrics["loss"].dtype == metrics["accuracy"].dtype == np.float32
+    assert all(isinstance(m, jax.Array) for m in metrics.values())  # as the scan's
     with compiled_programs() as compiled:  # a second epoch: all compiled
         trainer.epoch(ts, ds.images, ds.labels)
     assert compiled == []
@@ -135,9 +136,9 @@ def test_evaluate_and_bad_config():
         train.fit(trainer, ts, ds, epochs=-1)
 
 
-@pytest.mark.parametrize("n, spans", [(7, [(0, 3), (3, 3), (4, 3)]), (6, [(0, 3), (3, 3)]),
+@pytest.mark.parametrize("n, spans", [(7, [(0, 3), (3, 3), (6, 1)]), (6, [(0, 3), (3, 3)]),
                                       (2, [(0, 2)]), (0, [(0, 0)])])
-def test_eval_chunks_are_one_size_the_last_overlapping_and_predict_each_example_once(n, spans):
+def test_eval_chunks_batch_as_torch_and_an_empty_set_predicts_an_empty_output(n, spans):
     trainer = train.make_trainer(small_net(), batch_size=5, eval_batch_size=3)
     assert train.eval_chunks(trainer.config, n) == spans
     ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
@@ -145,10 +146,27 @@ def test_eval_chunks_are_one_size_the_last_overlapping_and_predict_each_example_
                                                             tiny_data(1).labels[:0])
     with compiled_programs() as compiled:
         logits = trainer.predict(ts.params, ts.state, ds.images)
-    assert compiled.count("jit(_logits)") == 1  # one program, whatever the last chunk
+    assert compiled.count("jit(_logits)") == len({size for _, size in spans})
     expected, _ = small_net().apply(ts.params, ts.state, data.normalize(ds.images))
-    assert logits.shape == expected.shape == (n, 10)  # none empty: an empty output, as torch
+    assert logits.shape == expected.shape == (n, 10)  # none: an empty output, as torch's
     assert_close(logits, expected, tolerance("autodiff"))  # other batches: reordered sums
+    if n == 0:
+        with pytest.raises(ValueError, match="evaluate: expected a data set with examples"):
+            train.evaluate(trainer, ts, ds)
+
+
+def test_eval_chunks_normalize_as_torch_where_batchnorm_keeps_no_running_statistics():
+    """In eval mode such a BatchNorm normalizes each chunk with the chunk's own statistics: a
+    last chunk overlapping the one before (one program less to compile) changed row 6 by 0.07."""
+    net = fcn.serial(fcn.Flatten(), fcn.Linear(3), fcn.BatchNorm1d(track_running_stats=False))
+    trainer = train.make_trainer(net, batch_size=5, eval_batch_size=3)
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    ds = tiny_data(8)
+    logits = trainer.predict(ts.params, ts.state, ds.images)
+    x = data.normalize(ds.images)
+    expected = jnp.concatenate([net.apply(ts.params, ts.state, x[a:a + size])[0]
+                                for a, size in ((0, 3), (3, 3), (6, 2))])
+    assert_close(logits, expected, tolerance("autodiff"))
 
 
 def linear_net():  # the cheapest to compile: progress does not depend on the network
