@@ -19,7 +19,8 @@ dtypes when there is one (waiting for it if it is still compiling) and the ordin
 function, compiling on first use, otherwise. A compilation error is raised where the program
 is first called, as without precompiling.
 
-The scanned epoch only (``scan=True``): the per-step loop keeps compiling on first use. With
+A scanned epoch (``scan=True``) is one program; a per-step epoch's are its start and its step,
+for a full batch and, where the data leave one, for the ragged last batch. With
 a mesh the epoch's and the evaluation's programs are compiled for arguments replicated over
 it, as the trainer places them (the initial state is computed on one device and replicated
 after). With ``FUNCTIONAL_CNN_CONV=auto`` a convolution shape not yet in the cache is measured
@@ -116,6 +117,40 @@ def _compile_epoch(epoch, ts, images) -> dict:
     return {_signature((ts, images, labels)): epoch.lower(ts, images, labels).compile()}
 
 
+def _compile_loop(cfg, start, step, ts, images) -> tuple[dict, dict]:
+    """A per-step epoch's programs for ``images``-shaped data: its start, and its step for a
+    full batch and for the ragged last one (if any), with the totals placed as the loop places
+    them and numpy int32 step numbers."""
+    labels = _labels(images.shape[0], getattr(images, "sharding", None))
+    lowered_start = start.lower(ts, labels)
+    ts_after, full, tail, step_key = lowered_start.out_info
+    totals = _placed(cfg, jax.eval_shape(train._zero_totals))
+    i = jax.ShapeDtypeStruct((), jnp.int32)
+    steps = {}
+    for rows in (full, tail) if tail.shape[1] else (full,):
+        args = (ts_after, totals, images, labels, rows, i, i, step_key)
+        steps[_signature(args)] = step.lower(*args).compile()
+    return {_signature((ts, labels)): lowered_start.compile()}, steps
+
+
+def _ahead_epoch(cfg, pool, ts, train_images):
+    """The trainer's epoch, its programs compiling on ``pool`` for ``train_images``-shaped
+    data (none if None): the scanned epoch's one, or the per-step loop's start and steps."""
+    if cfg.scan:
+        epoch = train._scan_epoch_program(cfg)
+        jobs = [] if train_images is None else [
+            pool.submit(_compile_epoch, epoch, ts, train_images).result]
+        epoch = _AheadOfTime(epoch, jobs)
+    else:
+        start, step = train._loop_programs(cfg)
+        job = None if train_images is None else pool.submit(_compile_loop, cfg, start, step,
+                                                             ts, train_images)
+        epoch = functools.partial(
+            train._loop_epoch, cfg, _AheadOfTime(start, [lambda: job.result()[0]] if job else []),
+            _AheadOfTime(step, [lambda: job.result()[1]] if job else []))
+    return epoch if cfg.mesh is None else functools.partial(train._placed_epoch, cfg, epoch)
+
+
 def _lower_chunks(cfg, logits, ts, images) -> tuple[dict, list]:
     """The prediction chunks of ``images``-shaped data (one program per chunk size), lowered,
     and every chunk's logits (abstract, in order)."""
@@ -156,8 +191,6 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     state's program to compile on first use too (a trainer that will only evaluate). ``key``:
     a PRNG key like the one ``init`` will get (default ``jax.random.key(0)``'s type)."""
     cfg = trainer.config
-    if not cfg.scan:
-        raise ValueError("precompile: expected a trainer with scan=True, got scan=False")
     key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
     input_shape = tuple(input_shape)
     fresh_state = train._fresh_state_program(cfg)
@@ -167,15 +200,13 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     ts = _placed(cfg, jax.eval_shape(lambda k: train._fresh_state(cfg, k, input_shape), key))
     train_images, eval_images = _placed(cfg, (train_images, eval_images))
     lowered_init = _here(fresh_state.lower, key, input_shape) if init else None
-    epoch = train._scan_epoch_program(cfg)
     logits = train._logits_program(cfg)
     lowered_chunks = None if eval_images is None else _here(_lower_chunks, cfg, logits, ts,
                                                             eval_images)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
     inits = [pool.submit(_compile_init, lowered_init, key, input_shape).result] if init else []
-    epochs, chunks, concatenations, scores = [], [], [], []
-    if train_images is not None:
-        epochs.append(pool.submit(_compile_epoch, epoch, ts, train_images).result)
+    epoch = _ahead_epoch(cfg, pool, ts, train_images)
+    chunks, concatenations, scores = [], [], []
     if eval_images is not None:
         chunk_job = pool.submit(_compile_chunks, lowered_chunks)
         chunks.append(lambda: chunk_job.result()[0])
@@ -183,10 +214,8 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
         concatenations.append(lambda: score_job.result()[0])
         scores.append(lambda: score_job.result()[1])
     pool.shutdown(wait=False)
-    epoch = _AheadOfTime(epoch, epochs)
     return train.Trainer(
-        cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, inits)),
-        epoch if cfg.mesh is None else functools.partial(train._placed_epoch, cfg, epoch),
+        cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, inits)), epoch,
         functools.partial(train._predict, cfg, _AheadOfTime(logits, chunks),
                           _AheadOfTime(train._concatenate, concatenations)),
         _AheadOfTime(train._scores, scores))

@@ -386,14 +386,15 @@ def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainStat
     ts, full, tail, step_key = start(ts, labels)
     every = None if cfg.progress is None else _report_every(cfg, labels.shape[0])
     totals = _placed_zero_totals(cfg)
-    for i in range(full.shape[0]):
-        ts, totals = step(ts, totals, images, labels, full, i, i, step_key)
+    for i in range(full.shape[0]):  # numpy ints: typed as precompile's programs take them
+        ts, totals = step(ts, totals, images, labels, full, np.int32(i), np.int32(i), step_key)
         if cfg.wait_each_call:
             jax.block_until_ready(totals)
         if every is not None and i % every == 0:
             cfg.progress.update(i, *totals, (i + 1) * cfg.batch_size)
     if tail.shape[1]:
-        ts, totals = step(ts, totals, images, labels, tail, 0, full.shape[0], step_key)
+        ts, totals = step(ts, totals, images, labels, tail, np.int32(0),
+                          np.int32(full.shape[0]), step_key)
     metrics = _epoch_metrics(jax.device_get(totals), epoch_examples(cfg, labels.shape[0]))
     return ts, _put(cfg, metrics)  # arrays, as the scanned epoch returns
 
@@ -486,14 +487,11 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       nothing.
     """
     cfg = TrainConfig(net, optimizer, **options)
-    jit = _jit(cfg.mesh)
     fresh_state = _fresh_state_program(cfg)
     if cfg.scan:
         epoch = _scan_epoch_program(cfg)
     else:
-        epoch = functools.partial(
-            _loop_epoch, cfg, jit(functools.partial(_loop_epoch_start, cfg), donate_argnums=0),
-            jit(functools.partial(_step_row, cfg), donate_argnums=(0, 1)))
+        epoch = functools.partial(_loop_epoch, cfg, *_loop_programs(cfg))
     if cfg.mesh is not None:
         epoch = functools.partial(_placed_epoch, cfg, epoch)
     predict = functools.partial(_predict, cfg, _logits_program(cfg), _concatenate)
@@ -509,6 +507,13 @@ def _fresh_state_program(cfg: TrainConfig):
     return jax.jit(functools.partial(_fresh_state, cfg), static_argnums=1,
                    compiler_options={"xla_backend_optimization_level": 1,
                                      "xla_cpu_use_fusion_emitters": False})
+
+
+def _loop_programs(cfg: TrainConfig):
+    """The jitted :func:`_loop_epoch_start` and :func:`_step_row` of a per-step epoch."""
+    jit = _jit(cfg.mesh)
+    return (jit(functools.partial(_loop_epoch_start, cfg), donate_argnums=0),
+            jit(functools.partial(_step_row, cfg), donate_argnums=(0, 1)))
 
 
 def _scan_epoch_program(cfg: TrainConfig):

@@ -7,7 +7,7 @@ import optax
 import pytest
 from jax import numpy as jnp
 
-from functional_cnn import train
+from functional_cnn import dataparallel, train
 from functional_cnn.precompile import _AheadOfTime, precompile
 from tests._train_helpers import small_net, tiny_data
 
@@ -54,9 +54,29 @@ def test_other_shapes_fall_back_to_the_jitted_functions():
     assert ahead.epoch.jitted._cache_size() == 1
 
 
-def test_precompile_refuses_the_step_loop():  # a mesh: tests/test_parallel.py
-    with pytest.raises(ValueError, match="expected a trainer with scan=True, got scan=False"):
-        precompile(_trainer(scan=False), (-1, 1, 28, 28))
+@pytest.mark.parametrize("mesh", [None, "one device"])  # several devices: test_parallel.py
+def test_a_per_step_trainer_compiles_its_start_and_both_steps_ahead(mesh):
+    mesh = None if mesh is None else dataparallel.make_mesh(1)
+    train_set = tiny_data(23)  # 4 full batches of 5 and a tail of 3
+    plain = _trainer(scan=False, mesh=mesh)
+    ahead = precompile(_trainer(scan=False, mesh=mesh), (-1, 1, 28, 28),
+                       train_images=_abstract(train_set))
+    results = []
+    for trainer in (plain, ahead):
+        ts = trainer.init(jax.random.key(2), (-1, 1, 28, 28))
+        for _ in range(2):
+            ts, metrics = trainer.epoch(ts, train_set.images, train_set.labels)
+        results.append((ts, metrics))
+    (a, ma), (b, mb) = results
+    for x, y in zip(jax.tree.leaves((a.params, a.opt_state)), jax.tree.leaves((b.params,
+                                                                              b.opt_state))):
+        np.testing.assert_array_equal(x, y)
+    assert float(ma["loss"]) == float(mb["loss"])
+    loop = ahead.epoch.func if mesh is None else ahead.epoch.args[1].func
+    start, step = (ahead.epoch.args if mesh is None else ahead.epoch.args[1].args)[1:]
+    assert loop is train._loop_epoch
+    assert len(start.compiled) == 1 and len(step.compiled) == 2  # a full batch, the tail
+    assert start.jitted._cache_size() == step.jitted._cache_size() == 0  # never compiled
 
 
 def test_compilation_errors_surface_at_the_call():
