@@ -120,7 +120,8 @@ def _compile_epoch(epoch, ts, images) -> dict:
 def _compile_loop(cfg, start, step, ts, images) -> tuple[dict, dict]:
     """A per-step epoch's programs for ``images``-shaped data: its start, and its step for a
     full batch and for the ragged last one (if any), with the totals placed as the loop places
-    them and numpy int32 step numbers."""
+    them and numpy int32 step numbers. One job: the epoch's first call waits for all three (the
+    tail's step compiled beside training would stall its steps on a small machine)."""
     labels = _labels(images.shape[0], getattr(images, "sharding", None))
     lowered_start = start.lower(ts, labels)
     ts_after, full, tail, step_key = lowered_start.out_info
