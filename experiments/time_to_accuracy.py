@@ -189,12 +189,6 @@ def host_mesh(devices: int | None):
     return dataparallel.make_mesh(devices) if devices > 1 else None
 
 
-def load(split: str, root, mesh) -> data.Dataset:
-    """One MNIST split on the device, or replicated over ``mesh`` (here, beside the
-    compilations, rather than in the first call that needs it)."""
-    return dataparallel.replicate(data.load("MNIST", split, root), mesh)
-
-
 def on_one_device(tree):
     """``tree`` on the default device: one replica of a tree replicated over a mesh."""
     return jax.device_put(tree, jax.devices()[0])
@@ -245,8 +239,9 @@ def main(argv=None):
         raise SystemExit(str(err)) from None
     pins, pins_from = formulations(args, mesh)
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
-        loading = [loader.submit(load, "train", args.data_dir, mesh),
-                   loader.submit(load, "test", args.data_dir, None)]
+        # the training set replicated over the mesh here, beside the compilations
+        loading = [loader.submit(data.load, "MNIST", "train", args.data_dir, mesh=mesh),
+                   loader.submit(data.load, "MNIST", "test", args.data_dir)]
         trainer, evaluator, pins, pins_from = compiled_trainer(args, pins, pins_from, mesh)
         train_set, test_set = (job.result() for job in loading)
     if (len(train_set), len(test_set)) != (TRAIN_SIZE, TEST_SIZE):

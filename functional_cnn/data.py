@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 from jax import numpy as jnp
 
-from . import prng
+from . import dataparallel, prng
 
 #: torchvision class (and folder) names of the MNIST-format data sets this module reads.
 DATASETS = ("MNIST", "FashionMNIST", "KMNIST")
@@ -193,24 +193,27 @@ def load_numpy(name: str = "MNIST", split: str = "train", root=None,
     return images, labels
 
 
-def load(name: str = "MNIST", split: str = "train", root=None, download: bool = True) -> Dataset:
+def load(name: str = "MNIST", split: str = "train", root=None, download: bool = True,
+         mesh=None) -> Dataset:
     """Load a split of an MNIST-format data set once, as uint8 images and int32 labels on the
-    device (60000 x 28 x 28 bytes is 47 MB: every later step indexes it there, no host copies).
+    device (60000 x 28 x 28 bytes is 47 MB: every later step indexes it there, no host copies),
+    or replicated over ``mesh``.
 
     ``root`` defaults to ``$FUNCTIONAL_CNN_DATA``, then ``./data``; files are looked for in
     ``ROOT/NAME/raw/``. Missing files raise :class:`DataFileError` (a ``FileNotFoundError``) that
     names them, the directory and how to get them.
     """
-    return to_device(*load_numpy(name, split, root, download))
+    return to_device(*load_numpy(name, split, root, download), mesh=mesh)
 
 
-def to_device(images: np.ndarray, labels: np.ndarray) -> Dataset:
-    """numpy images and labels as a :class:`Dataset` on the device, the labels as int32.
+def to_device(images: np.ndarray, labels: np.ndarray, mesh=None) -> Dataset:
+    """numpy images and labels as a :class:`Dataset` on the device (or replicated over
+    ``mesh``), the labels as int32.
 
-    By ``jax.device_put``: ``jnp.asarray`` compiles a program for each array (0.3 CPU-s at the
-    start of every run). Cut the arrays before, on the host: a slice of an array on the device
-    is an eager program of its own, compiled for each size."""
-    return Dataset(jax.device_put(images), jax.device_put(np.asarray(labels, np.int32)))
+    By :func:`~functional_cnn.dataparallel.put`: ``jnp.asarray`` compiles a program for each
+    array (0.3 CPU-s at the start of every run). Cut the arrays before, on the host: a slice of
+    an array on the device is an eager program of its own, compiled for each size."""
+    return Dataset(*dataparallel.put((images, np.asarray(labels, np.int32)), mesh))
 
 
 def check_labels(num_classes: int, where: str = "check_labels", **datasets: Dataset | None):

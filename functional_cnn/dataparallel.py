@@ -155,6 +155,13 @@ def replicate(tree, mesh: Mesh | None):
     return jax.tree.map(put, tree)
 
 
+def put(tree, mesh: Mesh | None):
+    """Host values (numpy arrays, scalars) on the devices as a trainer's programs return
+    theirs: replicated over ``mesh``, or on the default device; one transfer each, and no
+    program to compile (``jnp.asarray`` compiles one for each array)."""
+    return jax.device_put(tree) if mesh is None else replicate(tree, mesh)
+
+
 def constrain_batch(mesh: Mesh | None, *arrays):
     """Inside jit: shard ``arrays`` along their first dimension over ``mesh`` when it divides
     evenly, else keep them replicated (every device computes the whole, e.g. ragged last batch).

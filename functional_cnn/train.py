@@ -326,13 +326,7 @@ def _placed_zero_totals(cfg: TrainConfig):
     (replicated over the mesh): the first step's call otherwise has other input types than the
     second's, which compiled the step again (0.8 s for LeNet on the AMD EPYC of
     docs/BENCHMARKS.md), and eager zeros compile programs of their own."""
-    return _put(cfg, _zero_totals(np))
-
-
-def _put(cfg: TrainConfig, tree):
-    """Host values on the device as the trainer's programs return theirs (no program to
-    compile): replicated over its mesh, or on the default device."""
-    return jax.device_put(tree) if cfg.mesh is None else dataparallel.replicate(tree, cfg.mesh)
+    return dataparallel.put(_zero_totals(np), cfg.mesh)
 
 
 def _epoch_metrics(totals, n):
@@ -396,7 +390,7 @@ def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainStat
         ts, totals = step(ts, totals, images, labels, tail, np.int32(0),
                           np.int32(full.shape[0]), step_key)
     metrics = _epoch_metrics(jax.device_get(totals), epoch_examples(cfg, labels.shape[0]))
-    return ts, _put(cfg, metrics)  # arrays, as the scanned epoch returns
+    return ts, dataparallel.put(metrics, cfg.mesh)  # arrays, as the scanned epoch returns
 
 
 def _placed_epoch(cfg: TrainConfig, epoch: Callable, ts: TrainState, images, labels):

@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from jax import numpy as jnp
 
-from . import train
+from . import dataparallel, train
 from .functional import CONV_FORMULATIONS
 from .functional import _formulation
 
@@ -134,14 +134,15 @@ def _pin(name: str) -> str | None:
     return None if name == AS_CHOSEN else name
 
 
-def _random_data(example, size: int, num_classes: int, seed: int = 0):
-    """``size`` random examples shaped as ``example`` (bytes for integer dtypes) and labels."""
+def _random_data(example, size: int, num_classes: int, mesh=None, seed: int = 0):
+    """``size`` random examples shaped as ``example`` (bytes for integer dtypes) and labels,
+    on the device or replicated over ``mesh``."""
     rng = np.random.default_rng(seed)
     shape, dtype = (size, *example.shape), np.dtype(example.dtype)
     images = (rng.integers(0, 256, shape).astype(dtype) if np.issubdtype(dtype, np.integer)
               else rng.standard_normal(shape).astype(dtype))
     labels = rng.integers(0, num_classes, size).astype(np.int32)
-    return jax.device_put(images), jax.device_put(labels)
+    return dataparallel.put((images, labels), mesh)
 
 
 def _lowered_epoch(trainer: train.Trainer, steps: int, ts, images, labels):
@@ -219,7 +220,8 @@ def tune_formulations(make: Callable[[Pins], train.Trainer], convolutions: int, 
     pins, entry = _cached_entry(make, key, convolutions, input_shape)
     if not remeasure and pins is not None:
         return Tuning(pins, dict(entry.get("ms_per_step", {})), False)
-    data = unpinned.place(_random_data(example, steps * unpinned.config.batch_size, num_classes))
+    data = _random_data(example, steps * unpinned.config.batch_size, num_classes,
+                        unpinned.config.mesh)
     ts = unpinned.init(jax.random.key(0), input_shape)
     pins, ms = [None] * convolutions, {}
     for stage in range(convolutions):
