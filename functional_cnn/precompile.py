@@ -80,6 +80,11 @@ def _labels(n: int, sharding=None):
     return jax.ShapeDtypeStruct((n,), LABELS_DTYPE, sharding=sharding)
 
 
+def _labels_of(images):
+    """The labels of ``images``-shaped training data: one each, placed as the images."""
+    return _labels(images.shape[0], getattr(images, "sharding", None))
+
+
 def _placed(cfg: train.TrainConfig, tree):
     """Abstract values (or arrays) as the trainer's functions get them: replicated over its
     mesh (the arguments' shardings are part of what a program is compiled for), or as they
@@ -113,7 +118,7 @@ def _compile_init(lowered: Future, key, input_shape) -> dict:
 
 
 def _compile_epoch(epoch, ts, images) -> dict:
-    labels = _labels(images.shape[0], getattr(images, "sharding", None))
+    labels = _labels_of(images)
     return {_signature((ts, images, labels)): epoch.lower(ts, images, labels).compile()}
 
 
@@ -122,7 +127,7 @@ def _compile_loop(cfg, start, step, ts, images) -> tuple[dict, dict]:
     full batch and for the ragged last one (if any), with the totals placed as the loop places
     them and numpy int32 step numbers. One job: the epoch's first call waits for all three (the
     tail's step compiled beside training would stall its steps on a small machine)."""
-    labels = _labels(images.shape[0], getattr(images, "sharding", None))
+    labels = _labels_of(images)
     lowered_start = start.lower(ts, labels)
     ts_after, full, tail, step_key = lowered_start.out_info
     totals = _placed(cfg, jax.eval_shape(train._zero_totals))
