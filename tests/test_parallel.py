@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec
 
 from functional_cnn import checkpoint, dataparallel, train, verify
 from tests.conftest import needs_mnist
@@ -177,6 +178,26 @@ def test_per_device_batch_norm_on_a_one_device_mesh_matches_no_mesh():
     (a, la), (b, lb) = out
     assert verify.max_errors([np.asarray(x) for x in a], [np.asarray(x) for x in b])[1] < RTOL
     assert la == pytest.approx(lb, rel=RTOL)
+
+
+def test_one_buffer_sum_divides_each_part_and_restores_its_dtypes():
+    """The all-reduce's one flat vector (``_summed_as_one_buffer``), on a one-device mesh
+    (the sum of one): each part comes back in its own structure and dtypes, divided by its
+    own divisor; bfloat16 and int32 leaves ride in the promoted float32 buffer."""
+    parts = ({"w": np.arange(6, dtype=np.float32).reshape(2, 3),
+              "b": np.array([3.0, 5.0], jax.numpy.bfloat16)},
+             {"mean": np.array([4.0, 8.0], np.float32)}, np.float32(9.0), np.int32(7))
+    mesh = dataparallel.make_mesh(1)
+    summed = jax.jit(jax.shard_map(
+        lambda *p: dataparallel._summed_as_one_buffer(p, divisors=(2, 4, 3, 1)), mesh=mesh,
+        in_specs=PartitionSpec(), out_specs=PartitionSpec(), check_vma=False))(*parts)
+    grads, state, loss, count = summed
+    np.testing.assert_array_equal(grads["w"], parts[0]["w"] / 2)
+    assert grads["b"].dtype == jax.numpy.bfloat16
+    np.testing.assert_array_equal(np.asarray(grads["b"], np.float32), [1.5, 2.5])
+    np.testing.assert_array_equal(state["mean"], [1.0, 2.0])
+    assert (float(loss), loss.dtype) == (3.0, np.float32)
+    assert (int(count), count.dtype) == (7, np.int32)
 
 
 def test_sync_batch_norm_without_several_devices_changes_nothing_and_takes_bools_only():
