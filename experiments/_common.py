@@ -46,9 +46,13 @@ class Protocol(NamedTuple):
     label_smoothing: float = 0.0
     augment: Callable | None = None
     shuffle: bool = True  # reshuffle the training range every epoch (False: a fixed order)
-    scan: bool = True  # False for conv nets: a call per step is as fast for the custom
-    # rules (canonical NHWC convs) and much faster for vjp=autodiff, whose NCHW conv
-    # transposes take XLA:CPU's slow path inside loops (jax #12868)
+    # Under vjp="autodiff", a jitted call per step instead of one lax.scan per epoch (True for
+    # conv nets): JAX's own transposes of NCHW convolutions take XLA:CPU's slow path inside
+    # loops (jax #12868; the best network at batch 128: 71 against 35 ms a step). The
+    # hand-written rules write every convolution canonically and run fastest as one scan: on
+    # the AMD EPYC of docs/BENCHMARKS.md LeNet 3.21 against 3.73 ms a step at batch 64,
+    # article 001's Net 0.69 against 0.88 at batch 10, the best network 18.5 against 19.6.
+    autodiff_per_step: bool = False
     article: dict = {}  # the article's figures, copied into the JSON
     eval_each_epoch: bool = True  # False where the evaluation set dwarfs the training set
 
@@ -169,7 +173,8 @@ def run(p: Protocol, argv=None) -> dict:
         p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
         label_smoothing=p.label_smoothing,
         preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
-        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=p.scan, mesh=mesh,
+        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp,
+        scan=not (p.autodiff_per_step and args.vjp == "autodiff"), mesh=mesh,
         progress=None if args.no_progress or not main else train.ProgressBar())
     ts = trainer.init(jax.random.key(args.seed), (-1, 1) + train_set.images.shape[1:])
     primary, primary_set = next(iter(eval_sets.items()))

@@ -40,7 +40,7 @@ PROTOCOL = Protocol(
     optimizers={"adamw-onecycle": lambda steps: one_cycle_adamw(steps, peak_lr=3e-3)},
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
     batch_size=128, epochs=6, mean=0.1307, std=0.3081, label_smoothing=0.1,
-    augment=random_shift, scan=False, article={"target": 0.995})
+    augment=random_shift, autodiff_per_step=True, article={"target": 0.995})
 
 if __name__ == "__main__":
     run(PROTOCOL)

@@ -34,7 +34,7 @@ PROTOCOL = Protocol(
     name="conv3x3", net=net, optimizers={"sgd": lambda steps: optax.sgd(0.005)},
     train_range=("train", 0, 1000),
     eval_ranges={"test[0,1000)": ("test", 0, 1000), "test[0,10000)": ("test", 0, 10000)},
-    batch_size=1, epochs=3, mean=0.5, std=1.0, reduction="sum", scan=True,
+    batch_size=1, epochs=3, mean=0.5, std=1.0, reduction="sum",
     article={"accuracy": "about 0.8-0.9 on test[0,1000) (3 epochs; 003's log reaches 90-94% "
              "on the last 100 training images)", "implementation": "numpy loops"})
 

@@ -11,7 +11,7 @@ from experiments._common import Protocol, article004_optimizers, run
 PROTOCOL = Protocol(
     name="mlp", net=models.mlp, optimizers=article004_optimizers(1e-3),
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
-    batch_size=64, epochs=10, mean=0.1307, std=0.3081, scan=True,
+    batch_size=64, epochs=10, mean=0.1307, std=0.3081,
     article={"accuracy": "about 97% (SGD lr 0.01 momentum 0.5)"})
 
 if __name__ == "__main__":

@@ -45,6 +45,21 @@ def test_one_epoch_smoke(name, tmp_path):
 
 
 @needs_mnist
+@pytest.mark.parametrize("vjp, scan", [("custom", True), ("autodiff", False)])
+def test_conv_protocols_scan_their_epochs_under_the_custom_rules_only(vjp, scan, monkeypatch):
+    """LeNet's protocol (``autodiff_per_step``): one scanned epoch with the hand-written rules,
+    a call per step under JAX autodiff, whose NCHW convolution transposes are slow in loops."""
+    from experiments import lenet
+    from functional_cnn import train
+    made = []
+    make = train.make_trainer
+    monkeypatch.setattr(train, "make_trainer", lambda *a, **k: made.append(k) or make(*a, **k))
+    lenet.run(lenet.PROTOCOL, ["--epochs", "1", "--train-range", "0", "64", "--eval-limit", "20",
+                               "--no-progress", "--vjp", vjp])
+    assert [k["scan"] for k in made] == [scan]
+
+
+@needs_mnist
 def test_cli_resume_matches_uninterrupted(tmp_path):
     from experiments import mlp
     base = ["--train-range", "0", "40", "--eval-limit", "30", "--no-progress", "--seed", "3"]
