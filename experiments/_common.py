@@ -4,7 +4,9 @@ scaling, optimizer, epochs); :func:`main` does the rest with :mod:`functional_cn
 
 Flags: ``--data-dir --epochs --seed --json PATH --plot PATH --checkpoint DIR --resume
 --vjp custom|autodiff --optimizer NAME``; for quick runs ``--train-range START STOP`` and
-``--eval-limit N`` shrink the data, ``--no-progress`` silences the bars.
+``--eval-limit N`` shrink the data, ``--no-progress`` silences the bars. Each epoch is one
+``lax.scan``, but for the conv protocols under ``--vjp autodiff`` and with ``--per-step``: a
+jitted call per step (:attr:`Protocol.autodiff_per_step` says why).
 
 Scaling out (:mod:`functional_cnn.dataparallel`): ``--devices N`` splits each (global) batch over
 N devices (default: all; ``--batch-size`` overrides the protocol's global batch, which must
@@ -99,6 +101,10 @@ def parse_args(p: Protocol, argv=None):
     ap.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                     help="stop after this epoch, as an interruption would (to test --resume)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--per-step", action="store_true",
+                    help="a jitted call per training step instead of one lax.scan per epoch "
+                         "(the conv protocols' choice under --vjp autodiff; a checkpoint "
+                         "resumes only in the mode that wrote it)")
     ap.add_argument("--devices", type=int, default=None, metavar="N",
                     help="split each batch over N devices (default: all devices of the run)")
     ap.add_argument("--batch-size", type=int, default=None, metavar="B",
@@ -174,7 +180,7 @@ def run(p: Protocol, argv=None) -> dict:
         label_smoothing=p.label_smoothing,
         preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
         augment=p.augment, shuffle=p.shuffle, vjp=args.vjp,
-        scan=not (p.autodiff_per_step and args.vjp == "autodiff"), mesh=mesh,
+        scan=_scans(p, args), mesh=mesh,
         progress=None if args.no_progress or not main else train.ProgressBar())
     ts = trainer.init(jax.random.key(args.seed), (-1, 1) + train_set.images.shape[1:])
     primary, primary_set = next(iter(eval_sets.items()))
@@ -202,6 +208,12 @@ def run(p: Protocol, argv=None) -> dict:
     return result
 
 
+def _scans(p: Protocol, args) -> bool:
+    """One ``lax.scan`` per epoch, unless ``--per-step`` asks for a call per step or the
+    protocol calls autodiff's steps one at a time (:attr:`Protocol.autodiff_per_step`)."""
+    return not (args.per_step or (p.autodiff_per_step and args.vjp == "autodiff"))
+
+
 def _record(p, args, ranges, fit, evals, primary, batch_size, mesh) -> dict:
     return {
         "experiment": p.name, "test_accuracy": evals[primary].accuracy,
@@ -209,6 +221,7 @@ def _record(p, args, ranges, fit, evals, primary, batch_size, mesh) -> dict:
         "test_loss": evals[primary].loss,
         "final_train_loss": fit.history[-1]["train_loss"] if fit.history else None,
         "train_seconds": fit.train_seconds, "epochs": len(fit.history), "vjp": args.vjp,
+        "scan": _scans(p, args),
         "optimizer": args.optimizer, "seed": args.seed, "batch_size": batch_size,
         "devices": int(mesh.size), "processes": jax.process_count(),
         "device_kind": mesh.devices.flat[0].device_kind,

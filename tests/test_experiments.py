@@ -45,18 +45,22 @@ def test_one_epoch_smoke(name, tmp_path):
 
 
 @needs_mnist
-@pytest.mark.parametrize("vjp, scan", [("custom", True), ("autodiff", False)])
-def test_conv_protocols_scan_their_epochs_under_the_custom_rules_only(vjp, scan, monkeypatch):
+@pytest.mark.parametrize("name, argv, scan", [
+    ("lenet", ["--vjp", "custom"], True), ("lenet", ["--vjp", "autodiff"], False),
+    ("mlp", ["--vjp", "autodiff"], True), ("lenet", ["--per-step"], False)])
+def test_epochs_scan_but_for_conv_protocols_under_autodiff_or_when_asked(name, argv, scan,
+                                                                      monkeypatch):
     """LeNet's protocol (``autodiff_per_step``): one scanned epoch with the hand-written rules,
-    a call per step under JAX autodiff, whose NCHW convolution transposes are slow in loops."""
-    from experiments import lenet
+    a call per step under JAX autodiff, whose NCHW convolution transposes are slow in loops;
+    the MLP's scans either way; ``--per-step`` asks for calls (and the JSON says which)."""
+    module = importlib.import_module(f"experiments.{name}")
     from functional_cnn import train
     made = []
     make = train.make_trainer
     monkeypatch.setattr(train, "make_trainer", lambda *a, **k: made.append(k) or make(*a, **k))
-    lenet.run(lenet.PROTOCOL, ["--epochs", "1", "--train-range", "0", "64", "--eval-limit", "20",
-                               "--no-progress", "--vjp", vjp])
-    assert [k["scan"] for k in made] == [scan]
+    result = module.run(module.PROTOCOL, ["--epochs", "1", "--train-range", "0", "64",
+                                          "--eval-limit", "20", "--no-progress", *argv])
+    assert [k["scan"] for k in made] == [scan] and result["scan"] == scan
 
 
 @needs_mnist
