@@ -182,10 +182,11 @@ def _summed_as_one_buffer(parts: tuple, divisors: tuple) -> tuple:
     One operand, not a tuple of them: XLA:CPU's all-reduce meets the other devices once per
     operand. On the race network (AMD EPYC of docs/BENCHMARKS.md) the gradients, running
     statistics, loss and count as four operands took 214 us a step once both devices had
-    arrived, as one 105 us (the profiler); the step 1.52 against 1.56 ms (12 alternating
-    rounds in one process, faster in 10), the same bits. Each part's segment is divided by its
-    scalar inside one fusion (per leaf it would be a kernel for each; a divisor vector would be
-    a constant the size of the model in the program)."""
+    arrived, as one 105 us (the profiler); the step 1.39 and 1.51 against 1.71 and 1.57 ms
+    (two runs of 12 and 8 alternating rounds in one process, faster in 12 and 6), the same
+    bits. Each part's segment is divided by its scalar, fused into the part's consumers (a
+    divisor vector would be a constant the size of the model in the program: with one, the
+    step was 1.52 against 1.56 ms)."""
     flat, unravel = ravel_pytree(parts)
     if not jnp.issubdtype(flat.dtype, jnp.floating):
         raise TypeError(f"_summed_as_one_buffer: expected parts with a floating leaf, got a "
