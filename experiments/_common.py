@@ -152,14 +152,16 @@ def _ranges(p: Protocol, args):
     return (split, start, stop), evals
 
 
-def _load(args, ranges):
-    """The training and evaluation sets, each cut from its split (read once) on the host."""
+def _load(args, ranges, mesh):
+    """The training and evaluation sets, each cut from its split (read once) on the host and
+    put on the devices as the trainer places them (replicated over ``mesh``: on one device
+    first, they went to the devices a second time)."""
     cache = {}
 
     def get(split, start, stop):
         if split not in cache:
             cache[split] = data.Dataset(*data.load_numpy(args.dataset, split, args.data_dir))
-        return data.to_device(*cache[split].range(start, stop))
+        return data.to_device(*cache[split].range(start, stop), mesh=mesh)
 
     train_range, eval_ranges = ranges
     return get(*train_range), {k: get(*r) for k, r in eval_ranges.items()}
@@ -172,15 +174,14 @@ def run(p: Protocol, argv=None) -> dict:
     main = dataparallel.is_main_process()
     batch_size = args.batch_size or p.batch_size
     ranges = _ranges(p, args)
-    train_set, eval_sets = _load(args, ranges)
+    train_set, eval_sets = _load(args, ranges, mesh)
     steps = math.ceil(len(train_set) / batch_size)
     optimizer = p.optimizers[args.optimizer](steps * max(args.epochs, 1))
     trainer = train.make_trainer(
         p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
         label_smoothing=p.label_smoothing,
         preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
-        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp,
-        scan=_scans(p, args), mesh=mesh,
+        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=_scans(p, args), mesh=mesh,
         progress=None if args.no_progress or not main else train.ProgressBar())
     ts = trainer.init(jax.random.key(args.seed), (-1, 1) + train_set.images.shape[1:])
     primary, primary_set = next(iter(eval_sets.items()))

@@ -264,8 +264,8 @@ def _batch_gradients(cfg: TrainConfig, params, model_state, x, labels, drop_key)
 def _gradients(cfg: TrainConfig, batch_size: int) -> Callable:
     """:func:`_batch_gradients`, on each device's shard where the trainer asks for per-device
     BatchNorm statistics (``sync_batch_norm=False``) and the batch splits evenly into shards
-    of at least :data:`MIN_SHARD` examples; a ragged tail that does not is computed as one batch, replicated
-    (with the whole tail's statistics)."""
+    of at least :data:`MIN_SHARD` examples; a ragged tail that does not is computed as one
+    batch, replicated (with the whole tail's statistics)."""
     gradients = functools.partial(_batch_gradients, cfg)
     if not cfg.splits_per_device(batch_size):
         return gradients
