@@ -83,7 +83,9 @@ def _recipe(run: dict) -> str:
             + (", keys from functional_cnn.prng's FMIX32" if run.get("prng") == "fmix32"
                else "")
             + (f", on {run['devices']} host devices (each its share of every batch, with its "
-               "own BatchNorm statistics)" if run.get("devices", 1) > 1 else ""))
+               "own BatchNorm statistics)" if run.get("devices", 1) > 1 else "")
+            + (", compiled with XLA:CPU's loop emitters" if run.get("fusion_emitters") is False
+               else ""))
 
 
 def _pins(formulations) -> str:

@@ -79,6 +79,13 @@ PRNG = "fmix32"
 # processes each). Each device's BatchNorm normalizes its own 16 images: seeds 0-19, 18 of 20
 # at 99.0%, mean 99.07%.
 DEVICES = 2
+# XLA:CPU's older loop emitters for every program (a GPU ignores the option; `--fusion-emitters`
+# keeps XLA's default). Compiling is most of the start, and XLA's newer fusion emitters cost
+# about 20 ms of CPU a kernel: on the AMD EPYC of docs/BENCHMARKS.md the epoch's 100 kernels
+# compiled in 1.2 CPU-s against 2.0, for steps 5-10% slower (their transposes and
+# concatenations), and the race reached 99% sooner (docs/BENCHMARKS.md, session 14). Measured
+# on that EPYC only: on an Intel Xeon in session 7, with other code, the slower steps outweighed.
+LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
@@ -111,7 +118,8 @@ def trainer_for(args, mesh=None) -> Callable[[tuple], train.Trainer]:
             batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
             label_smoothing=args.label_smoothing, eval_batch_size=EVAL_CHUNK,
             preprocess=lambda u8: data.normalize(u8, MEAN, STD), mesh=mesh,
-            sync_batch_norm=mesh is None)
+            sync_batch_norm=mesh is None,
+            compiler_options=None if args.fusion_emitters else LOOP_EMITTERS)
     return make
 
 
@@ -221,6 +229,9 @@ def parser():
                         help=f"on a CPU: N host devices, each training on its share of every "
                              f"batch with its own BatchNorm statistics (default: "
                              f"{DEVICES}, at most the cores; 1: one device, the global batch)")
+    parser.add_argument("--fusion-emitters", action="store_true",
+                        help="compile with XLA:CPU's default fusion emitters (faster steps, "
+                             "slower compilation) instead of its loop emitters")
     parser.add_argument("--prng", default=PRNG, choices=("fmix32", "threefry"),
                         help="the generator of the run's keys (default %(default)s)")
     return parser
@@ -258,7 +269,8 @@ def main(argv=None):
                          compile_cache=bool(args.compile_cache),
                          recipe={k: getattr(args, k) for k in RECIPE},
                          formulations=list(pins), formulations_from=pins_from,
-                         prng=args.prng, devices=1 if mesh is None else mesh.size)
+                         prng=args.prng, devices=1 if mesh is None else mesh.size,
+                         fusion_emitters=args.fusion_emitters)
 
 
 if __name__ == "__main__":

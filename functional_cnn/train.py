@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -155,10 +155,14 @@ class TrainConfig:
     mesh: object = None  # a 1-D jax.sharding.Mesh, or None: one device
     sync_batch_norm: bool = True  # with a mesh: BatchNorm over the global batch
     progress: object = None  # a ProgressBar (or alike), or None: no callbacks in compiled code
+    compiler_options: Mapping | None = None  # XLA's options for the trainer's programs
 
     def __post_init__(self):
         _check_config(self.batch_size, self.reduction, self.eval_batch_size,
                       self.steps_per_epoch)
+        # frozen and hashable: the options as sorted (name, value) pairs
+        object.__setattr__(self, "compiler_options",
+                           tuple(sorted(dict(self.compiler_options or {}).items())))
         dataparallel.check_divides(self.batch_size, self.mesh)
         _check_sync_batch_norm(self)
         if self.optimizer is None:  # frozen: the defaults are resolved once, here
@@ -226,12 +230,14 @@ class Trainer(NamedTuple):
 
 # ----------------------------------------------------------------------------- the pieces
 
-def _jit(mesh):
-    """``jax.jit``; with a mesh every result is replicated: identical on every device (and
-    process), so the host can read metrics and checkpoints from any of them."""
-    if mesh is None:
-        return jax.jit
-    return functools.partial(jax.jit, out_shardings=dataparallel.replicated(mesh))
+def _jit(cfg: TrainConfig):
+    """``jax.jit`` with the trainer's XLA options; with a mesh every result is replicated:
+    identical on every device (and process), so the host can read metrics and checkpoints
+    from any of them."""
+    jit = functools.partial(jax.jit, compiler_options=dict(cfg.compiler_options) or None)
+    if cfg.mesh is None:
+        return jit
+    return functools.partial(jit, out_shardings=dataparallel.replicated(cfg.mesh))
 
 
 def _fresh_state(cfg: TrainConfig, key, input_shape) -> TrainState:
@@ -479,6 +485,11 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       (``ValueError`` otherwise); a ragged tail that does not split evenly into such shards
       is computed as one batch, replicated. Without a mesh, or over one device, it changes
       nothing.
+    * ``compiler_options``: XLA's options for every program of the trainer (``jax.jit``'s
+      ``compiler_options``), e.g. ``{"xla_cpu_use_fusion_emitters": False}``: XLA:CPU's
+      older loop emitters compile a short run's programs in about half the CPU time, for
+      somewhat slower steps (``experiments/time_to_accuracy.py`` says where that pays). They
+      change how fast the programs compile and run, never what they compute beyond rounding.
     """
     cfg = TrainConfig(net, optimizer, **options)
     fresh_state = _fresh_state_program(cfg)
@@ -499,23 +510,24 @@ def _fresh_state_program(cfg: TrainConfig):
     # 2.2 s -> 0.6 s at start-up on one Xeon) and XLA:CPU's older loop emitters (1.5 -> 0.9 s
     # on another, the same values; a GPU ignores the option).
     return jax.jit(functools.partial(_fresh_state, cfg), static_argnums=1,
-                   compiler_options={"xla_backend_optimization_level": 1,
+                   compiler_options={**dict(cfg.compiler_options),
+                                     "xla_backend_optimization_level": 1,
                                      "xla_cpu_use_fusion_emitters": False})
 
 
 def _loop_programs(cfg: TrainConfig):
     """The jitted :func:`_loop_epoch_start` and :func:`_step_row` of a per-step epoch."""
-    jit = _jit(cfg.mesh)
+    jit = _jit(cfg)
     return (jit(functools.partial(_loop_epoch_start, cfg), donate_argnums=0),
             jit(functools.partial(_step_row, cfg), donate_argnums=(0, 1)))
 
 
 def _scan_epoch_program(cfg: TrainConfig):
-    return _jit(cfg.mesh)(functools.partial(_scan_epoch, cfg), donate_argnums=0)
+    return _jit(cfg)(functools.partial(_scan_epoch, cfg), donate_argnums=0)
 
 
 def _logits_program(cfg: TrainConfig):
-    return _jit(cfg.mesh)(functools.partial(_logits, cfg), static_argnums=0)
+    return _jit(cfg)(functools.partial(_logits, cfg), static_argnums=0)
 
 
 # ----------------------------------------------------------------------------- evaluation, fit

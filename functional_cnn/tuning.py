@@ -66,16 +66,19 @@ TUNING_VERSION = 1
 
 def cache_key(trainer: train.Trainer, input_shape, example) -> str:
     """The context a choice holds for: the unpinned network, its input, batch, vjp mode,
-    conv2d's mode (its own choice is the baseline; :func:`_formulation.mode`) and, over a mesh,
-    its devices and whether each normalizes its own shard. Not the optimizer, which adds the
-    same update to every variant, nor the preprocessing."""
+    conv2d's mode (its own choice is the baseline; :func:`_formulation.mode`), over a mesh
+    its devices and whether each normalizes its own shard, and XLA's options if any (its
+    emitters change which formulation is fastest). Not the optimizer, which adds the same
+    update to every variant, nor the preprocessing."""
     cfg = trainer.config
-    devices = "" if cfg.mesh is None else (
+    context = "" if cfg.mesh is None else (
         f" | devices {cfg.mesh.size}" + (" per-device BatchNorm" if cfg.per_device_batch_norm
                                           else ""))
+    if cfg.compiler_options:  # none: the keys as before the option, so their entries hold
+        context += f" | XLA {dict(cfg.compiler_options)}"
     return (f"{_formulation.STEP_KEY_PREFIX}{cfg.net!r} | input {tuple(input_shape[1:])} | "
             f"example {tuple(example.shape)} {np.dtype(example.dtype).name} | batch "
-            f"{cfg.batch_size} | vjp {cfg.vjp} | conv mode {_formulation.mode()}{devices} | "
+            f"{cfg.batch_size} | vjp {cfg.vjp} | conv mode {_formulation.mode()}{context} | "
             f"tuning {TUNING_VERSION}")
 
 

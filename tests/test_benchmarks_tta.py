@@ -108,6 +108,9 @@ def test_the_recipe_line_names_pinned_formulations():
     assert _recipe({**run, "devices": 2}).endswith(
         "on 2 host devices (each its share of every batch, with its own BatchNorm statistics)")
     assert "devices" not in _recipe({**run, "devices": 1})
+    assert _recipe({**run, "fusion_emitters": False}).endswith(
+        "label smoothing 0.1, compiled with XLA:CPU's loop emitters")
+    assert "emitters" not in _recipe({**run, "fusion_emitters": True}) + _recipe(run)
 
 
 def test_the_race_alternates_its_order(monkeypatch):

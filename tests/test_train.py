@@ -268,3 +268,30 @@ def test_steps_per_epoch_is_checked():
     for bad in (0, -1, 2.0):
         with pytest.raises(ValueError, match="expected steps_per_epoch None or a positive int"):
             train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, steps_per_epoch=bad)
+
+
+def test_compiler_options_reach_every_program_and_change_no_result():
+    ds = tiny_data()
+    loop = {"xla_cpu_use_fusion_emitters": False}
+    results = []
+    for options in (None, loop):
+        trainer = train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5,
+                                     compiler_options=options)
+        ts, m = trainer.epoch(trainer.init(jax.random.key(3), (-1, 1, 28, 28)), ds.images,
+                              ds.labels)
+        results.append((ts.params, m["loss"], train.evaluate(trainer, ts, ds).predictions))
+    (pa, la, ea), (pb, lb, eb) = results
+    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(la, lb, rtol=1e-6)
+    np.testing.assert_array_equal(ea, eb)
+    assert train.TrainConfig(small_net(), None, batch_size=5, compiler_options={
+        "b": 1, "a": 2}).compiler_options == (("a", 2), ("b", 1))  # frozen, in order
+    bogus = train.make_trainer(small_net(), batch_size=5, compiler_options={"xla_bogus": 1})
+    with pytest.raises(Exception, match="xla_bogus"):  # the initial state's program too
+        bogus.init(jax.random.key(0), (-1, 1, 28, 28))
+    ts = train.make_trainer(small_net(), batch_size=5).init(jax.random.key(0), (-1, 1, 28, 28))
+    for run in (lambda: bogus.epoch(ts, ds.images, ds.labels),
+                lambda: bogus.predict(ts.params, ts.state, ds.images)):
+        with pytest.raises(Exception, match="xla_bogus"):
+            run()

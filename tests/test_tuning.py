@@ -92,7 +92,7 @@ def test_each_convolution_gets_the_fastest_pin_beyond_the_margin_and_it_is_cache
         (None, "lax")
 
 
-def test_the_cache_key_is_the_unpinned_network_input_batch_and_modes():
+def test_the_cache_key_is_the_unpinned_network_input_batch_modes_and_xla_options():
     key = tuning.cache_key(make((None, None)), INPUT, EXAMPLE)
     assert "train_formulation" not in key and "Conv2d(8, kernel_size=3" in key
     assert key.endswith("| input (1, 8, 8) | example (8, 8) uint8 | batch 4 | vjp custom | "
@@ -101,6 +101,10 @@ def test_the_cache_key_is_the_unpinned_network_input_batch_and_modes():
     assert tuning.cache_key(wider, INPUT, EXAMPLE) != key
     with fcn.functional.conv_formulation("auto"):  # another baseline: another measurement
         assert tuning.cache_key(make((None, None)), INPUT, EXAMPLE) != key
+    loop = train.make_trainer(make((None, None)).config.net, batch_size=4,
+                              compiler_options={"xla_cpu_use_fusion_emitters": False})
+    assert tuning.cache_key(loop, INPUT, EXAMPLE) == key.replace(
+        " | tuning", " | XLA {'xla_cpu_use_fusion_emitters': False} | tuning")
 
 
 def test_a_pin_is_checked_at_the_trainers_batch_size(monkeypatch):
