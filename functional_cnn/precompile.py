@@ -175,15 +175,17 @@ def _compile_chunks(lowered_chunks: Future) -> tuple[dict, list]:
     return {sig: _without_static(low.compile(), 0) for sig, low in lowered.items()}, chunk_logits
 
 
-def _compile_scores(chunks: Future, n: int) -> tuple[dict, dict]:
+def _compile_scores(cfg, chunks: Future, n: int) -> tuple[dict, dict]:
     """The chunks' concatenation and the scores of all ``n`` examples' logits (their
-    shapes: from the chunks' programs)."""
+    shapes: from the chunks' programs), compiled with the trainer's XLA options as its own
+    programs are (the two jitted functions are shared by every trainer)."""
     _, chunk_logits = chunks.result()
     sharding = getattr(chunk_logits[0], "sharding", None)
     all_logits = jax.ShapeDtypeStruct((n, chunk_logits[0].shape[-1]), chunk_logits[0].dtype,
                                       sharding=sharding)
-    concatenate = train._concatenate.lower(chunk_logits).compile()
-    compiled = train._scores.lower(all_logits, _labels(n, sharding)).compile()
+    options = dict(cfg.compiler_options) or None
+    concatenate = train._concatenate.lower(chunk_logits).compile(options)
+    compiled = train._scores.lower(all_logits, _labels(n, sharding)).compile(options)
     return ({_signature((chunk_logits,)): concatenate},
             {_signature((all_logits, _labels(n))): compiled})
 
@@ -216,7 +218,7 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     if eval_images is not None:
         chunk_job = pool.submit(_compile_chunks, lowered_chunks)
         chunks.append(lambda: chunk_job.result()[0])
-        score_job = pool.submit(_compile_scores, chunk_job, eval_images.shape[0])
+        score_job = pool.submit(_compile_scores, cfg, chunk_job, eval_images.shape[0])
         concatenations.append(lambda: score_job.result()[0])
         scores.append(lambda: score_job.result()[1])
     pool.shutdown(wait=False)

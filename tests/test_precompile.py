@@ -102,3 +102,19 @@ def test_lowering_errors_of_the_evaluation_surface_at_the_call():
     assert int(ts.step) == 4
     with pytest.raises(ValueError, match=r"Linear: expected 676 input features .* \(12, 784\)"):
         ahead.predict(ts.params, ts.state, jnp.zeros((12, 30, 30), jnp.uint8))
+
+
+def test_the_shared_evaluation_programs_compile_with_the_trainers_options(monkeypatch):
+    """``train._concatenate`` and ``train._scores`` serve every trainer, so precompile hands
+    them the trainer's options itself; the trainer's own programs carry theirs."""
+    seen = []
+    compile_ = jax.stages.Lowered.compile
+    monkeypatch.setattr(jax.stages.Lowered, "compile",
+                        lambda self, options=None: seen.append(options) or compile_(self, options))
+    loop = {"xla_cpu_use_fusion_emitters": False}
+    test_set = tiny_data(12, seed=1)
+    ahead = precompile(_trainer(eval_batch_size=5, compiler_options=loop), (-1, 1, 28, 28),
+                       eval_images=_abstract(test_set), init=False)
+    ts = _trainer().init(jax.random.key(2), (-1, 1, 28, 28))
+    train.evaluate(ahead, ts, test_set)
+    assert seen.count(loop) == 2  # the concatenation's and the scores'
