@@ -20,8 +20,9 @@ On a CPU the batches are split over ``--devices`` host devices (default two, one
 is evaluated on one device; the formulations are measured (``tuned``) on the devices it trains on.
 
 Start-up is most of the race, so every program compiles ahead of time on two threads
-(:func:`functional_cnn.precompile.precompile`) while the data sets load, and the recipe needs
-one training program only (no ragged tail: ``--steps`` full batches). The plain-PyTorch script
+(:func:`functional_cnn.precompile.precompile`) while the data sets load, on a CPU with XLA's
+loop emitters (:data:`LOOP_EMITTERS`: half the compilation, slightly slower steps), and the
+recipe needs one training program only (no ragged tail: ``--steps`` full batches). The plain-PyTorch script
 it races is ``benchmarks/time_to_accuracy_torch.py`` (torch's own best recipe).
 """
 import time
@@ -79,8 +80,8 @@ PRNG = "fmix32"
 # processes each). Each device's BatchNorm normalizes its own 16 images: seeds 0-19, 18 of 20
 # at 99.0%, mean 99.07%.
 DEVICES = 2
-# XLA:CPU's older loop emitters for every program (a GPU ignores the option; `--fusion-emitters`
-# keeps XLA's default). Compiling is most of the start, and XLA's newer fusion emitters cost
+# XLA:CPU's older loop emitters for every program, on a CPU (`--fusion-emitters` keeps XLA's
+# default). Compiling is most of the start, and XLA's newer fusion emitters cost
 # about 20 ms of CPU a kernel: on the AMD EPYC of docs/BENCHMARKS.md the epoch's 100 kernels
 # compiled in 1.2 CPU-s against 2.0, for steps 5-10% slower (their transposes and
 # concatenations), and the race reached 99% sooner (docs/BENCHMARKS.md, session 14). Measured
@@ -118,9 +119,15 @@ def trainer_for(args, mesh=None) -> Callable[[tuple], train.Trainer]:
             batch_size=args.batch_size, steps_per_epoch=args.steps, vjp=args.vjp,
             label_smoothing=args.label_smoothing, eval_batch_size=EVAL_CHUNK,
             preprocess=lambda u8: data.normalize(u8, MEAN, STD), mesh=mesh,
-            sync_batch_norm=mesh is None,
-            compiler_options=None if args.fusion_emitters else LOOP_EMITTERS)
+            sync_batch_norm=mesh is None, compiler_options=compiler_options(args))
     return make
+
+
+def compiler_options(args) -> dict | None:
+    """:data:`LOOP_EMITTERS` on a CPU, unless ``--fusion-emitters``; else XLA's defaults."""
+    if args.fusion_emitters or jax.default_backend() != "cpu":
+        return None
+    return LOOP_EMITTERS
 
 
 def formulations(args, mesh=None) -> tuple[tuple, str]:
@@ -270,7 +277,7 @@ def main(argv=None):
                          recipe={k: getattr(args, k) for k in RECIPE},
                          formulations=list(pins), formulations_from=pins_from,
                          prng=args.prng, devices=1 if mesh is None else mesh.size,
-                         fusion_emitters=args.fusion_emitters)
+                         fusion_emitters=compiler_options(args) is None)
 
 
 if __name__ == "__main__":

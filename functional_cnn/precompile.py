@@ -30,14 +30,16 @@ its timings would be disturbed: run once without precompiling to fill the cache 
 On 2 cores the compilations also compete with each other and with the data loading: XLA
 compiles one program on about 1.7 cores (the epoch of ``experiments/time_to_accuracy.py``:
 3.0 s of wall time, 5.2 s of CPU, 2-core Xeon), so every other program compiling beside it
-delays it; and tracing and lowering are Python, one thread at a time. So every program is
-lowered on the calling thread, in the order it is needed, and compiles on a worker as soon as
-it is lowered: the initial state's compiles while the epoch's is traced (on a core that would
-otherwise wait), the epoch's while the evaluation's is traced. Traced beside the epoch's, the
+delays it; and tracing and lowering are Python, one thread at a time. So the initial state's,
+the scanned epoch's and the evaluation's chunk programs are lowered on the calling thread, in
+the order they are needed, each compiling on a worker as soon as it is lowered: the initial
+state's while the epoch's is traced (on a core that would otherwise wait), the epoch's while
+the evaluation's is traced. (A per-step epoch's programs, and the small concatenation and
+scores programs, are lowered and compiled on a worker.) Traced beside the epoch's, the
 evaluation's tracing had taken the GIL from it: the race's epoch ready at 2.06 s median
 against 2.27, 99% reached at 4.76 s against 5.26, sooner in 9 of 10 alternating fresh
-processes (a 2-core AMD EPYC). What shortens the start most is less to compile (the initial state's program is
-compiled for speed of compilation: ``train._fresh_state_program``).
+processes (a 2-core AMD EPYC). What shortens the start most is less to compile (the initial
+state's program is compiled for speed of compilation: ``train._fresh_state_program``).
 """
 from __future__ import annotations
 
@@ -178,18 +180,16 @@ def _compile_chunks(lowered_chunks: Future) -> tuple[dict, list]:
     return {sig: _without_static(low.compile(), 0) for sig, low in lowered.items()}, chunk_logits
 
 
-def _compile_scores(cfg, chunks: Future, n: int) -> tuple[dict, dict]:
-    """The chunks' concatenation and the scores of all ``n`` examples' logits (their
-    shapes: from the chunks' programs), compiled with the trainer's XLA options as its own
-    programs are (the two jitted functions are shared by every trainer)."""
+def _compile_scores(programs: tuple, chunks: Future, n: int) -> tuple[dict, dict]:
+    """The chunks' concatenation and the scores of all ``n`` examples' logits (``programs``:
+    the trainer's, :func:`train._evaluation_programs`; the shapes: from the chunks')."""
+    concatenate, scores = programs
     _, chunk_logits = chunks.result()
     sharding = getattr(chunk_logits[0], "sharding", None)
     all_logits = jax.ShapeDtypeStruct((n, chunk_logits[0].shape[-1]), chunk_logits[0].dtype,
                                       sharding=sharding)
-    options = dict(cfg.compiler_options) or None
-    concatenate = train._concatenate.lower(chunk_logits).compile(options)
-    compiled = train._scores.lower(all_logits, _labels(n, sharding)).compile(options)
-    return ({_signature((chunk_logits,)): concatenate},
+    compiled = scores.lower(all_logits, _labels(n, sharding)).compile()
+    return ({_signature((chunk_logits,)): concatenate.lower(chunk_logits).compile()},
             {_signature((all_logits, _labels(n))): compiled})
 
 
@@ -215,17 +215,18 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
                          input_shape).result] if init else []
     epoch = _ahead_epoch(cfg, pool, ts, train_images)
     logits = train._logits_program(cfg)
+    programs = train._evaluation_programs(cfg.compiler_options)
     chunks, concatenations, scores = [], [], []
     if eval_images is not None:
         lowered_chunks = _here(_lower_chunks, cfg, logits, ts, eval_images)
         chunk_job = pool.submit(_compile_chunks, lowered_chunks)
         chunks.append(lambda: chunk_job.result()[0])
-        score_job = pool.submit(_compile_scores, cfg, chunk_job, eval_images.shape[0])
+        score_job = pool.submit(_compile_scores, programs, chunk_job, eval_images.shape[0])
         concatenations.append(lambda: score_job.result()[0])
         scores.append(lambda: score_job.result()[1])
     pool.shutdown(wait=False)
     return train.Trainer(
         cfg, functools.partial(train._init, cfg, _AheadOfTime(fresh_state, inits)), epoch,
         functools.partial(train._predict, cfg, _AheadOfTime(logits, chunks),
-                          _AheadOfTime(train._concatenate, concatenations)),
-        _AheadOfTime(train._scores, scores))
+                          _AheadOfTime(programs[0], concatenations)),
+        _AheadOfTime(programs[1], scores))

@@ -155,7 +155,8 @@ class TrainConfig:
     mesh: object = None  # a 1-D jax.sharding.Mesh, or None: one device
     sync_batch_norm: bool = True  # with a mesh: BatchNorm over the global batch
     progress: object = None  # a ProgressBar (or alike), or None: no callbacks in compiled code
-    compiler_options: Mapping | None = None  # XLA's options for the trainer's programs
+    # XLA's options for the trainer's programs: a mapping, kept as sorted (name, value) pairs
+    compiler_options: Mapping | tuple | None = None
 
     def __post_init__(self):
         _check_config(self.batch_size, self.reduction, self.eval_batch_size,
@@ -413,10 +414,10 @@ def _logits(cfg: TrainConfig, size: int, params, state, images, start):
     return cfg.net.apply(params, state, cfg.preprocess(chunk), train=False, vjp=cfg.vjp)[0]
 
 
-@jax.jit
 def _concatenate(chunks):
-    """The chunks' logits as one array: jitted, so that it can be compiled ahead (eagerly, a
-    first concatenation of 20 chunks compiled for 28 ms after training)."""
+    """The chunks' logits as one array (jitted, :func:`_evaluation_programs`, so that it can be
+    compiled ahead: eagerly, a first concatenation of 20 chunks compiled for 28 ms after
+    training)."""
     return jnp.concatenate(chunks)
 
 
@@ -489,7 +490,9 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       ``compiler_options``), e.g. ``{"xla_cpu_use_fusion_emitters": False}``: XLA:CPU's
       older loop emitters compile a short run's programs in about half the CPU time, for
       somewhat slower steps (``experiments/time_to_accuracy.py`` says where that pays). They
-      change how fast the programs compile and run, never what they compute beyond rounding.
+      change how fast the programs compile and run, never what they compute beyond rounding
+      (they are not in the checkpoint's fingerprint: a run resumed under other options may
+      differ from an uninterrupted one in the last bits).
     """
     cfg = TrainConfig(net, optimizer, **options)
     fresh_state = _fresh_state_program(cfg)
@@ -499,8 +502,9 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
         epoch = functools.partial(_loop_epoch, cfg, *_loop_programs(cfg))
     if cfg.mesh is not None:
         epoch = functools.partial(_placed_epoch, cfg, epoch)
-    predict = functools.partial(_predict, cfg, _logits_program(cfg), _concatenate)
-    return Trainer(cfg, functools.partial(_init, cfg, fresh_state), epoch, predict)
+    concatenate, scores = _evaluation_programs(cfg.compiler_options)
+    predict = functools.partial(_predict, cfg, _logits_program(cfg), concatenate)
+    return Trainer(cfg, functools.partial(_init, cfg, fresh_state), epoch, predict, scores)
 
 
 def _fresh_state_program(cfg: TrainConfig):
@@ -539,11 +543,19 @@ class Evaluation(NamedTuple):
     labels: np.ndarray
 
 
-@jax.jit
 def _scores(logits, labels):
     """Mean cross-entropy and predicted classes: one compiled program (eagerly, the loss alone
     takes 0.25 s of compilations on the first evaluation)."""
     return cross_entropy(logits, labels, reduction="mean"), logits.argmax(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluation_programs(compiler_options: tuple = ()):
+    """:func:`_concatenate` and :func:`_scores` jitted with ``compiler_options``
+    (``TrainConfig.compiler_options``' pairs): one pair of programs for every trainer with the
+    same options, so that each shape compiles once for all of them."""
+    jit = functools.partial(jax.jit, compiler_options=dict(compiler_options) or None)
+    return jit(_concatenate), jit(_scores)
 
 
 def evaluate(trainer: Trainer, ts: TrainState, data: Dataset) -> Evaluation:
@@ -553,7 +565,7 @@ def evaluate(trainer: Trainer, ts: TrainState, data: Dataset) -> Evaluation:
                          "accuracy to compute)")
     data = trainer.place(data)
     logits = trainer.predict(*trainer.place((ts.params, ts.state)), data.images)
-    loss, predictions = (trainer.scores or _scores)(logits, data.labels)
+    loss, predictions = (trainer.scores or _evaluation_programs()[1])(logits, data.labels)
     loss, predictions, labels = float(loss), np.asarray(predictions), np.asarray(data.labels)
     return Evaluation(float((predictions == labels).mean()), loss, predictions, labels)
 

@@ -90,7 +90,7 @@ def test_compilation_errors_surface_at_the_call():
 
 
 def test_lowering_errors_of_the_evaluation_surface_at_the_call():
-    # the evaluation's program is lowered inside precompile (before the epoch's tracing):
+    # the evaluation's program is lowered inside precompile (after the epoch's):
     # images of 30x30 cannot go through a network built for 28x28, and the error waits for
     # the evaluation, as a compilation error does, while training works
     train_set, test_set = tiny_data(20), tiny_data(12, seed=1)
@@ -104,17 +104,28 @@ def test_lowering_errors_of_the_evaluation_surface_at_the_call():
         ahead.predict(ts.params, ts.state, jnp.zeros((12, 30, 30), jnp.uint8))
 
 
-def test_the_shared_evaluation_programs_compile_with_the_trainers_options(monkeypatch):
-    """``train._concatenate`` and ``train._scores`` serve every trainer, so precompile hands
-    them the trainer's options itself; the trainer's own programs carry theirs."""
-    seen = []
-    compile_ = jax.stages.Lowered.compile
-    monkeypatch.setattr(jax.stages.Lowered, "compile",
-                        lambda self, options=None: seen.append(options) or compile_(self, options))
-    loop = {"xla_cpu_use_fusion_emitters": False}
+def test_the_evaluation_programs_are_the_trainers_and_errors_wait_for_their_call():
+    """The concatenation and the scores are the trainer's programs (jitted with its options,
+    shared by trainers with the same options), precompiled or not; a bad option in any
+    program surfaces where it is first called, with or without precompile, scanned or not."""
+    options = {"xla_cpu_use_fusion_emitters": False}
     test_set = tiny_data(12, seed=1)
-    ahead = precompile(_trainer(eval_batch_size=5, compiler_options=loop), (-1, 1, 28, 28),
+    programs = train._evaluation_programs(tuple(options.items()))
+    plain = _trainer(eval_batch_size=5, compiler_options=options)
+    ahead = precompile(_trainer(eval_batch_size=5, compiler_options=options), (-1, 1, 28, 28),
                        eval_images=_abstract(test_set), init=False)
+    assert plain.scores is ahead.scores.jitted is programs[1]
+    assert plain.predict.args[-1] is ahead.predict.args[-1].jitted is programs[0]
     ts = _trainer().init(jax.random.key(2), (-1, 1, 28, 28))
-    train.evaluate(ahead, ts, test_set)
-    assert seen.count(loop) == 2  # the concatenation's and the scores'
+    a, b = train.evaluate(plain, ts, test_set), train.evaluate(ahead, ts, test_set)
+    assert a.loss == b.loss and a.accuracy == b.accuracy
+    for scan in (True, False):
+        bogus = precompile(_trainer(scan=scan, compiler_options={"xla_bogus": 1}),
+                           (-1, 1, 28, 28), train_images=_abstract(test_set),
+                           eval_images=_abstract(test_set))
+        for run in (lambda: bogus.init(jax.random.key(0), (-1, 1, 28, 28)),
+                    lambda: bogus.epoch(ts, test_set.images, test_set.labels),
+                    lambda: train.evaluate(bogus, ts, test_set),
+                    lambda: bogus.scores(jnp.zeros((2, 10)), jnp.zeros(2, jnp.int32))):
+            with pytest.raises(Exception, match="xla_bogus"):
+                run()
