@@ -22,8 +22,9 @@ is evaluated on one device; the formulations are measured (``tuned``) on the dev
 Start-up is most of the race, so every program compiles ahead of time on two threads
 (:func:`functional_cnn.precompile.precompile`) while the data sets load, on a CPU with XLA's
 loop emitters (:data:`LOOP_EMITTERS`: half the compilation, slightly slower steps), and the
-recipe needs one training program only (no ragged tail: ``--steps`` full batches). The plain-PyTorch script
-it races is ``benchmarks/time_to_accuracy_torch.py`` (torch's own best recipe).
+recipe needs one training program only (no ragged tail: ``--steps`` full batches). The
+plain-PyTorch script it races is ``benchmarks/time_to_accuracy_torch.py`` (torch's own best
+recipe).
 """
 import time
 

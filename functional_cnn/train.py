@@ -486,13 +486,10 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       (``ValueError`` otherwise); a ragged tail that does not split evenly into such shards
       is computed as one batch, replicated. Without a mesh, or over one device, it changes
       nothing.
-    * ``compiler_options``: XLA's options for every program of the trainer (``jax.jit``'s
-      ``compiler_options``), e.g. ``{"xla_cpu_use_fusion_emitters": False}``: XLA:CPU's
-      older loop emitters compile a short run's programs in about half the CPU time, for
-      somewhat slower steps (``experiments/time_to_accuracy.py`` says where that pays). They
-      change how fast the programs compile and run, never what they compute beyond rounding
-      (they are not in the checkpoint's fingerprint: a run resumed under other options may
-      differ from an uninterrupted one in the last bits).
+    * ``compiler_options``: ``jax.jit``'s, for every program of the trainer; e.g. XLA:CPU's
+      loop emitters (``{"xla_cpu_use_fusion_emitters": False}``) halve a short run's
+      compilation, for slower steps (``experiments/time_to_accuracy.py``). They change speed
+      and rounding only, and are not in the checkpoint's fingerprint.
     """
     cfg = TrainConfig(net, optimizer, **options)
     fresh_state = _fresh_state_program(cfg)
