@@ -205,9 +205,9 @@ def precompile(trainer: train.Trainer, input_shape, *, train_images=None, eval_i
     key = jax.eval_shape(lambda: jax.random.key(0)) if key is None else key
     input_shape = tuple(input_shape)
     fresh_state = train._fresh_state_program(cfg)
-    # the state's shapes, by abstract evaluation; every program lowered here, one after the
+    # the state's shapes, by abstract evaluation; the programs lowered here one after the
     # other, each compiling on the pool once lowered: the initial state's first (it compiles
-    # while the epoch's is traced), the evaluation's last (see the module docstring)
+    # while the epoch's is traced), the evaluation's chunks last (the module docstring)
     ts = _placed(cfg, jax.eval_shape(lambda k: train._fresh_state(cfg, k, input_shape), key))
     train_images, eval_images = _placed(cfg, (train_images, eval_images))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="precompile")
