@@ -156,12 +156,12 @@ class TrainConfig:
     sync_batch_norm: bool = True  # with a mesh: BatchNorm over the global batch
     progress: object = None  # a ProgressBar (or alike), or None: no callbacks in compiled code
     # XLA's options for the trainer's programs: a mapping, kept as sorted (name, value) pairs
+    # (frozen and hashable)
     compiler_options: Mapping | tuple | None = None
 
     def __post_init__(self):
         _check_config(self.batch_size, self.reduction, self.eval_batch_size,
                       self.steps_per_epoch)
-        # frozen and hashable: the options as sorted (name, value) pairs
         object.__setattr__(self, "compiler_options",
                            tuple(sorted(dict(self.compiler_options or {}).items())))
         dataparallel.check_divides(self.batch_size, self.mesh)
@@ -231,11 +231,16 @@ class Trainer(NamedTuple):
 
 # ----------------------------------------------------------------------------- the pieces
 
+def _jit_with(compiler_options: tuple):
+    """``jax.jit`` with XLA's ``compiler_options`` (``TrainConfig.compiler_options``' pairs)."""
+    return functools.partial(jax.jit, compiler_options=dict(compiler_options) or None)
+
+
 def _jit(cfg: TrainConfig):
     """``jax.jit`` with the trainer's XLA options; with a mesh every result is replicated:
     identical on every device (and process), so the host can read metrics and checkpoints
     from any of them."""
-    jit = functools.partial(jax.jit, compiler_options=dict(cfg.compiler_options) or None)
+    jit = _jit_with(cfg.compiler_options)
     if cfg.mesh is None:
         return jit
     return functools.partial(jit, out_shardings=dataparallel.replicated(cfg.mesh))
@@ -549,9 +554,9 @@ def _scores(logits, labels):
 @functools.lru_cache(maxsize=None)
 def _evaluation_programs(compiler_options: tuple = ()):
     """:func:`_concatenate` and :func:`_scores` jitted with ``compiler_options``
-    (``TrainConfig.compiler_options``' pairs): one pair of programs for every trainer with the
-    same options, so that each shape compiles once for all of them."""
-    jit = functools.partial(jax.jit, compiler_options=dict(compiler_options) or None)
+    (:func:`_jit_with`): one pair of programs for every trainer with the same options, so that
+    each shape compiles once for all of them."""
+    jit = _jit_with(compiler_options)
     return jit(_concatenate), jit(_scores)
 
 
