@@ -3,8 +3,10 @@ scaling, optimizer, epochs); :func:`main` does the rest with :mod:`functional_cn
 (CLI, data, training, evaluation, JSON, plot).
 
 Flags: ``--data-dir --epochs --seed --json PATH --plot PATH --checkpoint DIR --resume
---vjp custom|autodiff --optimizer NAME``; for quick runs ``--train-range START STOP`` and
-``--eval-limit N`` shrink the data, ``--no-progress`` silences the bars. Each epoch is one
+--vjp custom|autodiff --optimizer NAME``; ``--formulations PINS|tuned`` pins the
+convolutions' formulations in training (``tuned``: measured on this machine); for quick runs
+``--train-range START STOP`` and ``--eval-limit N`` shrink the data, ``--no-progress``
+silences the bars. Each epoch is one
 ``lax.scan``, but for the conv protocols under ``--vjp autodiff`` and with ``--per-step``: a
 jitted call per step (:attr:`Protocol.autodiff_per_step` says why).
 
@@ -29,14 +31,14 @@ import numpy as np
 import optax
 
 from experiments._machine import machine
-from functional_cnn import data, dataparallel, train
+from functional_cnn import data, dataparallel, train, tuning
 
 
 class Protocol(NamedTuple):
     """One experiment: what the article did (or what we choose), in data."""
 
     name: str
-    net: Callable  # () -> Layer
+    net: Callable  # () -> Layer; with convolutions, also (formulations) -> Layer
     optimizers: dict  # name -> (lr_steps_total -> optax transform); the first is the default
     train_range: tuple  # (split, start, stop)
     eval_ranges: dict  # name -> (split, start, stop); the first is the reported test_accuracy
@@ -57,6 +59,9 @@ class Protocol(NamedTuple):
     autodiff_per_step: bool = False
     article: dict = {}  # the article's figures, copied into the JSON
     eval_each_epoch: bool = True  # False where the evaluation set dwarfs the training set
+    # How many convolutions net(formulations) pins in training, one formulation (or None)
+    # each (--formulations); 0: net() takes none
+    convolutions: int = 0
 
 
 
@@ -101,6 +106,11 @@ def parse_args(p: Protocol, argv=None):
     ap.add_argument("--stop-after", type=int, default=None, metavar="EPOCH",
                     help="stop after this epoch, as an interruption would (to test --resume)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--formulations", metavar="PINS|tuned",
+                    help="each convolution's conv2d formulation in training, e.g. banded,none "
+                         "('none': as conv2d chooses), or 'tuned': measured in the training "
+                         "step on this machine, cached (functional_cnn.tuning; the first run "
+                         "measures for about half a minute); default: as conv2d chooses")
     ap.add_argument("--per-step", action="store_true",
                     help="a jitted call per training step instead of one lax.scan per epoch "
                          "(the conv protocols' choice under --vjp autodiff; a checkpoint "
@@ -177,12 +187,16 @@ def run(p: Protocol, argv=None) -> dict:
     train_set, eval_sets = _load(args, ranges, mesh)
     steps = math.ceil(len(train_set) / batch_size)
     optimizer = p.optimizers[args.optimizer](steps * max(args.epochs, 1))
-    trainer = train.make_trainer(
-        p.net(), optimizer, batch_size=batch_size, reduction=p.reduction,
-        label_smoothing=p.label_smoothing,
-        preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
-        augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=_scans(p, args), mesh=mesh,
-        progress=None if args.no_progress or not main else train.ProgressBar())
+
+    def make(pins, scan=_scans(p, args), progress=None):
+        return train.make_trainer(
+            p.net(pins) if pins is not None else p.net(), optimizer, batch_size=batch_size,
+            reduction=p.reduction, label_smoothing=p.label_smoothing,
+            preprocess=functools.partial(data.normalize, mean=p.mean, std=p.std),
+            augment=p.augment, shuffle=p.shuffle, vjp=args.vjp, scan=scan, mesh=mesh,
+            progress=progress)
+    pins = _formulations(p, args, make, train_set)
+    trainer = make(pins, progress=None if args.no_progress or not main else train.ProgressBar())
     ts = trainer.init(jax.random.key(args.seed), (-1, 1) + train_set.images.shape[1:])
     primary, primary_set = next(iter(eval_sets.items()))
     ckpt = os.path.join(args.checkpoint, f"{p.name}.npz") if args.checkpoint else None
@@ -195,7 +209,7 @@ def run(p: Protocol, argv=None) -> dict:
                     log=lambda m: print(m, file=sys.stderr), stop_after=args.stop_after)
     evals = {k: fit.evaluation if k == primary and fit.evaluation is not None
              else train.evaluate(trainer, fit.train_state, d) for k, d in eval_sets.items()}
-    result = _record(p, args, ranges, fit, evals, primary, batch_size, mesh)
+    result = _record(p, args, ranges, fit, evals, primary, batch_size, mesh, pins)
     if not main:  # one writer and one summary in a multi-host run
         return result
     _summary(p, result)
@@ -209,20 +223,44 @@ def run(p: Protocol, argv=None) -> dict:
     return result
 
 
+def _formulations(p: Protocol, args, make: Callable, train_set) -> tuple | None:
+    """The convolutions' training pins ``--formulations`` asks for: None (conv2d's choice),
+    as given, or ``tuned``: measured in the training step on this machine (a scanned epoch,
+    whichever way the run's epochs go) and cached by :mod:`functional_cnn.tuning`, so that
+    a later run reads them back. Exits saying what to change where they cannot be had."""
+    if args.formulations is None:
+        return None
+    where = f"python -m experiments.{p.name}: error: --formulations"
+    if not p.convolutions:
+        raise SystemExit(f"{where}: {p.name}'s network takes no formulations to pin")
+    if args.formulations != "tuned":
+        try:
+            return tuning.parse_pins(args.formulations, p.convolutions)
+        except ValueError as err:
+            raise SystemExit(f"{where}: {err}") from None
+    example = jax.ShapeDtypeStruct(train_set.images.shape[1:], train_set.images.dtype)
+    tuned = tuning.tune_formulations(lambda pins: make(pins, scan=True), p.convolutions,
+                                     (-1, 1) + train_set.images.shape[1:], example)
+    print(f"{p.name}: training formulations {tuning.pins_text(tuned.pins)} "
+          f"({'measured now' if tuned.measured else 'measured before, cached'})",
+          file=sys.stderr)
+    return tuned.pins
+
+
 def _scans(p: Protocol, args) -> bool:
     """One ``lax.scan`` per epoch, unless ``--per-step`` asks for a call per step or the
     protocol calls autodiff's steps one at a time (:attr:`Protocol.autodiff_per_step`)."""
     return not (args.per_step or (p.autodiff_per_step and args.vjp == "autodiff"))
 
 
-def _record(p, args, ranges, fit, evals, primary, batch_size, mesh) -> dict:
+def _record(p, args, ranges, fit, evals, primary, batch_size, mesh, pins) -> dict:
     return {
         "experiment": p.name, "test_accuracy": evals[primary].accuracy,
         "test_set": primary, "accuracies": {k: e.accuracy for k, e in evals.items()},
         "test_loss": evals[primary].loss,
         "final_train_loss": fit.history[-1]["train_loss"] if fit.history else None,
         "train_seconds": fit.train_seconds, "epochs": len(fit.history), "vjp": args.vjp,
-        "scan": _scans(p, args),
+        "scan": _scans(p, args), "formulations": None if pins is None else list(pins),
         "optimizer": args.optimizer, "seed": args.seed, "batch_size": batch_size,
         "devices": int(mesh.size), "processes": jax.process_count(),
         "device_kind": mesh.devices.flat[0].device_kind,

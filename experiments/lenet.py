@@ -15,6 +15,7 @@ PROTOCOL = Protocol(
     optimizers=article004_optimizers(3e-3),
     train_range=("train", 0, 60000), eval_ranges={"test": ("test", 0, 10000)},
     batch_size=64, epochs=10, mean=0.1307, std=0.3081, autodiff_per_step=True,
+    convolutions=2,
     article={"accuracy": "98-99% (printed as an integer percentage, SGD lr 0.01 momentum 0.5)"})
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ PROTOCOL = Protocol(
     },
     train_range=("train", 0, 1500), eval_ranges={"train[1500,60000)": ("train", 1500, 60000)},
     batch_size=BATCH_SIZE, epochs=30, mean=0.5, std=0.5, reduction="sum",
-    autodiff_per_step=True,
+    autodiff_per_step=True, convolutions=2,
     shuffle=False,  # the article's DataLoader(sampler=range(1500)): the same order every epoch
     eval_each_epoch=False,  # 58500 evaluation images after each of 30 epochs of 1500
     article={"accuracy_numpy": 0.924752, "accuracy_torch": 0.9153,

@@ -64,6 +64,45 @@ def test_epochs_scan_but_for_conv_protocols_under_autodiff_or_when_asked(name, a
 
 
 @needs_mnist
+def test_formulations_flag_pins_the_convolutions_in_training(monkeypatch):
+    """``--formulations PINS`` pins each convolution's training formulation (the JSON says
+    which; none by default); ``tuned`` asks :mod:`functional_cnn.tuning`, with a scanned
+    trainer however the run's epochs go; a wrong count, an unknown name or a network without
+    convolutions to pin exit saying so."""
+    from experiments import lenet, mlp
+    from functional_cnn import train, tuning
+    made = []
+    make = train.make_trainer
+    monkeypatch.setattr(train, "make_trainer",
+                        lambda net, *a, **k: made.append((repr(net), k)) or make(net, *a, **k))
+    argv = ["--epochs", "1", "--train-range", "0", "64", "--eval-limit", "20", "--no-progress"]
+    assert lenet.run(lenet.PROTOCOL, argv)["formulations"] is None
+    assert "train_formulation" not in made[-1][0]
+    result = lenet.run(lenet.PROTOCOL, argv + ["--formulations", "banded,none"])
+    assert result["formulations"] == ["banded", None]
+    first, second = made[-1][0].split("ReLU")[:2]
+    assert "train_formulation='banded'" in first and "train_formulation" not in second
+
+    asked = []
+
+    def measured(make_pinned, convolutions, input_shape, example):
+        asked.append((make_pinned((None,) * convolutions).config.scan, convolutions,
+                      input_shape, example.shape, example.dtype))
+        return tuning.Tuning(("im2col", None), {}, True)
+    monkeypatch.setattr(tuning, "tune_formulations", measured)
+    made.clear()
+    result = lenet.run(lenet.PROTOCOL, argv + ["--formulations", "tuned", "--per-step"])
+    assert asked == [(True, 2, (-1, 1, 28, 28), (28, 28), np.uint8)]
+    assert result["formulations"] == ["im2col", None] and result["scan"] is False
+    assert "train_formulation='im2col'" in made[-1][0] and made[-1][1]["scan"] is False
+    for module, pins, message in ((lenet, "banded", "expected 2 comma-separated"),
+                                  (lenet, "banded,fft", "expected 2 comma-separated"),
+                                  (mlp, "none", "mlp's network takes no formulations")):
+        with pytest.raises(SystemExit, match=message):
+            module.run(module.PROTOCOL, argv + ["--formulations", pins])
+
+
+@needs_mnist
 def test_cli_resume_matches_uninterrupted(tmp_path):
     from experiments import mlp
     base = ["--train-range", "0", "40", "--eval-limit", "30", "--no-progress", "--seed", "3"]
