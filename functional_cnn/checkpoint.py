@@ -14,7 +14,8 @@ library's exception.
 
 Writes are atomic: the file goes to a temporary name in the same directory, is flushed to disk,
 then ``os.replace``-d over the target, so a crash leaves either the old checkpoint or the new one.
-PRNG keys (typed ``jax.random.key`` arrays) are stored as their raw key data.
+PRNG keys (typed ``jax.random.key`` arrays) are stored as their raw key data, the header
+naming their implementation (a key of another generator is refused, not reinterpreted).
 """
 from __future__ import annotations
 
@@ -47,6 +48,24 @@ def _flatten(tree):
     return paths, arrays
 
 
+def _key_impls(tree) -> list:
+    """Each leaf's PRNG implementation (``"threefry2x32"``...), or None for a plain array."""
+    return [str(jax.random.key_impl(x)) if is_prng_key(x) else None
+            for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _as_saved_dtype(array: np.ndarray, name: str) -> np.ndarray:
+    """``array`` in the dtype the header names: ``.npy`` stores extension dtypes (bfloat16,
+    the float8s) as raw bytes (``|V2``), which that name restores."""
+    if array.dtype.kind != "V":
+        return array
+    try:
+        dtype = jnp.dtype(name)
+    except TypeError:
+        return array
+    return array.view(dtype) if dtype.itemsize == array.dtype.itemsize else array
+
+
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, array, allow_pickle=False)
@@ -67,8 +86,9 @@ def _encode(tree, meta: dict | None) -> dict[str, bytes]:
     """The zip members: header, one ``.npy`` per leaf, and the checksum of them all."""
     paths, arrays = _flatten(tree)
     header = {"format": FORMAT, "meta": meta or {},
-              "leaves": [{"path": p, "shape": list(a.shape), "dtype": str(a.dtype)}
-                         for p, a in zip(paths, arrays)]}
+              "leaves": [{"path": p, "shape": list(a.shape), "dtype": str(a.dtype),
+                          **({"key_impl": impl} if impl else {})}
+                         for p, a, impl in zip(paths, arrays, _key_impls(tree))]}
     members = {f"leaf_{i}.npy": _npy(a) for i, a in enumerate(arrays)}
     members[_HEADER] = _npy(np.frombuffer(json.dumps(header).encode(), np.uint8))
     members[_CHECKSUM] = _digest(members)
@@ -155,12 +175,18 @@ def load(path: str | os.PathLike, like):
                               f"being restored has {len(want_paths)}; was it written by another "
                               f"network or optimizer?")
     restored = []
-    for entry, p, want, template, got in zip(saved, want_paths, want_arrays, leaves, arrays):
+    for entry, p, want, template, got, impl in zip(saved, want_paths, want_arrays, leaves,
+                                                   arrays, _key_impls(like)):
+        got = _as_saved_dtype(got, entry["dtype"])
         if entry["path"] != p or got.shape != want.shape or got.dtype != want.dtype:
             raise CheckpointError(
                 f"checkpoint {path}: leaf {p} expected shape {want.shape} {want.dtype}, got "
                 f"{entry['path']} {got.shape} {got.dtype}; it was written by another network, "
                 f"optimizer or configuration")
+        if entry.get("key_impl", impl) != impl:  # files before the field: not recorded
+            raise CheckpointError(
+                f"checkpoint {path}: leaf {p} expected the key data of a PRNG key of {impl}, got "
+                f"{entry['key_impl']}'s; it was written with another generator")
         if is_prng_key(template):
             restored.append(jax.random.wrap_key_data(got, impl=jax.random.key_impl(template)))
         else:

@@ -16,6 +16,7 @@ index ranges the articles use (``[0, 1500)``, ``[1500, 60000)``, ...).
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import tempfile
@@ -119,7 +120,7 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
     if magic != _MAGIC[ndim]:
         raise CorruptDataError(f"{path}: expected IDX magic {_MAGIC[ndim]:#010x} (uint8, "
                                f"{ndim}-D), got {magic:#010x}; is it the right file?")
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)  # Python ints: a corrupt header cannot overflow
     if len(blob) != expected:
         raise CorruptDataError(f"{path}: the header promises {dims} -> {expected} bytes, the file "
                             f"has {len(blob)}; it is truncated or corrupt: fetch it again")

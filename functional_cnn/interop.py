@@ -43,7 +43,8 @@ def load_state_dict(params, state, torch_state: Mapping, rename: Callable[[str],
 
     ``rename`` maps our dotted names to the torch model's keys where the nesting differs.
     Strict like ``nn.Module.load_state_dict``: a missing or unused key, or a shape mismatch, is
-    a ValueError naming it (``num_batches_tracked`` buffers are ignored).
+    a ValueError naming it (``num_batches_tracked`` buffers are ignored). The leaves are copies:
+    changing the torch tensors afterwards leaves them as loaded.
     """
     rename = rename or (lambda name: name)
     used = set()
@@ -59,7 +60,9 @@ def load_state_dict(params, state, torch_state: Mapping, rename: Callable[[str],
                 raise ValueError(f"load_state_dict: {name!r} expected shape "
                                  f"{tuple(jnp.shape(leaf))}, got {value.shape}")
             used.add(name)
-            return jnp.asarray(value, dtype=jnp.result_type(leaf))
+            # a copy: on a CPU jnp.asarray may keep the numpy view of the torch tensor, which
+            # a later in-place torch update (optimizer.step, BatchNorm statistics) would change
+            return jnp.array(value, dtype=jnp.result_type(leaf), copy=True)
 
         return jax.tree_util.tree_map_with_path(replace, tree)
 

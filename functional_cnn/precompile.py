@@ -73,6 +73,8 @@ class _AheadOfTime:
         self.jitted, self.pending, self.compiled = jitted, pending, None
 
     def __call__(self, *args):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+            return self.jitted(*args)  # traced (jax.eval_shape, an outer jit): no executable
         if self.compiled is None:
             self.compiled = {}
             for wait in self.pending:

@@ -389,6 +389,7 @@ def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainStat
     """The same steps, each a jitted call from Python (``start``, ``step``: the jitted
     :func:`_loop_epoch_start` and :func:`_step_row`): XLA:CPU runs NCHW convolutions inside a
     while loop (``lax.scan``) several times slower than outside one (jax issue #12868)."""
+    examples = epoch_examples(cfg, labels.shape[0])  # before a step donates ts, as the scan
     ts, full, tail, step_key = start(ts, labels)
     every = None if cfg.progress is None else _report_every(cfg, labels.shape[0])
     totals = _placed_zero_totals(cfg)
@@ -401,7 +402,7 @@ def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainStat
     if tail.shape[1]:
         ts, totals = step(ts, totals, images, labels, tail, np.int32(0),
                           np.int32(full.shape[0]), step_key)
-    metrics = _epoch_metrics(jax.device_get(totals), epoch_examples(cfg, labels.shape[0]))
+    metrics = _epoch_metrics(jax.device_get(totals), examples)
     return ts, dataparallel.put(metrics, cfg.mesh)  # arrays, as the scanned epoch returns
 
 
@@ -567,6 +568,7 @@ def evaluate(trainer: Trainer, ts: TrainState, data: Dataset) -> Evaluation:
                          "accuracy to compute)")
     data = trainer.place(data)
     logits = trainer.predict(*trainer.place((ts.params, ts.state)), data.images)
+    check_labels(logits.shape[-1], "evaluate", data=data)  # else a NaN loss, no error
     loss, predictions = (trainer.scores or _evaluation_programs()[1])(logits, data.labels)
     loss, predictions, labels = float(loss), np.asarray(predictions), np.asarray(data.labels)
     return Evaluation(float((predictions == labels).mean()), loss, predictions, labels)
@@ -580,7 +582,7 @@ class FitResult(NamedTuple):
     evaluation: Evaluation | None = None  # eval_data's, of train_state, if the last epoch had one
 
 
-def _restore(path, ts, fingerprint, log):
+def _restore(path, ts, fingerprint):
     """Load a checkpoint into ``ts``'s structure; refuse one written by another configuration."""
     ts, meta = ckpt.load(path, ts)
     saved = meta.get("fingerprint") or {}
@@ -590,7 +592,6 @@ def _restore(path, ts, fingerprint, log):
         raise ckpt.CheckpointError(
             f"checkpoint {path}: written by another configuration; (expected, saved) differ in "
             f"{diff}. Remove it or pick another directory")
-    log(f"resumed from {path} after epoch {meta['epoch']}")
     return ts, meta
 
 
@@ -618,31 +619,25 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
 
     With ``checkpoint_path`` the train state and history are saved (atomically) after every
     epoch; ``resume=True`` continues from that file, which gives exactly the result of an
-    uninterrupted run (same seed, same compiled step, the key is part of the state). The
-    ``fingerprint`` (any JSON dict: data range, seed, protocol) must match to resume.
-    ``stop_after=k`` stops after epoch ``k`` of the ``epochs`` planned (as an interruption
-    would: schedules still span ``epochs``).
+    uninterrupted run (same seed, same compiled step, the key is part of the state). To
+    resume, the trainer's settings (:meth:`TrainConfig.fingerprint`) and ``fingerprint`` (any
+    JSON dict: data range, seed, protocol) must match the checkpoint's; the optimizer and the
+    preprocessing are functions fit cannot compare, so name them in ``fingerprint``. Without
+    ``resume`` an existing checkpoint is replaced (and the log says so); one saved past
+    ``epochs`` is an error. ``stop_after=k`` stops after epoch ``k`` of the ``epochs`` planned
+    (as an interruption would: schedules still span ``epochs``).
     """
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"fit: expected epochs a non-negative int, got {epochs!r}")
-    one = jax.ShapeDtypeStruct((1, *train_data.images.shape[1:]), train_data.images.dtype)
-    classes = jax.eval_shape(trainer.predict, ts.params, ts.state, one).shape[-1]
-    check_labels(classes, "fit", train_data=train_data, eval_data=eval_data)
+    last = _checked_fit_args(trainer, ts, train_data, eval_data, epochs, stop_after)
     fingerprint = {**trainer.config.fingerprint(), **(fingerprint or {}),
                    "examples": len(train_data)}
     fingerprint = _json_round_trip(fingerprint)
-    history, start = [], 0
-    if resume and checkpoint_path and os.path.exists(checkpoint_path):
-        ts, meta = _restore(checkpoint_path, ts, fingerprint, log)
-        history, start = meta["history"], meta["epoch"]
-    elif resume:
-        log(f"--resume: no checkpoint at {checkpoint_path}, starting from scratch")
+    ts, history, start = _starting_point(checkpoint_path, resume, ts, fingerprint, epochs, log)
     # replicated on the trainer's mesh once, not on every epoch (identity without a mesh)
     ts, train_data = trainer.place((ts, train_data))
     if eval_data is not None:
         eval_data = trainer.place(eval_data)
     evaluation = None
-    for e in range(start, min(epochs, stop_after or epochs)):
+    for e in range(start, last):
         ts, record = _train_epoch(trainer, ts, train_data, e + 1, epochs)
         evaluation = None
         if eval_data is not None and (eval_each_epoch or e == epochs - 1):
@@ -653,6 +648,50 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
             ckpt.save(checkpoint_path, ts, {"epoch": e + 1, "history": history,
                                             "fingerprint": fingerprint})
     return FitResult(ts, history, sum(h["seconds"] for h in history), start, evaluation)
+
+
+def _checked_fit_args(trainer: Trainer, ts: TrainState, train_data: Dataset,
+                      eval_data: Dataset | None, epochs, stop_after) -> int:
+    """What :func:`fit` checks before it trains, so that nothing fails after an epoch (whose
+    state a failure would lose): the counts, that the network takes the training and the
+    evaluation images (the layer's error), the labels' range. Returns the last epoch to run."""
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"fit: expected epochs a non-negative int, got {epochs!r}")
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
+        raise ValueError(f"fit: expected stop_after None or a non-negative int (the epoch to "
+                         f"stop after), got {stop_after!r}")
+    classes = _outputs(trainer, ts, train_data)
+    if eval_data is not None and eval_data.images.shape[1:] != train_data.images.shape[1:]:
+        _outputs(trainer, ts, eval_data)
+    check_labels(classes, "fit", train_data=train_data, eval_data=eval_data)
+    return epochs if stop_after is None else min(epochs, stop_after)
+
+
+def _outputs(trainer: Trainer, ts: TrainState, data: Dataset) -> int:
+    """The network's outputs for one of ``data``'s images, found abstractly (nothing runs)."""
+    one = jax.ShapeDtypeStruct((1, *data.images.shape[1:]), data.images.dtype)
+    return jax.eval_shape(trainer.predict, ts.params, ts.state, one).shape[-1]
+
+
+def _starting_point(path, resume: bool, ts: TrainState, fingerprint: dict, epochs: int, log):
+    """``(ts, history, epochs done)``: resumed from the checkpoint at ``path`` if asked for and
+    there is one, else from scratch (saying so where a checkpoint will be replaced)."""
+    if not (path and os.path.exists(path)):
+        if resume:
+            log(f"resume: no checkpoint at {path}, starting from scratch" if path else
+                "resume: no checkpoint path given, starting from scratch")
+        return ts, [], 0
+    if not resume:
+        log(f"{path} exists: this run starts from scratch and replaces it after its first "
+            f"epoch (resume=True continues it)")
+        return ts, [], 0
+    ts, meta = _restore(path, ts, fingerprint)
+    if meta["epoch"] > epochs:
+        raise ValueError(f"fit: the checkpoint {path} was saved after epoch {meta['epoch']}, "
+                         f"past epochs={epochs}; pass epochs >= {meta['epoch']} to continue "
+                         f"it, or another checkpoint path")
+    log(f"resumed from {path} after epoch {meta['epoch']}")
+    return ts, meta["history"], meta["epoch"]
 
 
 def _json_round_trip(d: dict) -> dict:

@@ -30,6 +30,20 @@ def test_round_trip(tmp_path):
                                   jax.random.key_data(jax.random.key(7)))
 
 
+def test_extension_dtypes_round_trip_and_keys_keep_their_generator(tmp_path):
+    """``.npy`` stores bfloat16 as raw bytes (``|V2``): the header's dtype restores it. A key's
+    data is only numbers: the header names its generator, and another's key is refused."""
+    path = tmp_path / "c.npz"
+    w = jnp.arange(6, dtype=jnp.bfloat16) / 3
+    ckpt.save(path, {"w": w, "k": jax.random.key(1, impl="rbg")})
+    got, _ = ckpt.load(path, {"w": jnp.zeros_like(w), "k": jax.random.key(0, impl="rbg")})
+    assert got["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got["w"], np.float32), np.asarray(w, np.float32))
+    with pytest.raises(ckpt.CheckpointError, match=r"leaf \['k'\] expected the key data of a "
+                                                   r"PRNG key of unsafe_rbg, got rbg's"):
+        ckpt.load(path, {"w": w, "k": jax.random.key(0, impl="unsafe_rbg")})
+
+
 def test_truncated_checkpoint(tmp_path):
     path = tmp_path / "c.npz"
     ckpt.save(path, tree())

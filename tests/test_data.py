@@ -115,6 +115,10 @@ def test_truncated_and_wrong_files_are_named(tmp_path):
     gz.write_bytes(gz.read_bytes()[:20])
     with pytest.raises(data.CorruptDataError, match="t10k-labels-idx1-ubyte.gz"):
         data.load("MNIST", "test", root=tmp_path, download=False)
+    # a header whose sizes overflow 64 bits (in numpy they wrapped past the size check)
+    path.write_bytes(np.array([0x803, 2 ** 31, 2 ** 31, 4], ">u4").tobytes())
+    with pytest.raises(data.CorruptDataError, match=r"promises \[2147483648, 2147483648, 4\]"):
+        data.read_idx(str(path), 3)
 
 
 def test_bad_arguments():

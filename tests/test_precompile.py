@@ -54,6 +54,19 @@ def test_other_shapes_fall_back_to_the_jitted_functions():
     assert ahead.epoch.jitted._cache_size() == 1
 
 
+def test_a_traced_call_takes_the_jitted_function_even_where_a_program_matches():
+    """fit finds the network's outputs by ``jax.eval_shape`` of ``predict`` on one image: with
+    an evaluation set of one image, that is the signature of a chunk compiled ahead, and an
+    executable cannot take tracers."""
+    train_set, test_set = tiny_data(20), tiny_data(1, seed=1)
+    ahead = precompile(_trainer(), (-1, 1, 28, 28), train_images=_abstract(train_set),
+                       eval_images=_abstract(test_set))
+    ts = ahead.init(jax.random.key(0), (-1, 1, 28, 28))
+    result = train.fit(ahead, ts, train_set, epochs=1, eval_data=test_set)
+    assert result.evaluation.predictions.shape == (1,)
+    assert ahead.predict.args[1].jitted._cache_size() == 0  # traced, never compiled
+
+
 @pytest.mark.parametrize("mesh", [None, "one device"])  # several devices: test_parallel.py
 def test_a_per_step_trainer_compiles_its_start_and_both_steps_ahead(mesh):
     mesh = None if mesh is None else dataparallel.make_mesh(1)

@@ -121,6 +121,40 @@ def test_resume_refuses_another_configuration(tmp_path):
                   checkpoint_path=path, resume=True)
 
 
+def test_fit_stops_resumes_and_replaces_checkpoints_as_asked(tmp_path):
+    """``stop_after=0`` trains no epoch and a negative one is refused; a checkpoint saved past
+    ``epochs`` is refused before anything is logged as resumed; a fresh run over an existing
+    checkpoint says that it replaces it; resuming with no path says so."""
+    ds, path = tiny_data(), str(tmp_path / "run.npz")
+    trainer = train.make_trainer(small_net(), batch_size=5)
+    fresh = lambda: trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    assert train.fit(trainer, fresh(), ds, epochs=2, stop_after=0).history == []
+    with pytest.raises(ValueError, match="expected stop_after None or a non-negative int"):
+        train.fit(trainer, fresh(), ds, epochs=2, stop_after=-1)
+    logged = []
+    train.fit(trainer, fresh(), ds, epochs=2, checkpoint_path=path, log=logged.append)
+    assert logged == []
+    with pytest.raises(ValueError, match=r"saved after epoch 2, past epochs=1; pass epochs >= 2"):
+        train.fit(trainer, fresh(), ds, epochs=1, checkpoint_path=path, resume=True,
+                  log=logged.append)
+    assert logged == []
+    result = train.fit(trainer, fresh(), ds, epochs=1, checkpoint_path=path, log=logged.append)
+    assert logged == [f"{path} exists: this run starts from scratch and replaces it after its "
+                      f"first epoch (resume=True continues it)"]
+    assert ckpt.read_meta(path)["epoch"] == 1 and result.resumed_from_epoch == 0
+    train.fit(trainer, fresh(), ds, epochs=1, resume=True, log=logged.append)
+    assert logged[-1] == "resume: no checkpoint path given, starting from scratch"
+
+
+def test_fit_checks_that_the_network_takes_the_evaluation_images_before_training():
+    trainer = train.make_trainer(small_net(), batch_size=5)
+    ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    wrong = data.Dataset(jnp.zeros((3, 32, 32), jnp.uint8), jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match="Linear: expected .* input features"):
+        train.fit(trainer, ts, tiny_data(), epochs=1, eval_data=wrong)
+    assert int(ts.step) == 0  # not trained (nor donated)
+
+
 def test_evaluate_and_bad_config():
     ds = tiny_data(7)
     trainer = train.make_trainer(small_net(), batch_size=5, eval_batch_size=3)
@@ -134,6 +168,11 @@ def test_evaluate_and_bad_config():
         train.make_trainer(small_net(), batch_size=2, reduction="none")
     with pytest.raises(ValueError, match="expected epochs a non-negative int"):
         train.fit(trainer, ts, ds, epochs=-1)
+    labels = np.asarray(ds.labels).copy()
+    labels[2] = 10  # under jit only a NaN loss: evaluate checks, as fit does
+    with pytest.raises(ValueError, match=r"evaluate: data labels must lie in \[0, 10\) .* got "
+                                         r"10 at index 2"):
+        train.evaluate(trainer, ts, data.Dataset(ds.images, jnp.asarray(labels)))
 
 
 @pytest.mark.parametrize("n, spans", [(7, [(0, 3), (3, 3), (6, 1)]), (6, [(0, 3), (3, 3)]),
@@ -258,13 +297,16 @@ def test_steps_per_epoch_trains_on_the_first_batches_of_the_order():
     assert float(metrics["accuracy"]) == pytest.approx(int(totals[1]) / 10)  # float32
 
 
-def test_steps_per_epoch_is_checked():
+@pytest.mark.parametrize("scan", [True, False])
+def test_steps_per_epoch_is_checked(scan):
     ds = tiny_data()  # 23 examples: four full batches of 5
-    trainer = train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, steps_per_epoch=5)
+    trainer = train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, steps_per_epoch=5,
+                                 scan=scan)
     ts = trainer.init(jax.random.key(0), (-1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"steps_per_epoch=5 needs 25 examples .* got a data "
                                          r"set of 23"):
         trainer.epoch(ts, ds.images, ds.labels)
+    assert int(ts.step) == 0  # checked before a step donated the state
     for bad in (0, -1, 2.0):
         with pytest.raises(ValueError, match="expected steps_per_epoch None or a positive int"):
             train.make_trainer(small_net(), optax.sgd(0.05), batch_size=5, steps_per_epoch=bad)

@@ -1,0 +1,26 @@
+"""functional_cnn.interop: torch state dicts in and out."""
+import jax
+import numpy as np
+
+import functional_cnn as fcn
+
+
+def test_loaded_leaves_are_copies_of_the_torch_tensors(torch):
+    """On a CPU ``jnp.asarray`` may keep a numpy view of the tensor's memory: a later in-place
+    torch update (an optimizer step, a BatchNorm forward in training mode) would then change
+    the loaded parameters and running statistics."""
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    net = fcn.serial(fcn.Linear(3), fcn.BatchNorm1d())
+    _, params, state = net.init(jax.random.key(0), (-1, 4))
+    params, state = fcn.load_state_dict(params, state, module.state_dict())
+    loaded = jax.tree.map(np.array, (params, state))
+    with torch.no_grad():
+        module[0].weight.add_(100.0)
+    module.train()
+    module(torch.randn(8, 4))  # moves the running statistics in place
+    assert not np.allclose(module[1].running_mean.numpy(), loaded[1][1]["running_mean"])
+    numpy_dict = {k: v.numpy() for k, v in module.state_dict().items()}
+    params2, _ = fcn.load_state_dict(params, state, numpy_dict)
+    numpy_dict["0.bias"][:] = -7.0
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.array, (params, state)))
+    assert not np.any(np.array(params2[0]["bias"]) == -7.0)
