@@ -27,6 +27,7 @@ import tempfile
 from benchmarks import _report
 from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 OURS, THEIRS = "functional_cnn, cold start", "torch"  # the race's two sides, from cold
+ACTIVATION_NAMES = {"relu": "ReLU", "silu": "SiLU"}  # a recipe's, as the table writes them
 RUNS = {  # name -> command (the JSON path is appended)
     OURS: [sys.executable, "-m", "experiments.time_to_accuracy"],
     "functional_cnn, compile cache": [sys.executable, "-m", "experiments.time_to_accuracy",
@@ -73,9 +74,10 @@ def race(rounds: int) -> dict:
 def _recipe(run: dict) -> str:
     r = run["recipe"]
     widths = "/".join(str(w) for w in r["widths"])
+    activation = ACTIVATION_NAMES[r.get("activation", "relu")]  # ReLU before the option
     return (f"{widths}-channel {r['kernel']}x{r['kernel']} convolutions (padding "
-            f"{r['padding']}) with BatchNorm, a {r['hidden']}-wide hidden layer, batch "
-            f"{r['batch_size']}, {r['steps']} steps ({r['steps'] * r['batch_size'] / 60000:.2f} "
+            f"{r['padding']}) with BatchNorm and {activation}, a {r['hidden']}-wide hidden "
+            f"layer, batch {r['batch_size']}, {r['steps']} steps ({r['steps'] * r['batch_size'] / 60000:.2f} "
             f"epochs), one-cycle AdamW peaking at {r['peak_lr']:g}, label smoothing "
             f"{r['label_smoothing']:g}"
             + (f", conv2d's formulations in training {_pins(run['formulations'])}"

@@ -13,6 +13,7 @@ import time
 from experiments._machine import machine
 
 TRAIN_SIZE = 60000  # MNIST's training set: the plan is made before the data has loaded
+ACTIVATIONS = ("relu", "silu")  # each side maps the names to its own layers
 
 
 def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
@@ -30,6 +31,8 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     parser.add_argument("--kernel", type=int, help="both convolutions' kernel size")
     parser.add_argument("--padding", type=int, help="both convolutions' zero padding")
     parser.add_argument("--hidden", type=int, help="the hidden linear layer's width (0: none)")
+    parser.add_argument("--activation", choices=ACTIVATIONS,
+                        help="after each BatchNorm and the hidden layer")
     parser.add_argument("--extra-rounds", type=int, default=0,
                         help="if the target is missed: rounds of --steps more steps at the "
                              "schedule's final rate, each evaluated")

@@ -162,16 +162,16 @@ def test_new_sections_leave_the_earlier_machines_tables(tmp_path):
 def test_time_to_accuracy_section_states_the_machine_and_each_recipe():
     from benchmarks import bench_time_to_accuracy
     recipe = {"widths": [16, 32], "kernel": 5, "padding": 0, "hidden": 128, "batch_size": 128,
-              "steps": 350, "peak_lr": 0.01, "label_smoothing": 0.1}
+              "steps": 350, "peak_lr": 0.01, "label_smoothing": 0.1, "activation": "silu"}
     run = {"seconds": 9.0, "reached": True, "history": [{"test_accuracy": 0.991}],
            "recipe": recipe}
     text = bench_time_to_accuracy.section({"torch": [run]}, 1, "python -m x",
                                           "Some CPU, 2 CPUs; matmul peak 99.0 GFLOP/s (...)")
     assert "Measured on: Some CPU, 2 CPUs; matmul peak 99.0 GFLOP/s (...)." in text
     assert "| torch | 1/1 | 9.0 | 9.0-9.0 | 99.10% |" in text
-    assert ("* torch: 16/32-channel 5x5 convolutions (padding 0) with BatchNorm, a 128-wide "
-            "hidden layer, batch 128, 350 steps (0.75 epochs), one-cycle AdamW peaking at 0.01, "
-            "label smoothing 0.1") in text
+    assert ("* torch: 16/32-channel 5x5 convolutions (padding 0) with BatchNorm and SiLU, a "
+            "128-wide hidden layer, batch 128, 350 steps (0.75 epochs), one-cycle AdamW peaking "
+            "at 0.01, label smoothing 0.1") in text
     assert "Round by round" not in text  # only one side ran
     both = bench_time_to_accuracy.section({"functional_cnn, cold start": [run], "torch": [run]},
                                           1, "python -m x", "Some CPU")

@@ -18,13 +18,17 @@ from experiments.time_to_accuracy import net
 from tests.conftest import assert_close, needs_mnist
 
 
-@pytest.mark.parametrize("widths, kernel, padding, hidden", [((8, 16), 5, 0, 128),
-                                                             ((4, 8), 3, 1, 0)])
-def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden):
-    from benchmarks.time_to_accuracy_torch import network
-    ours = net(widths, kernel, padding, hidden)
+@pytest.mark.parametrize("widths, kernel, padding, hidden, activation",
+                         [((8, 16), 5, 0, 128, "silu"), ((8, 16), 5, 0, 128, "relu"),
+                          ((4, 8), 3, 1, 0, "silu")])
+def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden, activation):
+    from benchmarks.time_to_accuracy_torch import ACTIVATIONS, network
+    from experiments._tta_common import ACTIVATIONS as NAMES
+    from experiments.time_to_accuracy import ACTIVATIONS as OURS
+    assert set(ACTIVATIONS) == set(OURS) == set(NAMES)
+    ours = net(widths, kernel, padding, hidden, activation=activation)
     _, params, state = ours.init(jax.random.key(0), (-1, 1, 28, 28))
-    module = network(widths, kernel, padding, hidden)
+    module = network(widths, kernel, padding, hidden, activation)
     with torch.no_grad():  # non-trivial running statistics, so eval mode is really tested
         for bn in (module[1], module[5]):
             bn.running_mean.uniform_(-0.5, 0.5)
