@@ -88,9 +88,10 @@ def check_window_fits(where: str, in_shape, axes: Sequence[Axis], pads) -> None:
     if any(a.out_size < 1 for a in axes):
         padded = tuple(n + lo + hi for n, (lo, hi) in zip(in_shape[2:], pads))
         window = tuple(a.span for a in axes)
-        raise ValueError(f"{where}: the window {window[0]}x{window[1]} (kernel with dilation) "
-                         f"is larger than the padded input {padded[0]}x{padded[1]} "
-                         f"(input shape {tuple(in_shape)})")
+        dilated = " (kernel with dilation)" if any(a.dilation > 1 for a in axes) else ""
+        raise ValueError(f"{where}: the window {window[0]}x{window[1]}{dilated} is larger than "
+                         f"the padded input {padded[0]}x{padded[1]} (input shape "
+                         f"{tuple(in_shape)})")
 
 
 def pad_spatial(x, axes: Sequence[Axis], value):

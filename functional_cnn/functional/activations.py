@@ -384,8 +384,10 @@ def _hardtanh_forward(cfg, x):
 
 
 def _hardtanh_derivative(cfg, x):
-    inside = (x > cfg.min_val) & (x < cfg.max_val)
-    return inside.astype(x.dtype)
+    # "not at or beyond a bound", not "strictly inside": a NaN passes its gradient, as the
+    # forward passes the NaN (and as autodiff of the where differentiates it)
+    clamped = (x <= cfg.min_val) | (x >= cfg.max_val)
+    return (~clamped).astype(x.dtype)
 
 
 _hardtanh = _with_derivative(_hardtanh_forward, _hardtanh_derivative)
@@ -396,7 +398,7 @@ def hardtanh(x, min_val: float = -1.0, max_val: float = 1.0, *, vjp: str = "cust
     """``x`` clamped to ``[min_val, max_val]`` (``torch.nn.functional.hardtanh``).
 
     Backward rule: ``dx = g [min_val < x < max_val]``: zero AT the bounds too (both paths take
-    that subgradient, as PyTorch).
+    that subgradient, as PyTorch); a NaN input, which the forward passes, passes ``g``.
     """
     _checked("hardtanh", x, vjp)
     if min_val > max_val:

@@ -67,6 +67,12 @@ def _class_axis_last(where, name, scores, labels):
     return class_axis_last, labels
 
 
+def _unbatched(scores, loss):
+    """``reduction="none"`` of unbatched ``(C,)`` scores: the one element's loss, a scalar as in
+    PyTorch, not the ``(1,)`` of the batch :func:`_class_axis_last` made of it."""
+    return jnp.reshape(loss, ()) if jnp.ndim(scores) == 1 else loss
+
+
 # ----------------------------------------------------------------------------- cross_entropy
 
 def _picked(log_probs, labels):
@@ -88,7 +94,7 @@ def _nan_outside_classes(logits, labels):
     a bad label shows instead of training on quietly. One compare and add per logit: free
     beside the softmax.
     """
-    outside = (labels < 0) | (labels >= logits.shape[-1])
+    outside = _outside_classes(labels, logits.shape[-1])
     return logits + jnp.where(outside, np.array(np.nan, logits.dtype),
                               np.array(0, logits.dtype))[..., None]
 
@@ -148,7 +154,7 @@ def cross_entropy(logits, labels, reduction: str = "mean", label_smoothing: floa
     _checks.check_probability(where, "label_smoothing", label_smoothing)
     class_axis_last, labels = _class_axis_last(where, "logits", logits, labels)
     cfg = LossConfig(reduction, float(label_smoothing))
-    return _cross_entropy(vjp, cfg, class_axis_last, labels)
+    return _unbatched(logits, _cross_entropy(vjp, cfg, class_axis_last, labels))
 
 
 # ----------------------------------------------------------------------------- BCE with logits
@@ -240,8 +246,18 @@ def mse_loss(pred, target, reduction: str = "mean", *, vjp: str = "custom"):
 
 # ----------------------------------------------------------------------------- nll
 
+def _outside_classes(labels, classes: int):
+    return (labels < 0) | (labels >= classes)
+
+
 def _nll_forward(cfg, log_probs, labels):
-    return _reduce(cfg, -_picked(log_probs, labels))
+    # a row whose label is outside [0, C) times NaN: its loss and (through the product, on
+    # the autodiff path too) its gradient NaN, as cross_entropy's; the gather alone would wrap
+    # a negative label around to a finite loss under jit, where labels cannot be checked
+    bad = _outside_classes(labels, log_probs.shape[-1])
+    flagged = log_probs * jnp.where(bad, np.array(np.nan, log_probs.dtype),
+                                    np.array(1, log_probs.dtype))[..., None]
+    return _reduce(cfg, -_picked(flagged, labels))
 
 
 def _nll_fwd(cfg, log_probs, labels):
@@ -252,7 +268,9 @@ def _nll_bwd(cfg, residuals, g):
     labels, classes = residuals
     share = _unreduce(cfg, g, labels.shape)
     onehot = labels[..., None] == jnp.arange(classes)
-    return jnp.where(onehot, -share[..., None], jnp.zeros((), share.dtype)), None
+    grad = jnp.where(onehot, -share[..., None], jnp.zeros((), share.dtype))
+    return jnp.where(_outside_classes(labels, classes)[..., None],
+                     np.array(np.nan, grad.dtype), grad), None
 
 
 _nll_loss = two_gradients(_nll_forward, _nll_fwd, _nll_bwd)
@@ -270,13 +288,16 @@ def nll_loss(log_probs, labels, reduction: str = "mean", *, vjp: str = "custom")
     Backward rule: linear, ``dlog_probs = -onehot(label) share(g)`` where ``share`` undoes the
     reduction (``g / N`` for mean, ``g`` for sum, ``g[n]`` for none).
     Linear in ``log_probs``: both paths give the same gradient everywhere, ties included.
+
+    Labels outside ``[0, C)`` raise ``ValueError`` when their values are known (eager calls);
+    under jit the element's loss and its row of the gradient are NaN, on both paths.
     """
     where = "nll_loss"
     check_vjp(where, vjp)
     _check_reduction(where, reduction)
     _checks.check_floating(where, log_probs, "log_probs")
     class_axis_last, labels = _class_axis_last(where, "log_probs", log_probs, labels)
-    return _nll_loss(vjp, LossConfig(reduction), class_axis_last, labels)
+    return _unbatched(log_probs, _nll_loss(vjp, LossConfig(reduction), class_axis_last, labels))
 
 
 # ----------------------------------------------------------------------------- huber

@@ -188,6 +188,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     where = "batch_norm"
     _checked_input(where, x, vjp, 2, "(N, C, ...)")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.number)):
+        raise ValueError(f"{where}: expected momentum a number (the running statistics' update "
+                         f"weight), got {momentum!r}; BatchNorm2d(momentum=None), the "
+                         f"cumulative average, passes 1 / num_batches_tracked")
     channels = x.shape[1]
     for name, v in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -288,6 +292,10 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, vjp: str = "c
     _check_param(where, "weight", weight, (channels,))
     _check_param(where, "bias", bias, (channels,))
     spatial = tuple(x.shape[2:])
+    if x.shape[0] * (channels // num_groups) * math.prod(spatial) == 1:  # PyTorch's test
+        raise ValueError(f"{where}: expected more than 1 value per group and batch (as "
+                         f"PyTorch), got num_groups={num_groups} for input shape "
+                         f"{tuple(x.shape)}")
     grouped_shape = (x.shape[0], int(num_groups), channels // num_groups) + spatial
     cfg = NormConfig(float(eps), tuple(range(2, len(grouped_shape))))
     param_shape = (1,) + grouped_shape[1:3] + (1,) * len(spatial)

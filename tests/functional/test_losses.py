@@ -46,8 +46,9 @@ def test_reductions_relate():
 
 
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_labels_outside_the_classes_under_jit_give_nan_rows(vjp, smoothing):
+@pytest.mark.parametrize("name, smoothing", [("cross_entropy", 0.0), ("cross_entropy", 0.1),
+                                             ("nll_loss", None)])
+def test_labels_outside_the_classes_under_jit_give_nan_rows(vjp, name, smoothing):
     # Under jit the labels cannot be checked in Python: a label of C or below 0 must make its
     # element's loss and its row of the gradient NaN on both paths (not a finite loss, not a
     # finite or zero gradient), and leave the other rows exact.
@@ -55,6 +56,8 @@ def test_labels_outside_the_classes_under_jit_give_nan_rows(vjp, smoothing):
     labels = jnp.array([10, 3, -1, 9])
 
     def loss(z, y, reduction):
+        if name == "nll_loss":
+            return fcn.nll_loss(jax.nn.log_softmax(z), y, reduction, vjp=vjp)
         return fcn.cross_entropy(z, y, reduction, smoothing, vjp=vjp)
 
     per_fn = jax.jit(lambda z, y: loss(z, y, "none"))
@@ -111,10 +114,16 @@ def test_nll_picks_the_labelled_entry_and_averages_rows(vjp, torch):
     loss, g = jax.value_and_grad(lambda p: fcn.nll_loss(p, labels, vjp=vjp))(logp)
     assert float(loss) == 3.5  # (3 + 4) / 2
     np.testing.assert_array_equal(g, [[0, 0, -0.5], [-0.5, 0, 0]])
-    # unbatched (C,) input with a scalar label, as torch
-    single = fcn.nll_loss(logp[0], jnp.array(1), vjp=vjp)
-    expected = torch.nn.functional.nll_loss(torch.tensor(np.asarray(logp[0])), torch.tensor(1))
-    assert float(single) == float(expected) == 2.0
+    # unbatched (C,) input with a scalar label, as torch: a scalar loss, reduced or not
+    for reduction in ("mean", "sum", "none"):
+        single = fcn.nll_loss(logp[0], jnp.array(1), reduction, vjp=vjp)
+        expected = torch.nn.functional.nll_loss(torch.tensor(np.asarray(logp[0])),
+                                                torch.tensor(1), reduction=reduction)
+        assert single.shape == tuple(expected.shape) == ()
+        assert float(single) == float(expected) == 2.0
+        ce = fcn.cross_entropy(logp[0], jnp.array(1), reduction, vjp=vjp)
+        assert ce.shape == () and jax.grad(
+            lambda z: fcn.cross_entropy(z, jnp.array(1), reduction, vjp=vjp))(logp[0]).shape == (3,)
 
 
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])

@@ -120,6 +120,12 @@ def test_hessian_vector_product_of_weight_and_input_matches_torch(op, torch):
      r"group_norm: expected an input of shape \(N, C, \.\.\.\), got shape \(6,\)"),
     (lambda: F.group_norm(jnp.ones((2, 6)), 3, None, jnp.ones(3)),
      r"group_norm: expected bias of shape \(6,\), got \(3,\)"),
+    (lambda: F.group_norm(jnp.ones((1, 4, 1, 1)), 4),  # torch: N (C / G) H W == 1 raises
+     r"group_norm: expected more than 1 value per group and batch .* num_groups=4 for input "
+     r"shape \(1, 4, 1, 1\)"),
+    (lambda: F.batch_norm(jnp.ones((2, 3)), jnp.zeros(3), jnp.ones(3), training=True,
+                          momentum=None),
+     r"batch_norm: expected momentum a number .* got None; BatchNorm2d\(momentum=None\)"),
 ])
 def test_bad_input_raises_before_xla(call, message):
     with pytest.raises(ValueError, match=message):
