@@ -63,6 +63,15 @@ def _checked_input(where, x, vjp, min_rank, layout):
                          f"got shape {tuple(jnp.shape(x))}")
 
 
+def _check_momentum(where, momentum):
+    """A number, or a scalar array (BatchNorm2d(momentum=None) passes 1 / batches seen)."""
+    scalar_array = hasattr(momentum, "dtype") and jnp.ndim(momentum) == 0
+    if isinstance(momentum, bool) or not (isinstance(momentum, (int, float)) or scalar_array):
+        raise ValueError(f"{where}: expected momentum a number (the running statistics' update "
+                         f"weight), got {momentum!r}; BatchNorm2d(momentum=None), the "
+                         f"cumulative average, passes 1 / num_batches_tracked")
+
+
 def _broadcast(v, shape):
     return None if v is None else jnp.reshape(v, shape)
 
@@ -188,10 +197,6 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     """
     where = "batch_norm"
     _checked_input(where, x, vjp, 2, "(N, C, ...)")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.number)):
-        raise ValueError(f"{where}: expected momentum a number (the running statistics' update "
-                         f"weight), got {momentum!r}; BatchNorm2d(momentum=None), the "
-                         f"cumulative average, passes 1 / num_batches_tracked")
     channels = x.shape[1]
     for name, v in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
@@ -215,6 +220,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     y, mean, var = _normalize(vjp, cfg, x, weight, bias, param_shape)
     if running_mean is None or running_var is None:
         return y, running_mean, running_var
+    _check_momentum(where, momentum)  # only the update reads it (eval may pass None)
     mean = lax.stop_gradient(mean.reshape(-1))
     unbiased = lax.stop_gradient(var.reshape(-1) * (count / (count - 1)))
     new_mean = (1 - momentum) * running_mean + momentum * mean.astype(running_mean.dtype)
