@@ -46,6 +46,33 @@ def test_avg_pool_divisors_follow_torch_at_the_borders():
     np.testing.assert_allclose(excl[0, 0, 0], [1.0, 3.0])
 
 
+@pytest.mark.parametrize("dtype, ulp", [("bfloat16", 0.5), ("float16", 2 ** -3)])
+def test_low_precision_average_is_a_float32_sum_rounded_once(dtype, ulp, torch):
+    """Summed in the input's dtype, a bfloat16 3x3 window around 100 came out 3.5x further
+    from the exact mean than torch's, which sums in float32. Now within half a unit in the
+    last place (at 100) of the exact value, forward and (overlapping windows) backward: one
+    rounding, never further than torch's."""
+    rng = np.random.default_rng(0)
+    a, g = rng.standard_normal((2, 3, 9, 9)) + 100, rng.standard_normal((2, 3, 9, 9)) + 100
+    low = getattr(torch, dtype)
+    at, gt = torch.tensor(a).to(low).requires_grad_(), torch.tensor(g).to(low)
+    theirs = torch.nn.functional.avg_pool2d(at, 3, 1, 1)
+    theirs.backward(gt)
+    exact_in = at.detach().double().requires_grad_()  # the same rounded values, exactly
+    exact = torch.nn.functional.avg_pool2d(exact_in, 3, 1, 1)
+    exact.backward(gt.double())
+    x = jnp.asarray(at.detach().float().numpy()).astype(dtype)
+    for vjp in ("custom", "autodiff"):
+        y, back = jax.vjp(lambda x: F.avg_pool2d(x, 3, 1, 1, vjp=vjp), x)
+        dx, = back(jnp.asarray(gt.float().numpy()).astype(dtype))
+        assert y.dtype == dx.dtype == x.dtype
+        for ours, want, torchs in ((y, exact.detach(), theirs.detach()),
+                                   (dx, exact_in.grad, at.grad)):
+            error = np.abs(np.asarray(ours, np.float64) - want.numpy())
+            assert error.max() <= ulp / 2 * 1.01, (vjp, error.max())
+            assert error.max() <= np.abs(torchs.double().numpy() - want.numpy()).max()
+
+
 def test_unbatched_input_like_torch():
     x = jax.random.normal(jax.random.key(0), (3, 6, 6))
     np.testing.assert_array_equal(F.max_pool2d(x, 2), F.max_pool2d(x[None], 2)[0])
