@@ -395,11 +395,11 @@ def MaxPool2d(kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool =
 
 @named_layer
 def AvgPool2d(kernel_size, stride=None, padding=0, ceil_mode: bool = False,
-              count_include_pad: bool = True) -> Layer:
+              count_include_pad: bool = True, divisor_override: int | None = None) -> Layer:
     """Average pooling on NCHW input."""
     return _pool("AvgPool2d", "avg_pool2d",
                  lambda x, vjp: F.avg_pool2d(x, kernel_size, stride, padding, ceil_mode,
-                                             count_include_pad, vjp=vjp),
+                                             count_include_pad, divisor_override, vjp=vjp),
                  kernel_size, stride, padding, 1, ceil_mode)
 
 

@@ -25,6 +25,7 @@ class PoolConfig(NamedTuple):
 
     axes: tuple[Axis, Axis]  # (height, width) geometry, pad_hi adjusted to the windows' reach
     count_include_pad: bool = True  # avg_pool2d only
+    divisor_override: int | None = None  # avg_pool2d only: every window's divisor
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -342,7 +343,9 @@ def _divisor_1d(a: Axis, count_include_pad: bool) -> np.ndarray:
 
 
 def avg_divisor(cfg: PoolConfig, dtype) -> np.ndarray:
-    """How many elements each output averages, shape ``(H_out, W_out)``."""
+    """How many elements each output averages, shape ``(H_out, W_out)`` (the override if any)."""
+    if cfg.divisor_override is not None:
+        return np.full(cfg.out_size, cfg.divisor_override, dtype)
     h, w = (_divisor_1d(a, cfg.count_include_pad) for a in cfg.axes)
     return np.outer(h, w).astype(dtype)
 
@@ -374,12 +377,13 @@ _avg_pool2d = two_gradients(_avg_forward, _avg_fwd, _avg_bwd)
 
 @register()
 def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-               *, vjp: str = "custom"):
+               divisor_override=None, *, vjp: str = "custom"):
     """Mean over sliding windows, ``torch.nn.functional.avg_pool2d`` semantics.
 
     ``y[i, j] = sum_window xp / N[i, j]`` where ``N`` counts the window's elements inside the
     padded input (``count_include_pad=True``) or inside the unpadded input (``False``); a ceil-mode
-    overhang past the padding never counts.
+    overhang past the padding never counts. ``divisor_override`` (a nonzero int), if given, is
+    every window's ``N``.
 
     Backward rule: every element of a window receives an equal share of its cotangent::
 
@@ -391,11 +395,16 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_in
     """
     check_vjp("avg_pool2d", vjp)
     _checks.check_floating("avg_pool2d", x)
+    if divisor_override is not None and (isinstance(divisor_override, bool) or not isinstance(
+            divisor_override, (int, np.integer)) or divisor_override == 0):
+        raise ValueError(f"avg_pool2d: expected divisor_override None or a nonzero int, got "
+                         f"{divisor_override!r}")
     if jnp.ndim(x) == 3:
         return _unbatched(avg_pool2d, x, kernel_size, stride, padding, ceil_mode,
-                          count_include_pad, vjp=vjp)
+                          count_include_pad, divisor_override, vjp=vjp)
     axes = pool_axes("avg_pool2d", jnp.shape(x), kernel_size, stride, padding, 1, ceil_mode)
-    return _avg_pool2d(vjp, PoolConfig(axes, bool(count_include_pad)), x)
+    override = None if divisor_override is None else int(divisor_override)
+    return _avg_pool2d(vjp, PoolConfig(axes, bool(count_include_pad), override), x)
 
 
 # ------------------------------------------------------------------------- adaptive pooling

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from jax import numpy as jnp
 
+import functional_cnn as fcn
 import functional_cnn.functional as F
 from functional_cnn.functional import pooling
 
@@ -44,6 +45,29 @@ def test_avg_pool_divisors_follow_torch_at_the_borders():
     excl = F.avg_pool2d(x, (1, 2), (1, 2), (0, 1), ceil_mode=True, count_include_pad=False)
     np.testing.assert_allclose(incl[0, 0, 0], [0.5, 3.0])
     np.testing.assert_allclose(excl[0, 0, 0], [1.0, 3.0])
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+                                    dict(kernel_size=2, count_include_pad=False),
+                                    dict(kernel_size=(2, 3), stride=1)])
+@pytest.mark.parametrize("divisor", [1, 5, -3])
+def test_avg_pool_divisor_override_divides_every_window_as_torch(vjp, kwargs, divisor, torch):
+    x = np.random.default_rng(0).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    expected = torch.nn.functional.avg_pool2d(xt, divisor_override=divisor, **kwargs)
+    g = np.random.default_rng(1).standard_normal(tuple(expected.shape)).astype(np.float32)
+    expected.backward(torch.tensor(g))
+    y, back = jax.vjp(lambda x: F.avg_pool2d(x, divisor_override=divisor, vjp=vjp, **kwargs),
+                      jnp.asarray(x))
+    np.testing.assert_allclose(y, expected.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(back(jnp.asarray(g))[0], xt.grad.numpy(), rtol=1e-6, atol=1e-6)
+    layer = fcn.AvgPool2d(divisor_override=divisor, **kwargs)
+    np.testing.assert_allclose(layer.apply({}, {}, jnp.asarray(x))[0], y, rtol=0, atol=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="avg_pool2d: expected divisor_override None or a "
+                                             "nonzero int"):
+            F.avg_pool2d(jnp.asarray(x), 2, divisor_override=bad)
 
 
 @pytest.mark.parametrize("dtype, ulp", [("bfloat16", 0.5), ("float16", 2 ** -3)])
