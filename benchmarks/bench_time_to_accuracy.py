@@ -78,8 +78,8 @@ def _recipe(run: dict) -> str:
     return (f"{widths}-channel {r['kernel']}x{r['kernel']} convolutions (padding "
             f"{r['padding']}) with BatchNorm and {activation}, a {r['hidden']}-wide hidden "
             f"layer, batch {r['batch_size']}, {r['steps']} steps "
-            f"({r['steps'] * r['batch_size'] / 60000:.2f} epochs), one-cycle AdamW peaking at {r['peak_lr']:g}, label smoothing "
-            f"{r['label_smoothing']:g}"
+            f"({r['steps'] * r['batch_size'] / 60000:.2f} epochs), one-cycle AdamW peaking at "
+            f"{r['peak_lr']:g}, label smoothing {r['label_smoothing']:g}"
             + (f", conv2d's formulations in training {_pins(run['formulations'])}"
                if any(run.get("formulations") or ()) else "")
             + (", keys from functional_cnn.prng's FMIX32" if run.get("prng") == "fmix32"

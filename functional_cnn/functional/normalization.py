@@ -233,12 +233,17 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     y, mean, var = _normalize(vjp, cfg, x, weight, bias, param_shape)
     if running_mean is None or running_var is None:
         return y, running_mean, running_var
-    _check_momentum(where, momentum)  # only the update reads it (eval may pass None)
+    return (y, *_running_update(where, momentum, running_mean, running_var, mean, var, count))
+
+
+def _running_update(where, momentum, running_mean, running_var, mean, var, count: int):
+    """The running statistics moved towards the batch's (its variance unbiased), outside any
+    gradient. Only this reads ``momentum`` (eval may pass None: BatchNorm2d(momentum=None))."""
+    _check_momentum(where, momentum)
     mean = lax.stop_gradient(mean.reshape(-1))
     unbiased = lax.stop_gradient(var.reshape(-1) * (count / (count - 1)))
-    new_mean = (1 - momentum) * running_mean + momentum * mean.astype(running_mean.dtype)
-    new_var = (1 - momentum) * running_var + momentum * unbiased.astype(running_var.dtype)
-    return y, new_mean, new_var
+    return ((1 - momentum) * running_mean + momentum * mean.astype(running_mean.dtype),
+            (1 - momentum) * running_var + momentum * unbiased.astype(running_var.dtype))
 
 
 def normalized_shape_tuple(where, normalized_shape) -> tuple[int, ...]:
