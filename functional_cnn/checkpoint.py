@@ -183,7 +183,9 @@ def load(path: str | os.PathLike, like):
                 f"checkpoint {path}: leaf {p} expected shape {want.shape} {want.dtype}, got "
                 f"{entry['path']} {got.shape} {got.dtype}; it was written by another network, "
                 f"optimizer or configuration")
-        if entry.get("key_impl", impl) != impl:  # files before the field: not recorded
+        # a typed key's generator, where both sides have one (older files record none; a
+        # raw uint32 key template takes any key's data, as it always did)
+        if impl is not None and entry.get("key_impl", impl) != impl:
             raise CheckpointError(
                 f"checkpoint {path}: leaf {p} expected the key data of a PRNG key of {impl}, got "
                 f"{entry['key_impl']}'s; it was written with another generator")

@@ -631,7 +631,8 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
     fingerprint = {**trainer.config.fingerprint(), **(fingerprint or {}),
                    "examples": len(train_data)}
     fingerprint = _json_round_trip(fingerprint)
-    ts, history, start = _starting_point(checkpoint_path, resume, ts, fingerprint, epochs, log)
+    ts, history, start = _starting_point(checkpoint_path, resume, ts, fingerprint, epochs,
+                                         last, log)
     # replicated on the trainer's mesh once, not on every epoch (identity without a mesh)
     ts, train_data = trainer.place((ts, train_data))
     if eval_data is not None:
@@ -657,7 +658,8 @@ def _checked_fit_args(trainer: Trainer, ts: TrainState, train_data: Dataset,
     evaluation images (the layer's error), the labels' range. Returns the last epoch to run."""
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: expected epochs a non-negative int, got {epochs!r}")
-    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
+    if stop_after is not None and (not isinstance(stop_after, int) or isinstance(stop_after, bool)
+                                   or stop_after < 0):
         raise ValueError(f"fit: expected stop_after None or a non-negative int (the epoch to "
                          f"stop after), got {stop_after!r}")
     classes = _outputs(trainer, ts, train_data)
@@ -673,17 +675,20 @@ def _outputs(trainer: Trainer, ts: TrainState, data: Dataset) -> int:
     return jax.eval_shape(trainer.predict, ts.params, ts.state, one).shape[-1]
 
 
-def _starting_point(path, resume: bool, ts: TrainState, fingerprint: dict, epochs: int, log):
+def _starting_point(path, resume: bool, ts: TrainState, fingerprint: dict, epochs: int,
+                    last: int, log):
     """``(ts, history, epochs done)``: resumed from the checkpoint at ``path`` if asked for and
-    there is one, else from scratch (saying so where a checkpoint will be replaced)."""
+    there is one, else from scratch (saying so where an epoch up to ``last`` will replace a
+    checkpoint)."""
     if not (path and os.path.exists(path)):
         if resume:
             log(f"resume: no checkpoint at {path}, starting from scratch" if path else
                 "resume: no checkpoint path given, starting from scratch")
         return ts, [], 0
     if not resume:
-        log(f"{path} exists: this run starts from scratch and replaces it after its first "
-            f"epoch (resume=True continues it)")
+        if last > 0:
+            log(f"{path} exists: this run starts from scratch and replaces it after its first "
+                f"epoch (resume=True continues it)")
         return ts, [], 0
     ts, meta = _restore(path, ts, fingerprint)
     if meta["epoch"] > epochs:

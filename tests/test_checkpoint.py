@@ -39,6 +39,8 @@ def test_extension_dtypes_round_trip_and_keys_keep_their_generator(tmp_path):
     got, _ = ckpt.load(path, {"w": jnp.zeros_like(w), "k": jax.random.key(0, impl="rbg")})
     assert got["w"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(got["w"], np.float32), np.asarray(w, np.float32))
+    raw, _ = ckpt.load(path, {"w": w, "k": jnp.zeros(4, jnp.uint32)})  # a raw key template
+    np.testing.assert_array_equal(raw["k"], jax.random.key_data(jax.random.key(1, impl="rbg")))
     with pytest.raises(ckpt.CheckpointError, match=r"leaf \['k'\] expected the key data of a "
                                                    r"PRNG key of unsafe_rbg, got rbg's"):
         ckpt.load(path, {"w": w, "k": jax.random.key(0, impl="unsafe_rbg")})

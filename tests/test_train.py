@@ -129,8 +129,9 @@ def test_fit_stops_resumes_and_replaces_checkpoints_as_asked(tmp_path):
     trainer = train.make_trainer(small_net(), batch_size=5)
     fresh = lambda: trainer.init(jax.random.key(0), (-1, 1, 28, 28))
     assert train.fit(trainer, fresh(), ds, epochs=2, stop_after=0).history == []
-    with pytest.raises(ValueError, match="expected stop_after None or a non-negative int"):
-        train.fit(trainer, fresh(), ds, epochs=2, stop_after=-1)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match="expected stop_after None or a non-negative int"):
+            train.fit(trainer, fresh(), ds, epochs=2, stop_after=bad)
     logged = []
     train.fit(trainer, fresh(), ds, epochs=2, checkpoint_path=path, log=logged.append)
     assert logged == []
@@ -138,6 +139,9 @@ def test_fit_stops_resumes_and_replaces_checkpoints_as_asked(tmp_path):
         train.fit(trainer, fresh(), ds, epochs=1, checkpoint_path=path, resume=True,
                   log=logged.append)
     assert logged == []
+    train.fit(trainer, fresh(), ds, epochs=2, stop_after=0, checkpoint_path=path,
+              log=logged.append)
+    assert logged == []  # no epoch runs: nothing replaces the checkpoint, nothing said
     result = train.fit(trainer, fresh(), ds, epochs=1, checkpoint_path=path, log=logged.append)
     assert logged == [f"{path} exists: this run starts from scratch and replaces it after its "
                       f"first epoch (resume=True continues it)"]

@@ -14,6 +14,7 @@ from jax import numpy as jnp
 from .. import _checks
 from . import _formulation
 from . import _spaces as S
+from ._precision import accumulating
 from ._registry import check_vjp, register, two_gradients
 from ._windows import (Axis, add_window_views, check_window_fits, make_axis, pad_spatial,
                        transposed_axis, unpad_spatial, window_views)
@@ -122,7 +123,7 @@ def _taps_forward(cfg, x, weight):
 
     The products are added in float32 at least (one rounding to a narrower dtype at the end,
     as the matrix products of the other formulations do), not one rounding per term."""
-    total = jnp.promote_types(x.dtype, jnp.float32)
+    total = accumulating(x.dtype)
     views = window_views(pad_spatial(x.astype(total), cfg.axes, 0), cfg.axes)  # row-major
     taps = weight.astype(total).reshape(weight.shape[0], weight.shape[1], len(views))
     terms = (view[:, c:c + 1] * taps[None, :, c, k, None, None]  # W[o, c, (a, b)] V_ab[n, c]

@@ -16,6 +16,7 @@ from jax import numpy as jnp
 
 from .. import _checks
 from . import _spaces as S
+from ._precision import accumulating
 from ._registry import check_vjp, register, two_gradients
 
 
@@ -78,15 +79,8 @@ def _broadcast(v, shape):
 
 # ------------------------------------------------- statistics of x itself (the shared rule)
 
-def _accumulating(dtype):
-    """The dtype the statistics and ``xhat`` are computed in: float32 at least, as PyTorch's
-    kernels accumulate bfloat16 and float16 (in the input's dtype, centering a bfloat16 layer
-    around 30 lost 5-20x more than torch's); one rounding to the input's dtype at the end."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
 def _train_stats(cfg, x):
-    x = x.astype(_accumulating(x.dtype))
+    x = x.astype(accumulating(x.dtype))
     mean = x.mean(axis=cfg.axes, keepdims=True)
     centered = x - mean
     var = (centered * centered).mean(axis=cfg.axes, keepdims=True)  # biased, as torch normalizes
@@ -150,27 +144,32 @@ def _normalize(vjp, cfg, x, weight, bias, param_shape):
 
 def _eval_forward(cfg, x, mean, var, weight, bias):
     shape = _channel_shape(x)
-    xhat = (x - mean.reshape(shape)) * lax.rsqrt(var.reshape(shape) + cfg.eps)
-    return _affine(xhat, weight, bias)
+    centered = x.astype(accumulating(x.dtype)) - mean.reshape(shape)
+    xhat = centered * lax.rsqrt(var.reshape(shape) + cfg.eps)
+    return _affine(xhat, weight, bias).astype(x.dtype)  # the input's dtype, as in training
 
 
 def _eval_fwd(cfg, x, mean, var, weight, bias):
     shape = _channel_shape(x)
     invstd = lax.rsqrt(var + cfg.eps)
-    xhat = (x - mean.reshape(shape)) * invstd.reshape(shape)
-    return _affine(xhat, weight, bias), (xhat, invstd, weight, bias is None)
+    xhat = (x.astype(accumulating(x.dtype)) - mean.reshape(shape)) * invstd.reshape(shape)
+    # the mean's and the bias's dtypes, each carried by a scalar (a residual must be an array)
+    dtypes = (jnp.zeros((), mean.dtype), None if bias is None else jnp.zeros((), bias.dtype))
+    return _affine(xhat, weight, bias).astype(x.dtype), (xhat, invstd, weight, dtypes)
 
 
 def _eval_bwd(cfg, residuals, g):
-    xhat, invstd, weight, no_bias = residuals
+    xhat, invstd, weight, (mean_like, bias_like) = residuals
     shape = _channel_shape(xhat)
+    x_dtype, g = g.dtype, g.astype(xhat.dtype)  # y, so g, has the input's dtype
     g_xhat = g if weight is None else g * weight
     dx = g_xhat * invstd.reshape(shape)
     dmean = -_sum(cfg, dx)
     dvar = -0.5 * invstd * invstd * _sum(cfg, g_xhat * xhat)
-    dweight = None if weight is None else _sum(cfg, g * xhat, True)
-    dbias = None if no_bias else _sum(cfg, g, True)
-    return dx, dmean, dvar, dweight, dbias
+    dweight = None if weight is None else _sum(cfg, g * xhat, True).astype(weight.dtype)
+    dbias = None if bias_like is None else _sum(cfg, g, True).astype(bias_like.dtype)
+    return (dx.astype(x_dtype), dmean.astype(mean_like.dtype), dvar.astype(invstd.dtype),
+            dweight, dbias)
 
 
 _eval_norm = two_gradients(_eval_forward, _eval_fwd, _eval_bwd)
@@ -225,8 +224,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             running_mean, running_var
     count = math.prod(n for axis, n in enumerate(x.shape) if axis != 1)
     if count == 0:  # an empty batch: an empty output, the running statistics kept (as torch)
-        return _affine(x, _broadcast(weight, param_shape), _broadcast(bias, param_shape)), \
-            running_mean, running_var
+        empty = _affine(x, _broadcast(weight, param_shape), _broadcast(bias, param_shape))
+        return empty.astype(x.dtype), running_mean, running_var
     if count < 2:
         raise ValueError(f"{where}: training needs more than 1 value per channel, "
                          f"got input shape {tuple(x.shape)}")

@@ -14,6 +14,7 @@ from jax import numpy as jnp
 
 from .. import _checks
 from . import _spaces as S
+from ._precision import accumulating
 from ._registry import check_vjp, register, two_gradients
 from ._windows import (Axis, Taps, adaptive_taps, add_window_views, check_window_fits,
                        kernel_offsets, make_axis, pad_spatial, separable_product, tap_views, tiles,
@@ -351,9 +352,7 @@ def avg_divisor(cfg: PoolConfig, dtype) -> np.ndarray:
 
 
 def _avg_forward(cfg, x):
-    # summed in float32 at least, as PyTorch's kernels sum bfloat16 and float16 (a 3x3 window
-    # of bfloat16 around 100 lost 3.5x more than torch's), one rounding at the end
-    total = jnp.promote_types(x.dtype, jnp.float32)
+    total = accumulating(x.dtype)
     xp = pad_spatial(x.astype(total), cfg.axes, 0)
     (kh, kw), (sh, sw) = zip(*((a.kernel, a.stride) for a in cfg.axes))
     sums = lax.reduce_window(xp, np.array(0, total), lax.add, (1, 1, kh, kw), (1, 1, sh, sw),
@@ -366,7 +365,7 @@ def _avg_fwd(cfg, x):
 
 
 def _avg_bwd(cfg, _, g):
-    total = jnp.promote_types(g.dtype, jnp.float32)  # overlapping windows' shares: as above
+    total = accumulating(g.dtype)  # overlapping windows' shares add up
     share = g.astype(total) / avg_divisor(cfg, total)
     per_offset = [share] * len(kernel_offsets(cfg.axes))
     return (unpad_spatial(add_window_views(per_offset, cfg.axes), cfg.axes).astype(g.dtype),)
@@ -437,7 +436,8 @@ def adaptive_config(where: str, in_shape, output_size) -> PoolConfig | AdaptiveC
 
 
 def _adaptive_avg_forward(cfg, x):
-    return separable_product(x, *cfg.averaging(x.dtype))
+    total = accumulating(x.dtype)
+    return separable_product(x.astype(total), *cfg.averaging(total)).astype(x.dtype)
 
 
 def _adaptive_avg_fwd(cfg, x):
@@ -445,8 +445,9 @@ def _adaptive_avg_fwd(cfg, x):
 
 
 def _adaptive_avg_bwd(cfg, _, g):
-    a_h, a_w = cfg.averaging(g.dtype)
-    return (separable_product(g, a_h.T, a_w.T),)
+    total = accumulating(g.dtype)
+    a_h, a_w = cfg.averaging(total)
+    return (separable_product(g.astype(total), a_h.T, a_w.T).astype(g.dtype),)
 
 
 _adaptive_avg_pool2d = two_gradients(_adaptive_avg_forward, _adaptive_avg_fwd,

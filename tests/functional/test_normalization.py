@@ -168,3 +168,21 @@ def test_low_precision_statistics_are_float32_sums_rounded_once(dtype, half_ulp,
                  for vjp in VJPS]
         np.testing.assert_allclose(grads[0], grads[1], rtol=0, atol=half_ulp * 128,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("vjp", VJPS)
+def test_a_low_precision_batch_norm_keeps_its_dtype_in_training_eval_and_an_empty_batch(vjp):
+    """bfloat16 activations with the layer's float32 parameters and running statistics: the
+    output in the input's dtype on every path (as torch), the gradients in their inputs'."""
+    x = _normal((4, 3, 5, 5)).astype(jnp.bfloat16)
+    w, b, mean, var = _normal((3,), 1), _normal((3,), 2), _normal((3,), 3), jnp.ones(3)
+    for training, batch in ((True, x), (False, x), (True, x[:0])):
+        def f(x, w, b, mean, var):
+            return F.batch_norm(x, mean, var, w, b, training=training, vjp=vjp)[0]
+        y = f(batch, w, b, mean, var)
+        assert y.dtype == jnp.bfloat16, (training, batch.shape)
+        if batch.shape[0]:
+            grads = jax.grad(lambda *a: f(*a).astype(jnp.float32).sum(),
+                             argnums=(0, 1, 2) if training else (0, 1, 2, 3, 4))(
+                batch, w, b, mean, var)
+            assert [g.dtype for g in grads] == [jnp.bfloat16] + [jnp.float32] * (len(grads) - 1)
