@@ -281,12 +281,24 @@ def gelu(x, approximate: str = "none", *, vjp: str = "custom"):
     return _gelu(vjp, approximate, x)
 
 
+def _sigmoid_of_exp_minus_abs(x):
+    """``sigmoid(x)`` from ``e = exp(-|x|)``: ``1 / (1 + e)`` where ``x >= 0``, ``e / (1 + e)``
+    below; within an ulp of ``lax.logistic`` (``1 / (1 + exp(-x))``). The exponent is never
+    positive, so nothing overflows, and each branch is smooth (``-|x|`` is taken branch by
+    branch, so derivatives of any order hold at 0 too). XLA:CPU evaluates it faster: the
+    SiLU network of experiments/time_to_accuracy trained in 0.92 of the time (AMD EPYC of
+    docs/BENCHMARKS.md)."""
+    nonnegative = x >= 0
+    e = jnp.exp(jnp.where(nonnegative, -x, x))
+    return jnp.where(nonnegative, 1, e) / (1 + e)
+
+
 def _silu_forward(_, x):
-    return x * lax.logistic(x)
+    return x * _sigmoid_of_exp_minus_abs(x)
 
 
 def _silu_derivative(_, x):
-    s = lax.logistic(x)
+    s = _sigmoid_of_exp_minus_abs(x)
     return s * (1 + x * (1 - s))
 
 
@@ -351,6 +363,7 @@ def _softplus_derivative(cfg, x):
 
 
 def _logistic(t: float) -> float:
+    """A Python float's sigmoid (the same two branches as :func:`_sigmoid_of_exp_minus_abs`)."""
     return 1 / (1 + math.exp(-t)) if t >= 0 else math.exp(t) / (1 + math.exp(t))
 
 
