@@ -126,8 +126,9 @@ def test_bad_arguments_raise_before_xla(call, error, message):
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])
 def test_silu_sigmoid_from_exp_of_minus_abs_is_logistic_and_smooth_at_zero(vjp, torch):
     """SiLU's sigmoid is computed from ``exp(-|x|)``, branch by branch (faster on XLA:CPU than
-    ``lax.logistic``): as close to the exact values as it, torch's values and gradients at the extremes, and
-    derivatives of second order right at 0 too (``-|x|`` is never differentiated at its kink)."""
+    ``lax.logistic``): as close to the exact values as ``lax.logistic``, torch's values and
+    gradients at the extremes, and second derivatives right at 0 too (``-|x|`` is never
+    differentiated at its kink)."""
     from functional_cnn.functional.activations import _sigmoid_of_exp_minus_abs
     x = jnp.linspace(-30, 30, 6001, dtype=jnp.float32)
     exact = 1 / (1 + np.exp(-np.asarray(x, np.float64)))
