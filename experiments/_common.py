@@ -233,18 +233,17 @@ def _formulations(p: Protocol, args, make: Callable, train_set) -> tuple | None:
     where = f"python -m experiments.{p.name}: error: --formulations"
     if not p.convolutions:
         raise SystemExit(f"{where}: {p.name}'s network takes no formulations to pin")
-    if args.formulations != "tuned":
-        try:
-            return tuning.parse_pins(args.formulations, p.convolutions)
-        except ValueError as err:
-            raise SystemExit(f"{where}: {err}") from None
     example = jax.ShapeDtypeStruct(train_set.images.shape[1:], train_set.images.dtype)
-    tuned = tuning.tune_formulations(lambda pins: make(pins, scan=True), p.convolutions,
-                                     (-1, 1) + train_set.images.shape[1:], example)
-    print(f"{p.name}: training formulations {tuning.pins_text(tuned.pins)} "
-          f"({'measured now' if tuned.measured else 'measured before, cached'})",
-          file=sys.stderr)
-    return tuned.pins
+    try:
+        pins, source = tuning.requested_pins(args.formulations,
+                                             lambda pins: make(pins, scan=True),
+                                             p.convolutions, (-1, 1) + example.shape, example)
+    except ValueError as err:
+        raise SystemExit(f"{where}: {err}") from None
+    if args.formulations == "tuned":
+        print(f"{p.name}: training formulations {tuning.pins_text(pins)} ({source})",
+              file=sys.stderr)
+    return pins
 
 
 def _scans(p: Protocol, args) -> bool:

@@ -72,7 +72,7 @@ ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # The default where this machine has no measurement of its own (`--formulations tuned` makes
 # one, functional_cnn.tuning, and later runs use it).
 FORMULATIONS = ("taps", None)  # per convolution, in training; None: as conv2d chooses
-CACHED = "measured before (cached)"
+CACHED = tuning.CACHED
 # The keys' generator: functional_cnn.prng's FMIX32, whose draws compile to one small kernel
 # each (threefry: 20 unrolled rounds). The initial state's program: 7 kernels and 0.27-0.33
 # CPU-s to compile against 97 and 0.81-0.93 (AMD EPYC of docs/BENCHMARKS.md).
@@ -142,11 +142,9 @@ def formulations(args, mesh=None) -> tuple[tuple, str]:
     minute counts in this run's time); by default the cached measurement where there is one,
     else :data:`FORMULATIONS` (on a CPU)."""
     stages = len(args.widths)
-    if args.formulations == "tuned":
-        tuned = tuning.tune_formulations(trainer_for(args, mesh), stages, INPUT_SHAPE, EXAMPLE)
-        return tuned.pins, "measured now" if tuned.measured else CACHED
     if args.formulations is not None:
-        return tuning.parse_pins(args.formulations, stages), "command line"
+        return tuning.requested_pins(args.formulations, trainer_for(args, mesh), stages,
+                                     INPUT_SHAPE, EXAMPLE)
     # unchecked (0.08 s): where a cached pin cannot run, main falls back to the recipe's
     cached = tuning.cached_formulations(trainer_for(args, mesh), stages, INPUT_SHAPE, EXAMPLE,
                                         check=False)

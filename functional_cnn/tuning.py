@@ -48,6 +48,7 @@ from .functional import _formulation
 Pins = tuple  # one entry per convolution: a formulation's name, or None (conv2d's choice)
 cache_file = _formulation.cache_file  # where the pins are kept (with conv2d's own choices)
 AS_CHOSEN = "none"  # the name of conv2d's own choice in timings and on command lines
+CACHED = "measured before (cached)"  # where pins read from the cache come from, as reported
 
 
 class Tuning(NamedTuple):
@@ -119,6 +120,18 @@ def _cached_entry(make, key: str, convolutions, input_shape, check=True):
     if check and not _can_run(make(pins), input_shape):
         return None, None
     return pins, entry
+
+
+def requested_pins(text: str, make: Callable[[Pins], train.Trainer], convolutions: int,
+                   input_shape, example) -> tuple[Pins, str]:
+    """The pins a command line's ``--formulations`` asks for, and where they come from:
+    ``"tuned"``, :func:`tune_formulations` (``"measured now"``, or :data:`CACHED`); else the
+    names themselves, :func:`parse_pins` (``"command line"``; a ``ValueError`` says what is
+    wrong)."""
+    if text == "tuned":
+        tuned = tune_formulations(make, convolutions, input_shape, example)
+        return tuned.pins, "measured now" if tuned.measured else CACHED
+    return parse_pins(text, convolutions), "command line"
 
 
 def parse_pins(text: str, convolutions: int) -> Pins:
