@@ -568,9 +568,10 @@ def evaluate(trainer: Trainer, ts: TrainState, data: Dataset) -> Evaluation:
                          "accuracy to compute)")
     data = trainer.place(data)
     logits = trainer.predict(*trainer.place((ts.params, ts.state)), data.images)
-    check_labels(logits.shape[-1], "evaluate", data=data)  # else a NaN loss, no error
+    labels = np.asarray(data.labels)  # read once: for the check and for the accuracy
+    check_labels(logits.shape[-1], "evaluate", data=Dataset(data.images, labels))  # else NaN
     loss, predictions = (trainer.scores or _evaluation_programs()[1])(logits, data.labels)
-    loss, predictions, labels = float(loss), np.asarray(predictions), np.asarray(data.labels)
+    loss, predictions = float(loss), np.asarray(predictions)
     return Evaluation(float((predictions == labels).mean()), loss, predictions, labels)
 
 
