@@ -1,6 +1,7 @@
 """Shared fixtures: a single-threaded torch oracle, hypothesis profiles, ``needs_mnist``;
 ``assert_close`` is the package's own (``functional_cnn.verify``)."""
 import os
+import sys
 import tempfile
 
 import pytest
@@ -37,6 +38,14 @@ def _have_mnist() -> bool:
 needs_mnist = pytest.mark.skipif(
     not _have_mnist(), reason="MNIST raw files not found under $FUNCTIONAL_CNN_DATA/MNIST/raw "
                               "(set FUNCTIONAL_CNN_DATA, as .ci/run does)")
+
+
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Torch's global generator at the same state before every test: a test that draws torch
+    weights draws the same ones whatever ran before it in its worker."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from jax import numpy as jnp
 
 import functional_cnn as fcn
 from benchmarks.torch_twins import TWINS
-from tests.conftest import assert_close
+from functional_cnn.verify import tolerance
+from tests.conftest import assert_close, float64
 
 
 def mnist_like_batch(n=16, seed=0):
@@ -16,34 +17,97 @@ def mnist_like_batch(n=16, seed=0):
     return x, (np.arange(n) % 10).astype(np.int64)
 
 
-@pytest.mark.parametrize("name,reduction", [("mytorch_net", "sum"), ("lenet", "mean"),
-                                            ("mlp", "mean")])
-@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
-def test_article_network_loss_and_gradients_match_torch(name, reduction, vjp, torch):
+ARTICLE_NETWORKS = [("mytorch_net", "sum"), ("lenet", "mean"), ("mlp", "mean")]
+
+
+def torch_twin(name, torch, dtype):
+    """The article network's torch twin with seeded weights (not the global RNG's state, which
+    the tests run before this one would set)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return TWINS[name](torch.nn).to(dtype).train()
+
+
+def our_network(name, module):
     net = getattr(fcn.models, name)()
     _, params, state = net.init(jax.random.key(0), (-1, 1, 28, 28))
-    module = TWINS[name](torch.nn)
-    params, state = fcn.load_state_dict(params, state, module.state_dict())
-    x, y = mnist_like_batch()
+    return net, *fcn.load_state_dict(params, state, module.state_dict())
 
+
+def kink_margin(module, x, torch):
+    """The forward pass's nearest approach to a kink, relative to that layer's largest value:
+    min |z| over ReLU inputs and the smallest nonzero gap between a max pool window's two
+    largest values. Rounding moves values by ~eps relative; within that of a kink, two correct
+    implementations may take different subgradients, and whole rows of a gradient differ."""
+    margins = []
+
+    def relu(layer, inputs, _):
+        z = inputs[0].detach().abs()
+        margins.append(float(z.min() / z.max()))
+
+    def max_pool(layer, inputs, _):
+        z = inputs[0].detach()
+        n, c, h, w = z.shape
+        windows = torch.nn.functional.unfold(z.reshape(n * c, 1, h, w), layer.kernel_size,
+                                             layer.dilation, layer.padding, layer.stride)
+        top = windows.topk(2, dim=1).values
+        gaps = top[:, 0] - top[:, 1]
+        margins.append(float(gaps[gaps > 0].min() / z.abs().max()))  # exact ties: ReLU's zeros
+
+    hooks = [layer.register_forward_hook(relu if isinstance(layer, torch.nn.ReLU) else max_pool)
+             for layer in module.modules()
+             if isinstance(layer, (torch.nn.ReLU, torch.nn.MaxPool2d))]
+    with torch.no_grad():
+        module(torch.tensor(x))
+    for hook in hooks:
+        hook.remove()
+    return min(margins)
+
+
+def loss_function(net, state, x, y, reduction, vjp):
     def loss(params):
         logits, new_state = net.apply(params, state, jnp.asarray(x), train=True, vjp=vjp)
         return fcn.cross_entropy(logits, jnp.asarray(y), reduction, vjp=vjp), new_state
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
-    (value, new_state), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-    module.train()
+
+@pytest.mark.parametrize("name,reduction", ARTICLE_NETWORKS)
+def test_article_network_loss_and_running_stats_match_torch_in_float32(name, reduction, torch):
+    module = torch_twin(name, torch, torch.float32)
+    net, params, state = our_network(name, module)
+    x, y = mnist_like_batch()
+    (value, new_state), _ = loss_function(net, state, x, y, reduction, "custom")(params)
+    torch_loss = torch.nn.functional.cross_entropy(module(torch.tensor(x)), torch.tensor(y),
+                                                   reduction=reduction)
+    assert_close(value, torch_loss.item(), tolerance("torch_forward"), what="loss")
+    torch_state = {k: v.numpy() for k, v in module.state_dict().items()}
+    for k, v in fcn.named_leaves(new_state).items():
+        assert_close(v, torch_state[k], tolerance("torch_forward"), what=f"state {k}")
+
+
+@pytest.mark.parametrize("name,reduction", ARTICLE_NETWORKS)
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+def test_article_network_gradients_match_torch_in_float64(name, reduction, vjp, torch):
+    """In float64: in float32 a random network has some ReLU input or max pool gap within
+    rounding of its kink (seen on CI: one in ~15000 pre-activations of the MLP is closer than
+    1e-6 of its layer's scale), so two correct implementations differ in a whole row. In float64
+    rounding moves values by ~1e-15 relative, 1e8 times less than the margin asserted first."""
+    module = torch_twin(name, torch, torch.float64)
+    x, y = mnist_like_batch()
+    x = x.astype(np.float64)
+    assert kink_margin(module, x, torch) > 1e-7, "a kink within 1e-7: choose another seed"
+    with float64():
+        net, params, state = our_network(name, module)
+        (value, _), grads = loss_function(net, state, x, y, reduction, vjp)(params)
     torch_loss = torch.nn.functional.cross_entropy(module(torch.tensor(x)), torch.tensor(y),
                                                    reduction=reduction)
     torch_loss.backward()
-    assert_close(value, torch_loss.item(), 1e-5, 1e-6, "loss")
+    assert_close(value, torch_loss.item(), tolerance("torch_forward", "float64"), what="loss")
     torch_grads = {k: p.grad.numpy() for k, p in module.named_parameters()}
     ours = fcn.named_leaves(grads)
     assert set(ours) == set(torch_grads)
     for k in ours:
-        assert_close(ours[k], torch_grads[k], 1e-4, 2e-6, f"grad {k}")
-    torch_state = {k: v.numpy() for k, v in module.state_dict().items()}
-    for k, v in fcn.named_leaves(new_state).items():
-        assert_close(v, torch_state[k], 1e-5, 1e-6, f"state {k}")
+        assert_close(ours[k], torch_grads[k], tolerance("network", "float64"), what=f"grad {k}")
 
 
 def small_conv_net():
