@@ -1,18 +1,35 @@
 """The timing race the audit and the benchmarks share."""
-import time
+import pytest
 
 from functional_cnn.audit import timing
 
 
-def test_race_times_every_runner_per_call():
-    def sleeper(seconds):
+class FakeClock:
+    """``time.perf_counter`` that runners advance: the race's arithmetic, without a machine's
+    stalls (a real sleep can last tens of ms longer on a loaded CI box)."""
+
+    def __init__(self):
+        self.now, self.order = 0.0, []
+
+    def perf_counter(self):
+        return self.now
+
+    def runner(self, name, seconds):
         def run(n):
-            for _ in range(n):
-                time.sleep(seconds)
+            self.order.append((name, n))
+            self.now += n * seconds
         return run
 
-    result = timing.race({"fast": sleeper(0.001), "slow": sleeper(0.004)}, rounds=3,
-                         target_s=0.01)
-    assert set(result) == {"fast", "slow"}
-    assert 0.9 <= result["fast"]["min_ms"] <= result["fast"]["median_ms"] <= 3
-    assert result["slow"]["median_ms"] > 2 * result["fast"]["median_ms"]
+
+def test_race_times_every_runner_per_call_in_alternating_rounds(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
+    result = timing.race({"fast": clock.runner("fast", 0.001),
+                          "slow": clock.runner("slow", 0.004)}, rounds=3, target_s=0.01)
+    for name, ms in (("fast", 1.0), ("slow", 4.0)):
+        assert result[name] == pytest.approx({"median_ms": ms, "min_ms": ms, "max_ms": ms})
+    # warm-up (2 calls) and calibration (3) each, then 10 ms worth a round: 10 and 2 calls,
+    # the order reversed every round
+    assert clock.order == [("fast", 2), ("fast", 3), ("slow", 2), ("slow", 3),
+                           ("fast", 10), ("slow", 2), ("slow", 2), ("fast", 10),
+                           ("fast", 10), ("slow", 2)]

@@ -162,7 +162,11 @@ def test_low_precision_statistics_are_float32_sums_rounded_once(dtype, half_ulp,
         exact = theirs(xt.double()).numpy()
         error = np.abs(np.asarray(y, np.float64) - exact)
         assert y.dtype == x.dtype and (error <= half_ulp * np.abs(exact) + 1e-6).all(), name
-        assert error.max() <= np.abs(theirs(xt).double().numpy() - exact).max(), name
+        # never further from exact than torch, but for a value within float32 rounding of a
+        # half-precision midpoint, which either side may round either way (the two maxima
+        # tie at one element here: the float16 group_norm's is 2e-6 from a midpoint)
+        torch_error = np.abs(theirs(xt).double().numpy() - exact).max()
+        assert error.max() <= torch_error + 4e-7 * np.abs(exact).max(), name
         grads = [np.asarray(jax.grad(lambda x: (ours(x, vjp).astype(jnp.float32)
                                                 * weights).sum())(x), np.float32)
                  for vjp in VJPS]
