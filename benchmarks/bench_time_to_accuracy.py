@@ -28,6 +28,7 @@ from benchmarks import _report
 from benchmarks._report import BENCHMARKS, ROOT, command, write_section
 OURS, THEIRS = "functional_cnn, cold start", "torch"  # the race's two sides, from cold
 ACTIVATION_NAMES = {"relu": "ReLU", "silu": "SiLU"}  # a recipe's, as the table writes them
+OPTIMIZER_NAMES = {"adamw": "AdamW", "nadamw": "AdamW with Nesterov momentum"}  # likewise
 RUNS = {  # name -> command (the JSON path is appended)
     OURS: [sys.executable, "-m", "experiments.time_to_accuracy"],
     "functional_cnn, compile cache": [sys.executable, "-m", "experiments.time_to_accuracy",
@@ -78,8 +79,9 @@ def _recipe(run: dict) -> str:
     return (f"{widths}-channel {r['kernel']}x{r['kernel']} convolutions (padding "
             f"{r['padding']}) with BatchNorm and {activation}, a {r['hidden']}-wide hidden "
             f"layer, batch {r['batch_size']}, {r['steps']} steps "
-            f"({r['steps'] * r['batch_size'] / 60000:.2f} epochs), one-cycle AdamW peaking at "
-            f"{r['peak_lr']:g}, label smoothing {r['label_smoothing']:g}"
+            f"({r['steps'] * r['batch_size'] / 60000:.2f} epochs), one-cycle "
+            f"{OPTIMIZER_NAMES[r.get('optimizer', 'adamw')]} peaking at {r['peak_lr']:g}, "
+            f"label smoothing {r['label_smoothing']:g}"
             + (f", conv2d's formulations in training {_pins(run['formulations'])}"
                if any(run.get("formulations") or ()) else "")
             + (", keys from functional_cnn.prng's FMIX32" if run.get("prng") == "fmix32"

@@ -14,6 +14,10 @@ from experiments._machine import machine
 
 TRAIN_SIZE = 60000  # MNIST's training set: the plan is made before the data has loaded
 ACTIVATIONS = ("relu", "silu")  # each side maps the names to its own layers
+# AdamW, and AdamW with Nesterov momentum (optax.nadamw's update: the first moment's
+# bias-corrected next value, ``b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``, in place
+# of ``m_t / (1 - b1^t)``; not torch.optim.NAdam, whose momentum decays on a schedule)
+OPTIMIZERS = ("adamw", "nadamw")
 
 
 def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
@@ -33,6 +37,8 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     parser.add_argument("--hidden", type=int, help="the hidden linear layer's width (0: none)")
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="after each BatchNorm and the hidden layer")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS,
+                        help="AdamW, or AdamW with Nesterov momentum (optax.nadamw's update)")
     parser.add_argument("--extra-rounds", type=int, default=0,
                         help="if the target is missed: rounds of --steps more steps at the "
                              "schedule's final rate, each evaluated")

@@ -15,7 +15,7 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from experiments._tta_common import feature_size, one_cycle
 from experiments.time_to_accuracy import net
-from tests.conftest import assert_close, needs_mnist
+from tests.conftest import assert_close, float64, needs_mnist
 
 
 @pytest.mark.parametrize("widths, kernel, padding, hidden, activation",
@@ -67,6 +67,29 @@ def test_torch_adamw_is_torch_optim_adamw(torch):
     assert all(p.grad is None for p in ours)  # zeroed for the next backward
 
 
+def test_torch_nesterov_adamw_is_optax_nadamw(torch):
+    from benchmarks.time_to_accuracy_torch import AdamW
+    from experiments._tta_common import OPTIMIZERS
+    assert OPTIMIZERS == ("adamw", "nadamw")
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((3, 4)), rng.standard_normal(5)]
+    ours = [torch.nn.Parameter(torch.tensor(p)) for p in params]  # float64: the update's math
+    mine, rates = AdamW(ours, 5e-4, nesterov=True), [1e-2 * (step + 1) / 5 for step in range(5)]
+    reference = fcn.train.adamw(lambda count: jnp.asarray(rates)[count], 5e-4, nesterov=True)
+    with float64():
+        expected = [jnp.asarray(p) for p in params]
+        state = reference.init(expected)
+        for lr in rates:
+            grads = [rng.standard_normal(p.shape) for p in params]
+            for p, g in zip(ours, grads):
+                p.grad = torch.tensor(g)
+            mine.step(lr)
+            updates, state = reference.update([jnp.asarray(g) for g in grads], state, expected)
+            expected = optax.apply_updates(expected, updates)
+    for p, q in zip(ours, expected):
+        np.testing.assert_allclose(p.detach().numpy(), np.asarray(q), rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.parametrize("steps", [4, 16, 350, 900])
 def test_one_cycle_is_optax(steps):
     peak = 1e-2
@@ -106,6 +129,8 @@ def test_the_recipe_line_names_pinned_formulations():
     assert _recipe({**run, "formulations": ["taps", None]}).endswith(
         "1500 steps (0.80 epochs), one-cycle AdamW peaking at 0.01, label smoothing 0.1, "
         "conv2d's formulations in training taps, as chosen")
+    assert "one-cycle AdamW with Nesterov momentum peaking at 0.01" in _recipe(
+        {**run, "recipe": {**run["recipe"], "optimizer": "nadamw"}})
     assert _recipe({**run, "prng": "fmix32"}).endswith(
         "label smoothing 0.1, keys from functional_cnn.prng's FMIX32")
     assert "prng" not in _recipe({**run, "prng": "threefry"})
