@@ -55,13 +55,13 @@ EXAMPLE = jax.ShapeDtypeStruct((28, 28), jnp.uint8)  # one training image, as th
 # first convolution at 10000) overflow the caches (0.16 against 0.33 s on the Xeon with AMX).
 EVAL_CHUNK = 500
 # Our fastest on the AMD EPYC of docs/BENCHMARKS.md: few channels (both convolutions run as
-# banded matrix products), batch 32, SiLU, AdamW with Nesterov momentum, 1000 steps (0.53 of
-# an epoch). Seeds 0-39 on two host devices: 32 of 40 at 99.0%, mean 99.05%, as AdamW at 1100
-# steps (33 of 40, 99.06%; at 1000, 19 of 30). SiLU learns more a step (at 1300 steps, seeds
-# 0-9: 99.13% mean against ReLU's 99.03%) for steps 1.13x as long and 0.2 CPU-s more to
-# compile: 99% 0.4 s sooner (docs/BENCHMARKS.md, sessions 15 and 16). A step costs about the
-# same per image from batch 32 to 256, and smaller batches learn more per image.
-RECIPE = {"steps": 1000, "batch_size": 32, "peak_lr": 1.3e-2, "label_smoothing": 0.1,
+# banded matrix products), batch 48, SiLU, AdamW with Nesterov momentum, 700 steps (0.56 of
+# an epoch). Seeds 0-39 on two host devices: 35 of 40 at 99.0%, mean 99.07%, in 0.97 of the
+# time of batch 32's 1000 steps (32 of 40, 99.05%; AdamW needed 1100 for 33 of 40), batch
+# 64's 550 steps 17 of seeds 0-19 (docs/BENCHMARKS.md, session 16). SiLU learns more a step
+# (at 1300 steps of 32, seeds 0-9: 99.13% mean against ReLU's 99.03%) for steps 1.13x as long
+# and 0.2 CPU-s more to compile: 99% 0.4 s sooner (session 15).
+RECIPE = {"steps": 700, "batch_size": 48, "peak_lr": 1.6e-2, "label_smoothing": 0.1,
           "widths": (8, 16), "kernel": 5, "padding": 0, "hidden": 128, "activation": "silu",
           "optimizer": "nadamw"}
 ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
@@ -79,12 +79,12 @@ CACHED = tuning.CACHED
 # CPU-s to compile against 97 and 0.81-0.93 (AMD EPYC of docs/BENCHMARKS.md).
 PRNG = "fmix32"
 # Two host devices on a CPU (functional_cnn.dataparallel.per_device_gradients): each core runs
-# 16 images of every batch, where XLA:CPU's one device gained little from the second core (a
-# step of batch 32: 2.21 ms on one core, 2.15 on two). On the AMD EPYC of docs/BENCHMARKS.md
-# the race network's step ran 1.2-1.4x faster (one process, alternating), its epoch up to 0.4
+# half of every batch, where XLA:CPU's one device gained little from the second core (a step
+# of batch 32: 2.21 ms on one core, 2.15 on two). On the AMD EPYC of docs/BENCHMARKS.md the
+# race network's step ran 1.2-1.4x faster (one process, alternating), its epoch up to 0.4
 # CPU-s more to compile, and the race took 5.26 s median against 5.63 (10 alternating
-# processes each). Each device's BatchNorm normalizes its own 16 images: seeds 0-19, 18 of 20
-# at 99.0%, mean 99.07%.
+# processes each; session 13, batch 32). Each device's BatchNorm normalizes its own half
+# (the recipe's accuracy above is measured so).
 DEVICES = 2
 # XLA:CPU's older loop emitters for every program, on a CPU (`--fusion-emitters` keeps XLA's
 # default). Compiling is most of the start, and XLA's newer fusion emitters cost
