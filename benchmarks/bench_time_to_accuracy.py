@@ -82,6 +82,7 @@ def _recipe(run: dict) -> str:
             f"({r['steps'] * r['batch_size'] / 60000:.2f} epochs), one-cycle "
             f"{OPTIMIZER_NAMES[r.get('optimizer', 'adamw')]} peaking at {r['peak_lr']:g}, "
             f"label smoothing {r['label_smoothing']:g}"
+            + (f", weight decay {r['weight_decay']:g}" if "weight_decay" in r else "")
             + (f", conv2d's formulations in training {_pins(run['formulations'])}"
                if any(run.get("formulations") or ()) else "")
             + (", keys from functional_cnn.prng's FMIX32" if run.get("prng") == "fmix32"

@@ -38,7 +38,8 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     parser.add_argument("--activation", choices=ACTIVATIONS,
                         help="after each BatchNorm and the hidden layer")
     parser.add_argument("--optimizer", choices=OPTIMIZERS,
-                        help="AdamW, or AdamW with Nesterov momentum (optax.nadamw's update)")
+                        help="AdamW, or AdamW with Nesterov momentum (optax.nadamw's update; "
+                             "default: %(default)s)")
     parser.add_argument("--extra-rounds", type=int, default=0,
                         help="if the target is missed: rounds of --steps more steps at the "
                              "schedule's final rate, each evaluated")

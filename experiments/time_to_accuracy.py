@@ -7,14 +7,14 @@ A small BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm
 ``--activation`` -> max-pool 2, twice (``--widths`` channels; each convolution trained by
 conv2d's formulation in ``--formulations``: by default as measured in the training step on
 this machine, if it has been, see :func:`formulations`), then a ``--hidden``-wide layer (0:
-none) with the same activation -- trained with AdamW (``--optimizer nadamw``: with Nesterov
-momentum; weight decay 5e-4, label smoothing) under a one-cycle learning rate over ``--steps`` batches
-(a fraction of an epoch: ``train.make_trainer(steps_per_epoch=...)``), then the whole test set
-is evaluated; if it is under ``--target``, up to ``--extra-rounds`` more rounds of ``--steps``
-run at the schedule's final rate, each evaluated. The time printed counts from the start of
-the interpreter (imports, data loading, compilation, training, evaluation): a cold start,
-unless ``--compile-cache DIR`` lets a run reuse an earlier run's compiled programs (JAX's
-persistent compilation cache).
+none) with the same activation -- trained with AdamW with Nesterov momentum (``--optimizer``;
+``adamw``: without; weight decay 5e-4, label smoothing) under a one-cycle learning rate over
+``--steps`` batches (a fraction of an epoch: ``train.make_trainer(steps_per_epoch=...)``),
+then the whole test set is evaluated; if it is under ``--target``, up to ``--extra-rounds``
+more rounds of ``--steps`` run at the schedule's final rate, each evaluated. The time printed
+counts from the start of the interpreter (imports, data loading, compilation, training,
+evaluation): a cold start, unless ``--compile-cache DIR`` lets a run reuse an earlier run's
+compiled programs (JAX's persistent compilation cache).
 
 On a CPU the batches are split over ``--devices`` host devices (default two, one per core:
 :func:`host_mesh`), each normalizing its share with its own BatchNorm statistics; the test set
@@ -57,13 +57,13 @@ EVAL_CHUNK = 500
 # Our fastest on the AMD EPYC of docs/BENCHMARKS.md: few channels (both convolutions run as
 # banded matrix products), batch 48, SiLU, AdamW with Nesterov momentum, 700 steps (0.56 of
 # an epoch). Seeds 0-39 on two host devices: 35 of 40 at 99.0%, mean 99.07%, in 0.97 of the
-# time of batch 32's 1000 steps (32 of 40, 99.05%; AdamW needed 1100 for 33 of 40), batch
-# 64's 550 steps 17 of seeds 0-19 (docs/BENCHMARKS.md, session 16). SiLU learns more a step
-# (at 1300 steps of 32, seeds 0-9: 99.13% mean against ReLU's 99.03%) for steps 1.13x as long
-# and 0.2 CPU-s more to compile: 99% 0.4 s sooner (session 15).
+# time of batch 32's 1000 steps (32 of 40, 99.05%; AdamW needed 1100 for 33 of 40); batch
+# 64's 550 steps at 2e-2 made 17 of seeds 0-19 (docs/BENCHMARKS.md, session 16). SiLU learns
+# more a step (at 1300 steps of 32, seeds 0-9: 99.13% mean against ReLU's 99.03%) for steps
+# 1.13x as long and 0.2 CPU-s more to compile: 99% 0.4 s sooner (session 15).
 RECIPE = {"steps": 700, "batch_size": 48, "peak_lr": 1.6e-2, "label_smoothing": 0.1,
           "widths": (8, 16), "kernel": 5, "padding": 0, "hidden": 128, "activation": "silu",
-          "optimizer": "nadamw"}
+          "optimizer": "nadamw", "weight_decay": 5e-4}
 ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # The first convolution (one input channel, BatchNorm after it) trained as a sum of its 25
 # shifted products (conv2d's "taps"): XLA writes the sum once and the statistics read it. On

@@ -24,11 +24,12 @@ class FakeClock:
 def test_race_times_every_runner_per_call_in_alternating_rounds(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(timing.time, "perf_counter", clock.perf_counter)
-    result = timing.race({"fast": clock.runner("fast", 0.001),
-                          "slow": clock.runner("slow", 0.004)}, rounds=3, target_s=0.01)
-    for name, ms in (("fast", 1.0), ("slow", 4.0)):
+    fast, slow = 2.0 ** -10, 2.0 ** -8  # seconds a call, exact in binary: no rounding below
+    result = timing.race({"fast": clock.runner("fast", fast), "slow": clock.runner("slow", slow)},
+                         rounds=3, target_s=10 * fast)
+    for name, ms in (("fast", 1e3 * fast), ("slow", 1e3 * slow)):
         assert result[name] == pytest.approx({"median_ms": ms, "min_ms": ms, "max_ms": ms})
-    # warm-up (2 calls) and calibration (3) each, then 10 ms worth a round: 10 and 2 calls,
+    # warm-up (2 calls) and calibration (3) each, then target_s worth a round: 10 and 2 calls,
     # the order reversed every round
     assert clock.order == [("fast", 2), ("fast", 3), ("slow", 2), ("slow", 3),
                            ("fast", 10), ("slow", 2), ("slow", 2), ("fast", 10),
