@@ -83,6 +83,7 @@ def _recipe(run: dict) -> str:
             f"{OPTIMIZER_NAMES[r.get('optimizer', 'adamw')]} peaking at {r['peak_lr']:g}, "
             f"label smoothing {r['label_smoothing']:g}"
             + (f", weight decay {r['weight_decay']:g}" if "weight_decay" in r else "")
+            + (f", b2 {r['b2']:g}" if "b2" in r else "")
             + (f", conv2d's formulations in training {_pins(run['formulations'])}"
                if any(run.get("formulations") or ()) else "")
             + (", keys from functional_cnn.prng's FMIX32" if run.get("prng") == "fmix32"

@@ -78,13 +78,13 @@ def article004_optimizers(peak_lr: float) -> dict:
 
 
 def one_cycle_adamw(steps: int, peak_lr: float, weight_decay: float = 5e-4, *,
-                    nesterov: bool = False) -> optax.GradientTransformation:
+                    b2: float = 0.999, nesterov: bool = False) -> optax.GradientTransformation:
     """AdamW with a one-cycle cosine learning rate over ``steps``, peaking at ``peak_lr`` a
     quarter of the way in (``best`` and ``time_to_accuracy``; the torch side of the race
-    writes the same rate out as ``_tta_common.one_cycle``); ``nesterov``: as
+    writes the same rate out as ``_tta_common.one_cycle``); ``b2`` and ``nesterov``: as
     :func:`functional_cnn.train.adamw`'s."""
     schedule = optax.cosine_onecycle_schedule(steps, peak_value=peak_lr, pct_start=0.25)
-    return train.adamw(schedule, weight_decay=weight_decay, nesterov=nesterov)
+    return train.adamw(schedule, weight_decay=weight_decay, b2=b2, nesterov=nesterov)
 
 
 def parse_args(p: Protocol, argv=None):

@@ -50,11 +50,12 @@ class TrainState(NamedTuple):
     key: jax.Array
 
 
-def adamw(learning_rate=1e-3, weight_decay=1e-2, *,
+def adamw(learning_rate=1e-3, weight_decay=1e-2, *, b2: float = 0.999,
           nesterov: bool = False) -> optax.GradientTransformation:
     """``torch.optim.AdamW``'s defaults (betas 0.9/0.999, eps 1e-8, decay on every parameter);
-    ``nesterov=True``: the first moment with Nesterov's look-ahead (``optax.nadamw``)."""
-    return optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay,
+    ``b2``: the second moment's decay; ``nesterov=True``: the first moment with Nesterov's
+    look-ahead (``optax.nadamw``)."""
+    return optax.adamw(learning_rate, b1=0.9, b2=b2, eps=1e-8, weight_decay=weight_decay,
                        nesterov=nesterov)
 
 

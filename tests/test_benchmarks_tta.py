@@ -131,8 +131,9 @@ def test_the_recipe_line_names_pinned_formulations():
         "1500 steps (0.80 epochs), one-cycle AdamW peaking at 0.01, label smoothing 0.1, "
         "conv2d's formulations in training taps, as chosen")
     assert "one-cycle AdamW with Nesterov momentum peaking at 0.01, label smoothing 0.1, " \
-        "weight decay 0.0005" in _recipe({**run, "recipe": {**run["recipe"], "weight_decay": 5e-4,
-                                                            "optimizer": "nadamw"}})
+        "weight decay 0.0005, b2 0.99" in _recipe(
+            {**run, "recipe": {**run["recipe"], "weight_decay": 5e-4, "b2": 0.99,
+                               "optimizer": "nadamw"}})
     assert _recipe({**run, "prng": "fmix32"}).endswith(
         "label smoothing 0.1, keys from functional_cnn.prng's FMIX32")
     assert "prng" not in _recipe({**run, "prng": "threefry"})
