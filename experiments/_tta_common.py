@@ -28,9 +28,9 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
                         "the test set is evaluated after it")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--peak-lr", type=float)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--b2", type=float, default=0.999,
-                        help="the second moment's decay (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, help="AdamW's decoupled weight decay")
+    parser.add_argument("--b2", type=float, help="the second moment's decay (torch's default: "
+                        "0.999)")
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--widths", type=lambda s: tuple(int(w) for w in s.split(",")),
                         help="the two convolutions' output channels, e.g. 16,32")

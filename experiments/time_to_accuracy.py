@@ -74,7 +74,6 @@ ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # The default where this machine has no measurement of its own (`--formulations tuned` makes
 # one, functional_cnn.tuning, and later runs use it).
 FORMULATIONS = ("taps", None)  # per convolution, in training; None: as conv2d chooses
-CACHED = tuning.CACHED
 # The keys' generator: functional_cnn.prng's FMIX32, whose draws compile to one small kernel
 # each (threefry: 20 unrolled rounds). The initial state's program: 7 kernels and 0.27-0.33
 # CPU-s to compile against 97 and 0.81-0.93 (AMD EPYC of docs/BENCHMARKS.md).
@@ -152,7 +151,7 @@ def formulations(args, mesh=None) -> tuple[tuple, str]:
     cached = tuning.cached_formulations(trainer_for(args, mesh), stages, INPUT_SHAPE, EXAMPLE,
                                         check=False)
     if cached is not None:
-        return cached, CACHED
+        return cached, tuning.CACHED
     return recipe_formulations(), "recipe"
 
 
@@ -175,7 +174,7 @@ def compiled_trainer(args, pins, pins_from: str, mesh=None):
                                eval_images=images[TEST_SIZE], workers=1)
         return trainer, evaluator, pins, pins_from
     except ValueError as err:
-        if pins_from != CACHED:
+        if pins_from != tuning.CACHED:
             raise
         print(f"the cached formulations {tuning.pins_text(pins)} cannot run ({err}); training "
               f"with the recipe's (the cache: {tuning.cache_file()})")

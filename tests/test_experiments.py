@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from functional_cnn import data, dataparallel
+from functional_cnn import data, dataparallel, tuning
 from tests.conftest import needs_mnist
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(
     monkeypatch.setattr(tta, "precompile", abstract_init_only)
     args = tta.parser().parse_args([])
     bad = (None, "taps")  # 8*5*5 = 200 products per output: more than taps takes
-    trainer, evaluator, pins, pins_from = tta.compiled_trainer(args, bad, tta.CACHED)
+    trainer, evaluator, pins, pins_from = tta.compiled_trainer(args, bad, tuning.CACHED)
     assert evaluator is trainer  # no mesh given: one trainer trains and evaluates
     assert pins == ("taps", None) and pins_from.startswith("recipe")
     assert "train_formulation='taps'" in repr(trainer.config.net).split("BatchNorm2d")[0]
