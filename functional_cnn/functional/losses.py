@@ -67,6 +67,11 @@ def _class_axis_last(where, name, scores, labels):
     return class_axis_last, labels
 
 
+def _outside_classes(labels, classes: int):
+    """Where a label is no class index: the rows cross_entropy and nll_loss make NaN."""
+    return (labels < 0) | (labels >= classes)
+
+
 def _unbatched(scores, loss):
     """``reduction="none"`` of unbatched ``(C,)`` scores: the one element's loss, a scalar as in
     PyTorch, not the ``(1,)`` of the batch :func:`_class_axis_last` made of it."""
@@ -245,10 +250,6 @@ def mse_loss(pred, target, reduction: str = "mean", *, vjp: str = "custom"):
 
 
 # ----------------------------------------------------------------------------- nll
-
-def _outside_classes(labels, classes: int):
-    return (labels < 0) | (labels >= classes)
-
 
 def _nll_forward(cfg, log_probs, labels):
     # a row whose label is outside [0, C) times NaN: its loss and (through the product, on
