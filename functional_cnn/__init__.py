@@ -5,7 +5,7 @@ rule lives in :mod:`functional_cnn.functional` (one module per op family) and is
 ``vjp="custom"`` (default) or replaced by JAX autodiff with ``vjp="autodiff"``.
 """
 from . import checkpoint, data, functional, interop, models, train
-from .combinators import fan_in_concat, fan_in_sum, fan_out, parallel, residual, serial
+from .combinators import fan_in_concat, fan_in_sum, fan_out, frozen, parallel, residual, serial
 from .functional import REGISTRY, VJP_MODES
 from .functional.losses import binary_cross_entropy_with_logits, cross_entropy, mse_loss
 from .functional.losses import huber_loss, nll_loss
@@ -23,7 +23,7 @@ __all__ = [
     "Layer", "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "ReLU", "LeakyReLU",
     "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Flatten", "Dropout", "Identity",
     "ConvTranspose2d", "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "Upsample",
-    "serial", "parallel", "fan_out", "fan_in_sum", "fan_in_concat", "residual",
+    "serial", "parallel", "fan_out", "fan_in_sum", "fan_in_concat", "residual", "frozen",
     "cross_entropy", "binary_cross_entropy_with_logits", "mse_loss",
     "LayerNorm", "GroupNorm", "BatchNorm1d", "Dropout2d", "GELU", "SiLU", "ELU", "Softplus",
     "Hardtanh", "nll_loss", "huber_loss",

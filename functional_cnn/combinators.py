@@ -6,6 +6,7 @@ down to every child. Errors raised inside a child are re-raised with its positio
 a message reads ``serial[2] > serial[0] > Conv2d: expected 3 channels ...``. ``serial`` and
 ``parallel`` record their layers (``.children``) and how they feed them (``.wiring``), which
 :func:`functional_cnn.summary` walks; ``residual`` is a ``serial`` named ``"residual"``.
+:func:`frozen` wraps one layer and holds its parameters fixed, as state.
 """
 from __future__ import annotations
 
@@ -199,3 +200,74 @@ def residual(*layers: Layer, shortcut: Layer | None = None) -> Layer:
     """
     block = serial(fan_out(2), parallel(serial(*layers), shortcut or Identity()), fan_in_sum())
     return block._replace(name="residual")
+
+
+def _merged(where: str, params, state):
+    """A layer's params and state as one tree of its state's shape: dicts merged name by name
+    (``{"weight", "bias", "running_mean", ...}``, torch's state_dict names), a combinator's
+    tuples child by child."""
+    if isinstance(params, dict):
+        shared = sorted(set(params) & set(state))
+        if shared:
+            raise ValueError(f"{where}: the layer's params and state share the names {shared}: "
+                             f"they cannot be held in one state")
+        return {**params, **state}
+    return tuple(_merged(where, p, s) for p, s in zip(params, state))
+
+
+def _unmerged(where: str, merged, params_like):
+    """The inverse of :func:`_merged`: ``(params, state)`` out of ``merged``, the params being
+    the names (and children) that ``params_like``, the layer's params tree, has."""
+    if isinstance(params_like, dict):
+        if not isinstance(merged, dict):
+            raise ValueError(f"{where}: expected state as a dict, got {_checks.describe(merged)}")
+        missing = sorted(set(params_like) - set(merged))
+        if missing:
+            raise ValueError(f"{where}: expected the frozen params {missing} in the state, got "
+                             f"{_checks.describe(merged)}")
+        return ({k: merged[k] for k in params_like},
+                {k: v for k, v in merged.items() if k not in params_like})
+    _check_children(where, "state", merged, len(params_like))
+    pairs = [_unmerged(where, m, p) for m, p in zip(merged, params_like)]
+    return tuple(p for p, _ in pairs), tuple(s for _, s in pairs)
+
+
+def _input_shape_of(x) -> tuple:
+    """What ``init`` takes for the input ``x``: its shape, or a tuple input's shapes."""
+    if hasattr(x, "shape"):
+        return tuple(x.shape)
+    return tuple(_input_shape_of(part) for part in x)
+
+
+def frozen(layer: Layer) -> Layer:
+    """``layer`` with its parameters held fixed: torch's ``requires_grad_(False)`` on all of
+    them, with no optimizer able to touch them either.
+
+    Its params are ``{}``; its state holds the layer's params beside the layer's own state,
+    under their names (``frozen(BatchNorm2d())``: ``weight``, ``bias``, ``running_mean``,
+    ``running_var``, as in torch's state_dict; a combinator's, child by child). So a trainer
+    neither differentiates nor updates them (weight decay included), a checkpoint keeps them,
+    and :func:`~functional_cnn.interop.load_state_dict` sets them, e.g. to pretrained or
+    data-derived filters. ``apply`` runs ``layer`` on them as constants
+    (``lax.stop_gradient``), so the gradient still flows to its input: where nothing before a
+    frozen layer is trained, its whole backward pass drops out of the step. Its state still
+    changes as the layer's does (a frozen BatchNorm updates its running statistics in
+    training, as torch's does).
+    """
+    where = f"frozen({layer.name})"
+
+    def init(key, input_shape):
+        out_shape, params, state = layer.init(key, input_shape)
+        return out_shape, {}, _merged(where, params, state)
+
+    def apply(params, state, x, *, train=False, key=None, vjp="custom"):
+        _checks.check_keys(where, "params", params, ())
+        # which of the state's entries are the layer's params: its init's, traced abstractly
+        params_like = jax.eval_shape(lambda: layer.init(jax.random.key(0),
+                                                        _input_shape_of(x)))[1]
+        fixed, inner = _unmerged(where, state, params_like)
+        y, inner = layer.apply(jax.lax.stop_gradient(fixed), inner, x, train=train, key=key,
+                               vjp=vjp)
+        return y, _merged(where, fixed, inner)
+
+    return Layer(init, apply, name=where)

@@ -171,3 +171,70 @@ def test_keys_are_checked_where_they_are_split():
     legacy = jax.random.PRNGKey(0)  # a raw uint32[2] key is a key too
     assert net.apply(params, state, jnp.ones((2, 3)), train=True, key=legacy)[0].shape == (2, 3)
     assert fcn.Linear(2).init(legacy, (1, 3))[1]["weight"].shape == (2, 3)
+
+
+def test_frozen_layer_holds_its_params_as_state_under_torch_names():
+    conv = fcn.Conv2d(3, 3)
+    _, params, _ = conv.init(jax.random.key(1), (-1, 2, 6, 6))
+    net = fcn.serial(fcn.frozen(conv), fcn.frozen(fcn.BatchNorm2d()), fcn.ReLU(),
+                     fcn.Flatten(), fcn.Linear(2))
+    _, net_params, state = net.init(jax.random.key(0), (-1, 2, 6, 6))
+    assert net_params[:2] == ({}, {}) and set(net_params[4]) == {"weight", "bias"}
+    assert set(fcn.state_dict(net_params, state)) == {
+        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+        "4.weight", "4.bias"}
+    x = jax.random.normal(jax.random.key(2), (4, 2, 6, 6))
+    # the frozen conv computes what the layer computes with those params (same init key)
+    frozen_conv = fcn.frozen(conv)
+    _, _, conv_state = frozen_conv.init(jax.random.key(1), (-1, 2, 6, 6))
+    np.testing.assert_array_equal(frozen_conv.apply({}, conv_state, x)[0],
+                                  conv.apply(params, {}, x)[0])
+    # a frozen BatchNorm still updates its running statistics in training, as torch's does
+    _, new_state = net.apply(net_params, state, x, train=True)
+    assert not np.allclose(new_state[1]["running_mean"], state[1]["running_mean"])
+    np.testing.assert_array_equal(new_state[0]["weight"], state[0]["weight"])
+
+
+def test_frozen_layer_passes_the_input_gradient_and_takes_none():
+    conv = fcn.Conv2d(3, 3)
+    _, params, _ = conv.init(jax.random.key(1), (-1, 2, 6, 6))
+    frozen_conv = fcn.frozen(conv)
+    _, _, state = frozen_conv.init(jax.random.key(1), (-1, 2, 6, 6))
+    x = jax.random.normal(jax.random.key(2), (4, 2, 6, 6))
+    through_frozen = jax.grad(lambda x: jnp.sum(frozen_conv.apply({}, state, x)[0] ** 2))(x)
+    through_layer = jax.grad(lambda x: jnp.sum(conv.apply(params, {}, x)[0] ** 2))(x)
+    np.testing.assert_array_equal(through_frozen, through_layer)
+    # differentiated as state would be, its weights get a zero gradient, not a wrong one
+    by_state = jax.grad(lambda s: jnp.sum(frozen_conv.apply({}, s, x)[0] ** 2))(state)
+    assert not any(np.any(leaf) for leaf in jax.tree.leaves(by_state))
+
+
+def test_frozen_layers_are_not_trained_and_a_nest_keeps_its_names():
+    block = fcn.frozen(fcn.serial(fcn.Conv2d(2, 3, bias=False), fcn.BatchNorm2d()))
+    net = fcn.serial(block, fcn.Flatten(), fcn.Linear(3))
+    _, params, state = net.init(jax.random.key(0), (-1, 1, 5, 5))
+    assert set(fcn.state_dict(params, state)) == {
+        "0.0.weight", "0.1.weight", "0.1.bias", "0.1.running_mean", "0.1.running_var",
+        "2.weight", "2.bias"}
+    x, y = jax.random.normal(jax.random.key(1), (6, 1, 5, 5)), jnp.arange(6) % 3
+
+    def loss(p):
+        return fcn.cross_entropy(net.apply(p, state, x, train=True)[0], y)
+
+    grads = jax.grad(loss)(params)
+    assert grads[0] == {} and np.any(grads[2]["weight"])
+
+
+def test_frozen_rejects_params_and_a_state_without_its_params():
+    layer = fcn.frozen(fcn.Conv2d(2, 3))
+    _, params, state = layer.init(jax.random.key(0), (-1, 1, 5, 5))
+    x = jnp.zeros((1, 1, 5, 5))
+    with pytest.raises(ValueError, match=r"frozen\(Conv2d\(2, kernel_size=3\)\): expected "
+                                         r"empty params \{\}, got dict with keys \('weight',\)"):
+        layer.apply({"weight": state["weight"]}, state, x)
+    with pytest.raises(ValueError, match=r"expected the frozen params \['bias'\] in the state"):
+        layer.apply(params, {"weight": state["weight"]}, x)
+    clash = fcn.layers.Layer(lambda key, shape: (shape, {"w": jnp.zeros(1)}, {"w": jnp.zeros(1)}),
+                             lambda p, s, x, **kw: (x, s))
+    with pytest.raises(ValueError, match=r"share the names \['w'\]"):
+        fcn.frozen(clash).init(jax.random.key(0), (1,))
