@@ -77,8 +77,11 @@ def _recipe(run: dict) -> str:
     widths = "/".join(str(w) for w in r["widths"])
     activation = ACTIVATION_NAMES[r.get("activation", "relu")]  # ReLU before the option
     return (f"{widths}-channel {r['kernel']}x{r['kernel']} convolutions (padding "
-            f"{r['padding']}) with BatchNorm and {activation}, a {r['hidden']}-wide hidden "
-            f"layer, batch {r['batch_size']}, {r['steps']} steps "
+            f"{r['padding']}) with BatchNorm and {activation}"
+            + (", the first frozen at the principal components of the training images' "
+               "patches (its BatchNorm without affine parameters)"
+               if r.get("first_conv") == "pca" else "")
+            + f", a {r['hidden']}-wide hidden layer, batch {r['batch_size']}, {r['steps']} steps "
             f"({r['steps'] * r['batch_size'] / 60000:.2f} epochs), one-cycle "
             f"{OPTIMIZER_NAMES[r.get('optimizer', 'adamw')]} peaking at {r['peak_lr']:g}, "
             f"label smoothing {r['label_smoothing']:g}"

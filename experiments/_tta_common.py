@@ -2,13 +2,15 @@
 PyTorch one, ``benchmarks/time_to_accuracy_torch.py``) share: the command line of a recipe
 (each script passes its own defaults: the recipes are free, each side runs its best), the
 one-cycle learning rate both compute, and the record they print and write. Plain Python:
-importing it adds nothing to either side's start-up time."""
+importing it adds nothing to either side's start-up time (numpy: both have imported it)."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import time
+
+import numpy as np
 
 from experiments._machine import machine
 
@@ -18,6 +20,10 @@ ACTIVATIONS = ("relu", "silu")  # each side maps the names to its own layers
 # bias-corrected next value, ``b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``, in place
 # of ``m_t / (1 - b1^t)``; not torch.optim.NAdam, whose momentum decays on a schedule)
 OPTIMIZERS = ("adamw", "nadamw")
+# The first convolution: trained, or frozen at the leading principal components of the training
+# images' patches (pca_filters) with a BatchNorm without affine parameters after it
+FIRST_CONVS = ("trained", "pca")
+PCA_IMAGES = 2000  # the training images whose patches pca_filters reads: the first ones
 
 
 def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
@@ -42,6 +48,11 @@ def recipe_parser(description: str, **defaults) -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=OPTIMIZERS,
                         help="AdamW, or AdamW with Nesterov momentum (optax.nadamw's update; "
                              "default: %(default)s)")
+    parser.add_argument("--first-conv", choices=FIRST_CONVS,
+                        help="the first convolution trained, or frozen at the principal "
+                             "components of the training images' patches (then its BatchNorm "
+                             "has no affine parameters and nothing before the second "
+                             "convolution is trained: no backward pass there)")
     parser.add_argument("--extra-rounds", type=int, default=0,
                         help="if the target is missed: rounds of --steps more steps at the "
                              "schedule's final rate, each evaluated")
@@ -57,6 +68,27 @@ def feature_size(kernel: int, padding: int, stages: int = 2, size: int = 28) -> 
     for _ in range(stages):
         size = (size + 2 * padding - kernel + 1) // 2
     return size
+
+
+def pca_filters(images, channels: int, kernel: int, mean: float, std: float,
+                count: int = PCA_IMAGES) -> np.ndarray:
+    """``(channels, 1, kernel, kernel)`` float32 filters: the ``channels`` leading principal
+    components of the ``kernel x kernel`` patches of the first ``count`` of ``images`` (uint8
+    ``(N, H, W)``, normalized as the networks see them: ``(x/255 - mean)/std``; the patches at
+    every other row and column), largest variance first. Each is signed so that its entry of
+    largest magnitude is positive: an eigensolver's signs are arbitrary, and SiLU after the
+    filter is not odd, so every machine and both sides must get the same ones.
+
+    A frozen first convolution with these filters is the patch-PCA ("whitening") start of fast
+    CIFAR-10 training recipes (hlb-CIFAR10, airbench), whitened here by the BatchNorm after it.
+    """
+    x = (np.asarray(images[:count], np.float32) / 255 - mean) / std
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(1, 2))
+    patches = windows[:, ::2, ::2].reshape(-1, kernel * kernel)
+    _, vectors = np.linalg.eigh(np.cov(patches, rowvar=False))  # eigenvalues ascending
+    leading = vectors[:, ::-1][:, :channels].T
+    signs = np.sign(leading[np.arange(len(leading)), np.abs(leading).argmax(axis=1)])
+    return (leading * signs[:, None]).reshape(-1, 1, kernel, kernel).astype(np.float32)
 
 
 def plan(args) -> list[int]:

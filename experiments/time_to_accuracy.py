@@ -7,14 +7,18 @@ A small BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm
 ``--activation`` -> max-pool 2, twice (``--widths`` channels; each convolution trained by
 conv2d's formulation in ``--formulations``: by default as measured in the training step on
 this machine, if it has been, see :func:`formulations`), then a ``--hidden``-wide layer (0:
-none) with the same activation -- trained with AdamW with Nesterov momentum (``--optimizer``;
-``adamw``: without; weight decay 5e-4, label smoothing) under a one-cycle learning rate over
-``--steps`` batches (a fraction of an epoch: ``train.make_trainer(steps_per_epoch=...)``),
-then the whole test set is evaluated; if it is under ``--target``, up to ``--extra-rounds``
-more rounds of ``--steps`` run at the schedule's final rate, each evaluated. The time printed
-counts from the start of the interpreter (imports, data loading, compilation, training,
-evaluation): a cold start, unless ``--compile-cache DIR`` lets a run reuse an earlier run's
-compiled programs (JAX's persistent compilation cache).
+none) with the same activation; the first convolution frozen (``--first-conv pca``, the
+default: ``fcn.frozen``) at the leading principal components of the training images' patches,
+computed while they load (``_tta_common.pca_filters``), its BatchNorm without affine
+parameters, so that nothing before the second convolution is trained -- trained with AdamW
+with Nesterov momentum (``--optimizer``; ``adamw``: without; weight decay 5e-4, label
+smoothing) under a one-cycle learning rate over ``--steps`` batches (a fraction of an epoch:
+``train.make_trainer(steps_per_epoch=...)``), then the whole test set is evaluated; if it is
+under ``--target``, up to ``--extra-rounds`` more rounds of ``--steps`` run at the schedule's
+final rate, each evaluated. The time printed counts from the start of the interpreter
+(imports, data loading, compilation, training, evaluation): a cold start, unless
+``--compile-cache DIR`` lets a run reuse an earlier run's compiled programs (JAX's
+persistent compilation cache).
 
 On a CPU the batches are split over ``--devices`` host devices (default two, one per core:
 :func:`host_mesh`), each normalizing its share with its own BatchNorm statistics; the test set
@@ -41,7 +45,8 @@ from jax import numpy as jnp  # noqa: E402
 
 import functional_cnn as fcn  # noqa: E402
 from experiments._common import one_cycle_adamw  # noqa: E402
-from experiments._tta_common import TRAIN_SIZE, Record, plan, recipe_parser  # noqa: E402
+from experiments._tta_common import (TRAIN_SIZE, Record, pca_filters, plan,  # noqa: E402
+                                     recipe_parser)
 from functional_cnn import data, dataparallel, prng, train, tuning  # noqa: E402
 from functional_cnn.functional._formulation import usable_cores  # noqa: E402
 from functional_cnn.precompile import precompile  # noqa: E402
@@ -55,22 +60,28 @@ EXAMPLE = jax.ShapeDtypeStruct((28, 28), jnp.uint8)  # one training image, as th
 # first convolution at 10000) overflow the caches (0.16 against 0.33 s on the Xeon with AMX).
 EVAL_CHUNK = 500
 # Our fastest on the AMD EPYC of docs/BENCHMARKS.md: few channels (both convolutions run as
-# banded matrix products), batch 48, SiLU, AdamW with Nesterov momentum and b2 0.99, 650
-# steps (0.52 of an epoch). Seeds 0-59 on two host devices: 51 of 60 at 99.0%, mean 99.06%,
-# as b2 0.999 at 700 steps (49 of 60), whose epoch took 0.97 of the time of batch 32's 1000
-# steps (32 of seeds 0-39, 99.05%; AdamW needed 1100 for 33 of 40); batch 64's 550 steps at
-# 2e-2 made 17 of seeds 0-19 (docs/BENCHMARKS.md, session 16). SiLU learns more a step (at
-# 1300 steps of 32, seeds 0-9: 99.13% mean against ReLU's 99.03%) for steps 1.13x as long and
-# 0.2 CPU-s more to compile: 99% 0.4 s sooner (session 15).
-RECIPE = {"steps": 650, "batch_size": 48, "peak_lr": 1.6e-2, "label_smoothing": 0.1,
+# banded matrix products), batch 48, SiLU, AdamW with Nesterov momentum and b2 0.99, and the
+# first convolution frozen at the 8 leading principal components of the training images'
+# patches (``--first-conv pca``, a BatchNorm without affine parameters after it): nothing before
+# the second convolution is trained, so the step has no backward pass there and took 0.51 of
+# the time (one process, alternating), for less learned a step: 1000 steps (0.8 of an epoch)
+# made 99.0% on 37 of seeds 0-39 (mean 99.07%), where the trained first convolution's 650 made
+# 51 of 60 (99.06%) in 1.2x the time; 900 steps made 29 of 40 (session 17). Before it
+# (session 16): b2 0.99 made 51 of 60 at 650 steps as b2 0.999 at 700 (49 of 60); batch 32
+# needed 1000 steps (32 of 40) in 1.03x the time. SiLU learns more a step (at 1300 steps of
+# 32, seeds 0-9: 99.13% mean against ReLU's 99.03%) for steps 1.13x as long and 0.2 CPU-s more
+# to compile: 99% 0.4 s sooner (session 15).
+RECIPE = {"steps": 1000, "batch_size": 48, "peak_lr": 1.6e-2, "label_smoothing": 0.1,
           "widths": (8, 16), "kernel": 5, "padding": 0, "hidden": 128, "activation": "silu",
-          "optimizer": "nadamw", "weight_decay": 5e-4, "b2": 0.99}
+          "optimizer": "nadamw", "weight_decay": 5e-4, "b2": 0.99, "first_conv": "pca"}
 ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # The first convolution (one input channel, BatchNorm after it) trained as a sum of its 25
 # shifted products (conv2d's "taps"): XLA writes the sum once and the statistics read it. On
 # the AMD EPYC of docs/BENCHMARKS.md, 2.63 -> 2.20 ms a step at batch 32, the 1500 steps done
 # 0.6 s sooner from a cold start (6 alternating runs). Evaluation keeps the gates' band. On a
 # CPU only: elsewhere conv2d keeps XLA's convolutions, which nothing here has measured against.
+# Frozen (the recipe's ``--first-conv pca``), it runs forward only, and the tuner measured taps
+# and the band alike there (1.65 and 1.66 ms a step, so it keeps conv2d's choice).
 # The default where this machine has no measurement of its own (`--formulations tuned` makes
 # one, functional_cnn.tuning, and later runs use it).
 FORMULATIONS = ("taps", None)  # per convolution, in training; None: as conv2d chooses
@@ -96,20 +107,44 @@ LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
-        hidden=RECIPE["hidden"], formulations=FORMULATIONS, activation=RECIPE["activation"]):
+        hidden=RECIPE["hidden"], formulations=FORMULATIONS, activation=RECIPE["activation"],
+        first_conv=RECIPE["first_conv"]):
     """Conv -> BatchNorm -> activation -> max-pool stages, then ``hidden`` units (if any);
     stage ``i``'s convolution trained by ``formulations[i]`` (None, or none given: as conv2d
-    chooses)."""
+    chooses); ``first_conv="pca"``: the first convolution frozen (its filters set after init:
+    :func:`with_pca_filters`) and its BatchNorm without affine parameters."""
     layers, act = [], ACTIVATIONS[activation]
     for stage, width in enumerate(widths):
         formulation = formulations[stage] if stage < len(formulations) else None
-        layers += [fcn.Conv2d(width, kernel, padding=padding, bias=False,
-                              train_formulation=formulation),
-                   fcn.BatchNorm2d(), act(), fcn.MaxPool2d(2)]
+        conv = fcn.Conv2d(width, kernel, padding=padding, bias=False,
+                          train_formulation=formulation)
+        fixed = stage == 0 and first_conv == "pca"
+        layers += [fcn.frozen(conv) if fixed else conv, fcn.BatchNorm2d(affine=not fixed),
+                   act(), fcn.MaxPool2d(2)]
     layers.append(fcn.Flatten())
     if hidden:
         layers += [fcn.Linear(hidden), act()]
     return fcn.serial(*layers, fcn.Linear(10))
+
+
+def load_training_set(args, mesh=None):
+    """``(train_set, filters)``: the training set on the devices (replicated over ``mesh``),
+    and for ``--first-conv pca`` the frozen first convolution's filters, the principal
+    components of its images' patches (``_tta_common.pca_filters``; else None)."""
+    images, labels = data.load_numpy("MNIST", "train", args.data_dir)
+    filters = (pca_filters(images, args.widths[0], args.kernel, MEAN, STD)
+               if args.first_conv == "pca" else None)
+    return data.to_device(images, labels, mesh), filters
+
+
+def with_first_filters(ts: train.TrainState, filters, mesh=None) -> train.TrainState:
+    """``ts`` with the frozen first convolution's ``filters`` (None: ``ts`` as it is), placed
+    as the rest of the state (replicated over ``mesh``)."""
+    if filters is None:
+        return ts
+    state = list(ts.state)
+    state[0] = {**state[0], "weight": dataparallel.put(filters, mesh)}
+    return ts._replace(state=tuple(state))
 
 
 def trainer_for(args, mesh=None) -> Callable[[tuple], train.Trainer]:
@@ -118,7 +153,8 @@ def trainer_for(args, mesh=None) -> Callable[[tuple], train.Trainer]:
     BatchNorm statistics (``sync_batch_norm=False``)."""
     def make(pins):
         return train.make_trainer(
-            net(args.widths, args.kernel, args.padding, args.hidden, pins, args.activation),
+            net(args.widths, args.kernel, args.padding, args.hidden, pins, args.activation,
+                args.first_conv),
             # AdamW over one flat vector: one update instead of one per parameter, 0.4 s less
             # to compile (the same update; XLA fuses it otherwise, so the last bits may differ)
             optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay,
@@ -263,14 +299,15 @@ def main(argv=None):
     pins, pins_from = formulations(args, mesh)
     with ThreadPoolExecutor(1) as loader:  # the data sets load while the programs compile
         # the training set replicated over the mesh here, beside the compilations
-        loading = [loader.submit(data.load, "MNIST", "train", args.data_dir, mesh=mesh),
+        loading = [loader.submit(load_training_set, args, mesh),
                    loader.submit(data.load, "MNIST", "test", args.data_dir)]
         trainer, evaluator, pins, pins_from = compiled_trainer(args, pins, pins_from, mesh)
-        train_set, test_set = (job.result() for job in loading)
+        (train_set, filters), test_set = (job.result() for job in loading)
     if (len(train_set), len(test_set)) != (TRAIN_SIZE, TEST_SIZE):
         raise SystemExit(f"expected {TRAIN_SIZE} + {TEST_SIZE} MNIST images, got "
                          f"{len(train_set)} + {len(test_set)}")
-    ts = trainer.init(seed_key(args, args.seed), INPUT_SHAPE)
+    ts = with_first_filters(trainer.init(seed_key(args, args.seed), INPUT_SHAPE), filters,
+                            mesh)
     record = Record(START, args.target)
     for steps in evaluate_at:
         ts, _ = trainer.epoch(ts, train_set.images, train_set.labels)

@@ -13,22 +13,31 @@ import pytest
 from jax import numpy as jnp
 
 import functional_cnn as fcn
-from experiments._tta_common import feature_size, one_cycle
+from experiments._tta_common import feature_size, one_cycle, pca_filters
 from experiments.time_to_accuracy import net
 from tests.conftest import assert_close, float64, needs_mnist
 
 
-@pytest.mark.parametrize("widths, kernel, padding, hidden, activation",
-                         [((8, 16), 5, 0, 128, "silu"), ((8, 16), 5, 0, 128, "relu"),
-                          ((4, 8), 3, 1, 0, "silu")])
-def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden, activation):
+@pytest.mark.parametrize("widths, kernel, padding, hidden, activation, first_conv",
+                         [((8, 16), 5, 0, 128, "silu", "trained"),
+                          ((8, 16), 5, 0, 128, "relu", "trained"),
+                          ((4, 8), 3, 1, 0, "silu", "trained"),
+                          ((8, 16), 5, 0, 128, "silu", "pca")])
+def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden, activation,
+                                        first_conv):
     from benchmarks.time_to_accuracy_torch import ACTIVATIONS, network
     from experiments._tta_common import ACTIVATIONS as NAMES
     from experiments.time_to_accuracy import ACTIVATIONS as OURS
     assert set(ACTIVATIONS) == set(OURS) == set(NAMES)
-    ours = net(widths, kernel, padding, hidden, activation=activation)
+    ours = net(widths, kernel, padding, hidden, activation=activation, first_conv=first_conv)
     _, params, state = ours.init(jax.random.key(0), (-1, 1, 28, 28))
-    module = network(widths, kernel, padding, hidden, activation)
+    filters = None if first_conv == "trained" else pca_filters(
+        _random_images(50), widths[0], kernel, 0.1307, 0.3081)
+    module = network(widths, kernel, padding, hidden, activation, filters)
+    if filters is not None:  # frozen there as here: not a parameter to train on either side
+        assert not module[0].weight.requires_grad and module[1].weight is None
+        assert params[0] == params[1] == {}
+        np.testing.assert_array_equal(module[0].weight.detach().numpy(), filters)
     with torch.no_grad():  # non-trivial running statistics, so eval mode is really tested
         for bn in (module[1], module[5]):
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -40,6 +49,46 @@ def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden, 
     with torch.no_grad():
         expected = module(torch.tensor(x)).numpy()
     assert_close(logits, expected, 1e-5, 1e-5, "logits")
+
+
+def _random_images(n, size=28, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("channels, kernel", [(8, 5), (3, 3), (25, 5)])
+def test_pca_filters_are_the_patches_principal_components(channels, kernel):
+    images = _random_images(30, size=12)
+    filters = pca_filters(images, channels, kernel, 0.1307, 0.3081, count=20)
+    assert filters.shape == (channels, 1, kernel, kernel) and filters.dtype == np.float32
+    rows = filters.reshape(channels, -1).astype(np.float64)
+    np.testing.assert_allclose(rows @ rows.T, np.eye(channels), atol=1e-5)  # orthonormal
+    # an independent computation: the leading right singular vectors of the centered patches
+    x = (images[:20].astype(np.float64) / 255 - 0.1307) / 0.3081
+    patches = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(1, 2))
+    patches = patches[:, ::2, ::2].reshape(-1, kernel * kernel)
+    _, singular, vt = np.linalg.svd(patches - patches.mean(axis=0), full_matrices=False)
+    signs = np.sign(np.sum(vt[:channels] * rows, axis=1))
+    np.testing.assert_allclose(rows, vt[:channels] * signs[:, None], atol=1e-4)
+    assert np.all(np.diff(singular[:channels]) <= 0)  # largest variance first
+    # each filter's entry of largest magnitude is positive: the same signs on every machine
+    assert np.all(rows[np.arange(channels), np.abs(rows).argmax(axis=1)] > 0)
+
+
+def test_frozen_first_convolution_is_set_and_not_trained():
+    from experiments import time_to_accuracy as tta
+    args = tta.parser().parse_args(["--first-conv", "pca", "--steps", "3", "--batch-size", "8",
+                                    "--widths", "4,8", "--hidden", "16"])
+    trainer = tta.trainer_for(args)(("taps", None))
+    images = _random_images(40)
+    filters = pca_filters(images, 4, 5, tta.MEAN, tta.STD)
+    ts = tta.with_first_filters(trainer.init(jax.random.key(0), tta.INPUT_SHAPE), filters)
+    labels = jnp.arange(40, dtype=jnp.int32) % 10
+    before = np.asarray(ts.params[4]["weight"])  # the epoch takes ts's buffers (donated)
+    assert tta.with_first_filters(ts, None) is ts
+    after, _ = trainer.epoch(ts, jnp.asarray(images), labels)
+    # AdamW's weight decay touches every parameter: the frozen filters are none of them
+    np.testing.assert_array_equal(after.state[0]["weight"], filters)
+    assert not np.allclose(after.params[4]["weight"], before)
 
 
 def test_feature_size():
@@ -103,17 +152,20 @@ def test_one_cycle_is_optax(steps):
 
 
 @needs_mnist
-def test_short_run_writes_the_json(tmp_path, torch):
+@pytest.mark.parametrize("first_conv", ["trained", "pca"])
+def test_short_run_writes_the_json(tmp_path, torch, first_conv):
     from benchmarks import time_to_accuracy_torch
     out = tmp_path / "r.json"
     code = time_to_accuracy_torch.main(["--steps", "20", "--batch-size", "32", "--target",
-                                        "0.5", "--widths", "4,8", "--json", str(out)])
+                                        "0.5", "--widths", "4,8", "--json", str(out),
+                                        "--first-conv", first_conv])
     saved = json.loads(out.read_text())
     assert code == (0 if saved["reached"] else 1)
     assert saved["framework"] == "torch" and saved["threads"] == torch.get_num_threads()
     assert saved["target"] == 0.5 and isinstance(saved["reached"], bool)
     assert saved["cpu_model"] and saved["cpu_count"] >= 1  # the figure's machine
     assert saved["recipe"]["steps"] == 20 and saved["recipe"]["widths"] == [4, 8]
+    assert saved["recipe"]["first_conv"] == first_conv
     entry, = saved["history"]
     assert entry["steps"] == 20 and entry["images"] == 640
     assert 0.0 <= entry["test_accuracy"] <= 1.0
@@ -143,6 +195,12 @@ def test_the_recipe_line_names_pinned_formulations():
     assert _recipe({**run, "fusion_emitters": False}).endswith(
         "label smoothing 0.1, compiled with XLA:CPU's loop emitters")
     assert "emitters" not in _recipe({**run, "fusion_emitters": True}) + _recipe(run)
+    frozen = _recipe({**run, "recipe": {**run["recipe"], "first_conv": "pca"}})
+    assert frozen.startswith("8/16-channel 5x5 convolutions (padding 0) with BatchNorm and ReLU, "
+                             "the first frozen at the principal components of the training "
+                             "images' patches (its BatchNorm without affine parameters), a "
+                             "128-wide hidden layer")
+    assert "frozen" not in _recipe({**run, "recipe": {**run["recipe"], "first_conv": "trained"}})
 
 
 def test_the_race_alternates_its_order(monkeypatch):

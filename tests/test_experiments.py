@@ -188,6 +188,7 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", None]
     assert result["formulations_from"] == "recipe" and result["prng"] == "fmix32"
     assert result["fusion_emitters"] is False  # the loop emitters: less to compile
+    assert result["recipe"]["first_conv"] == "pca"  # frozen at the patches' components
 
 
 @needs_mnist
