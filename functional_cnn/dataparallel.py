@@ -203,8 +203,11 @@ def per_device_gradients(gradients, mesh: Mesh, reduction: str):
     run on each device's shard of the batch (``x``, ``labels`` split along their first
     dimension), then combined by **one** all-reduce: the gradients summed (``reduction="sum"``)
     or averaged (``"mean"``: equal shards, so the mean of the shards' mean losses is the
-    batch's), the model state (BatchNorm's running statistics) averaged, the loss sums and
-    correct counts summed. ``key`` is folded with the device's index, so that dropout draws
+    batch's), the model state (BatchNorm's running statistics) moved by the devices' average
+    change, the loss sums and correct counts summed. The change, not the state, is averaged so
+    that a leaf no device changes (a :func:`~functional_cnn.combinators.frozen` layer's params)
+    comes back bit for bit: ``n`` equal floats summed and divided by ``n`` need not give the
+    float back (5 host devices moved frozen filters by an ulp). ``key`` is folded with the device's index, so that dropout draws
     differ between shards.
 
     Each device's BatchNorm normalizes with its own shard's statistics, as torch's
@@ -218,11 +221,13 @@ def per_device_gradients(gradients, mesh: Mesh, reduction: str):
     def local(params, state, x, labels, key):
         key = jax.random.fold_in(key, jax.lax.axis_index(AXIS))
         grads, (new_state, loss_sum, correct) = gradients(params, state, x, labels, key)
+        change = jax.tree.map(jnp.subtract, new_state, state)
         # the count as a float (exact below 2^24 in float32), to share the one buffer
         count = correct.astype(jnp.promote_types(loss_sum.dtype, jnp.float32))
-        grads, new_state, loss_sum, count = _summed_as_one_buffer(
-            (grads, new_state, loss_sum, count),
+        grads, change, loss_sum, count = _summed_as_one_buffer(
+            (grads, change, loss_sum, count),
             divisors=(n if reduction == "mean" else 1, n, 1, 1))
+        new_state = jax.tree.map(jnp.add, state, change)
         return grads, (new_state, loss_sum, count.astype(correct.dtype))
 
     # check_vma=False: the hand-written rules' cotangents of the (replicated) parameters are
