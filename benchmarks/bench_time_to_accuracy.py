@@ -1,4 +1,4 @@
-"""Time to 99.0% MNIST test accuracy: this library against the same recipe in plain PyTorch.
+"""Time to 99.0% MNIST test accuracy: this library against torch's best recipe in plain PyTorch.
 
     python -m benchmarks.bench_time_to_accuracy [--rounds 5] [--report docs/BENCHMARKS.md]
 

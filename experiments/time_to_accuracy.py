@@ -113,7 +113,7 @@ def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["paddin
     """Conv -> BatchNorm -> activation -> max-pool stages, then ``hidden`` units (if any);
     stage ``i``'s convolution trained by ``formulations[i]`` (None, or none given: as conv2d
     chooses); ``first_conv="pca"``: the first convolution frozen (its filters set after init:
-    :func:`with_pca_filters`) and its BatchNorm without affine parameters."""
+    :func:`with_first_filters`) and its BatchNorm without affine parameters."""
     layers, act = [], ACTIVATIONS[activation]
     for stage, width in enumerate(widths):
         formulation = formulations[stage] if stage < len(formulations) else None

@@ -206,12 +206,17 @@ def _merged(where: str, params, state):
     """A layer's params and state as one tree of its state's shape: dicts merged name by name
     (``{"weight", "bias", "running_mean", ...}``, torch's state_dict names), a combinator's
     tuples child by child."""
-    if isinstance(params, dict):
+    if isinstance(params, dict) and isinstance(state, dict):
         shared = sorted(set(params) & set(state))
         if shared:
             raise ValueError(f"{where}: the layer's params and state share the names {shared}: "
                              f"they cannot be held in one state")
         return {**params, **state}
+    if not (isinstance(params, (tuple, list)) and isinstance(state, (tuple, list))
+            and len(params) == len(state)):
+        raise ValueError(f"{where}: expected params and state as dicts, or as tuples of one "
+                         f"entry per child, got params {_checks.describe(params)} and state "
+                         f"{_checks.describe(state)}")
     return tuple(_merged(where, p, s) for p, s in zip(params, state))
 
 
@@ -233,9 +238,11 @@ def _unmerged(where: str, merged, params_like):
 
 
 def _input_shape_of(x) -> tuple:
-    """What ``init`` takes for the input ``x``: its shape, or a tuple input's shapes."""
+    """What ``init`` takes for the input ``x``: its shape with the batch as ``-1`` (as init is
+    called: a layer may check its batch against a bound that only training applies), or a
+    tuple input's shapes."""
     if hasattr(x, "shape"):
-        return tuple(x.shape)
+        return (-1,) + tuple(x.shape[1:]) if x.ndim else ()
     return tuple(_input_shape_of(part) for part in x)
 
 

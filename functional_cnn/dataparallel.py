@@ -207,8 +207,8 @@ def per_device_gradients(gradients, mesh: Mesh, reduction: str):
     change, the loss sums and correct counts summed. The change, not the state, is averaged so
     that a leaf no device changes (a :func:`~functional_cnn.combinators.frozen` layer's params)
     comes back bit for bit: ``n`` equal floats summed and divided by ``n`` need not give the
-    float back (5 host devices moved frozen filters by an ulp). ``key`` is folded with the device's index, so that dropout draws
-    differ between shards.
+    float back (3, 5 and 6 host devices moved frozen filters by an ulp). ``key`` is folded
+    with the device's index, so that dropout draws differ between shards.
 
     Each device's BatchNorm normalizes with its own shard's statistics, as torch's
     ``DistributedDataParallel`` does without ``SyncBatchNorm`` (whose running statistics are

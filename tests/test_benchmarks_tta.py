@@ -66,12 +66,19 @@ def test_pca_filters_are_the_patches_principal_components(channels, kernel):
     x = (images[:20].astype(np.float64) / 255 - 0.1307) / 0.3081
     patches = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(1, 2))
     patches = patches[:, ::2, ::2].reshape(-1, kernel * kernel)
-    _, singular, vt = np.linalg.svd(patches - patches.mean(axis=0), full_matrices=False)
+    _, _, vt = np.linalg.svd(patches - patches.mean(axis=0), full_matrices=False)
     signs = np.sign(np.sum(vt[:channels] * rows, axis=1))
     np.testing.assert_allclose(rows, vt[:channels] * signs[:, None], atol=1e-4)
-    assert np.all(np.diff(singular[:channels]) <= 0)  # largest variance first
+    variances = np.var(patches @ rows.T, axis=0)
+    assert np.all(np.diff(variances) <= 1e-9 * variances[0])  # largest variance first
     # each filter's entry of largest magnitude is positive: the same signs on every machine
     assert np.all(rows[np.arange(channels), np.abs(rows).argmax(axis=1)] > 0)
+
+
+def test_pca_filters_refuses_more_filters_than_components():
+    with pytest.raises(ValueError, match="3x3 patches have 9 principal components; asked for "
+                                         "16 filters"):
+        pca_filters(_random_images(4), 16, 3, 0.1307, 0.3081)
 
 
 def test_frozen_first_convolution_is_set_and_not_trained():

@@ -238,3 +238,24 @@ def test_frozen_rejects_params_and_a_state_without_its_params():
                              lambda p, s, x, **kw: (x, s))
     with pytest.raises(ValueError, match=r"share the names \['w'\]"):
         fcn.frozen(clash).init(jax.random.key(0), (1,))
+
+
+def test_frozen_runs_wherever_its_layer_runs():
+    # init is asked about the params with the batch as -1, as init always is: with the batch
+    # itself, a training-only pin's bound (the band's, on the batch) refused an evaluation
+    conv = fcn.Conv2d(8, 5, train_formulation="banded")
+    layer = fcn.frozen(conv)
+    _, _, state = layer.init(jax.random.key(0), (-1, 1, 28, 28))
+    big = jax.ShapeDtypeStruct((10000, 1, 28, 28), jnp.float32)
+    expected = jax.eval_shape(lambda x: conv.apply({"weight": state["weight"],
+                                                    "bias": state["bias"]}, {}, x)[0], big)
+    assert jax.eval_shape(lambda x: layer.apply({}, state, x)[0], big) == expected
+
+
+def test_frozen_refuses_params_it_cannot_hold_as_state():
+    odd = fcn.layers.Layer(lambda key, shape: (shape, (jnp.zeros(1), jnp.zeros(2)), {}),
+                           lambda p, s, x, **kw: (x, s))
+    with pytest.raises(ValueError, match=r"expected params and state as dicts, or as tuples "
+                                         r"of one entry per child, got params tuple of length "
+                                         r"2 and state dict"):
+        fcn.frozen(odd).init(jax.random.key(0), (1,))

@@ -173,7 +173,8 @@ print(np.array_equal(frozen, ts.state[0]["weight"]),
 
 def test_frozen_params_stay_bit_exact_under_per_device_batch_norm():
     """The devices' state is combined by its average change: five equal filters summed and
-    divided by five had moved some by an ulp (on 5 and 6 host devices, not on 2, 3 or 4)."""
+    divided by five had moved some by an ulp (on 3, 5 and 6 host devices, as the sum's order
+    fell; 2 and 4 add exactly)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=5",
            "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", FROZEN_ON_FIVE_DEVICES], capture_output=True,
