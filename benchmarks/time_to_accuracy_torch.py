@@ -186,6 +186,7 @@ def train(args, model, optimizer, train_x, train_y, record, test_x, test_y):
 
 def main(argv=None):
     args = recipe_parser(__doc__.splitlines()[0], **RECIPE).parse_args(argv)
+    plan(args)  # the recipe checked before anything loads
     root = args.data_dir or os.environ.get(ENV_VAR) or "data"
     train_images, train_y = load_mnist(root, train=True)
     test_images, test_y = load_mnist(root, train=False)

@@ -70,6 +70,14 @@ def feature_size(kernel: int, padding: int, stages: int = 2, size: int = 28) -> 
     return size
 
 
+def check_pca_filters(channels: int, kernel: int) -> None:
+    """``ValueError`` unless :func:`pca_filters` can make ``channels`` filters of ``kernel``:
+    checked before a run loads and compiles anything (``--first-conv pca``)."""
+    if not 1 <= channels <= kernel * kernel:
+        raise ValueError(f"pca_filters: {kernel}x{kernel} patches have {kernel * kernel} "
+                         f"principal components; asked for {channels} filters")
+
+
 def pca_filters(images, channels: int, kernel: int, mean: float, std: float,
                 count: int = PCA_IMAGES) -> np.ndarray:
     """``(channels, 1, kernel, kernel)`` float32 filters: the ``channels`` leading principal
@@ -84,9 +92,7 @@ def pca_filters(images, channels: int, kernel: int, mean: float, std: float,
     A frozen first convolution with these filters is the patch-PCA ("whitening") start of fast
     CIFAR-10 training recipes (hlb-CIFAR10, airbench), whitened here by the BatchNorm after it.
     """
-    if not 1 <= channels <= kernel * kernel:
-        raise ValueError(f"pca_filters: {kernel}x{kernel} patches have {kernel * kernel} "
-                         f"principal components; asked for {channels} filters")
+    check_pca_filters(channels, kernel)
     x = (np.asarray(images[:count], np.float32) / 255 - mean) / std
     windows = np.lib.stride_tricks.sliding_window_view(x, (kernel, kernel), axis=(1, 2))
     patches = windows[:, ::2, ::2].reshape(-1, kernel * kernel)
@@ -97,10 +103,16 @@ def pca_filters(images, channels: int, kernel: int, mean: float, std: float,
 
 
 def plan(args) -> list[int]:
-    """Where the test set is evaluated: after ``--steps``, then after each extra round."""
+    """Where the test set is evaluated: after ``--steps``, then after each extra round (and
+    the recipe checked first: its length, the frozen first convolution's filters)."""
     if args.steps * args.batch_size > TRAIN_SIZE * 10:
         raise SystemExit(f"--steps {args.steps} x --batch-size {args.batch_size} is over ten "
                          "epochs: not a time-to-accuracy recipe")
+    if args.first_conv == "pca":
+        try:
+            check_pca_filters(args.widths[0], args.kernel)
+        except ValueError as err:
+            raise SystemExit(f"--first-conv pca: {err}") from None
     return [args.steps * (1 + r) for r in range(1 + args.extra_rounds)]
 
 

@@ -288,11 +288,11 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    evaluate_at = plan(args)  # the recipe checked before the devices are split
     mesh = host_mesh(args.devices)  # before anything touches a device
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    evaluate_at = plan(args)
     try:  # here, not where the formulations' fallback would take it for theirs
         dataparallel.check_divides(args.batch_size, mesh, where="time_to_accuracy")
     except ValueError as err:

@@ -79,6 +79,13 @@ def test_pca_filters_refuses_more_filters_than_components():
     with pytest.raises(ValueError, match="3x3 patches have 9 principal components; asked for "
                                          "16 filters"):
         pca_filters(_random_images(4), 16, 3, 0.1307, 0.3081)
+    # both scripts check it with the recipe, before anything loads or compiles
+    from benchmarks.time_to_accuracy_torch import main as torch_main
+    from experiments.time_to_accuracy import main as our_main
+    for main in (torch_main, our_main):
+        with pytest.raises(SystemExit, match="--first-conv pca: pca_filters: 3x3 patches have 9 "
+                                             "principal components; asked for 16 filters"):
+            main(["--first-conv", "pca", "--kernel", "3", "--widths", "16,32"])
 
 
 def test_frozen_first_convolution_is_set_and_not_trained():
