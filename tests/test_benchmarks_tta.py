@@ -15,6 +15,7 @@ from jax import numpy as jnp
 import functional_cnn as fcn
 from experiments._tta_common import feature_size, one_cycle, pca_filters
 from experiments.time_to_accuracy import net
+from tests._train_helpers import tiny_data
 from tests.conftest import assert_close, float64, needs_mnist
 
 
@@ -32,7 +33,7 @@ def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden, 
     ours = net(widths, kernel, padding, hidden, activation=activation, first_conv=first_conv)
     _, params, state = ours.init(jax.random.key(0), (-1, 1, 28, 28))
     filters = None if first_conv == "trained" else pca_filters(
-        _random_images(50), widths[0], kernel, 0.1307, 0.3081)
+        np.asarray(tiny_data(50).images), widths[0], kernel, 0.1307, 0.3081)
     module = network(widths, kernel, padding, hidden, activation, filters)
     if filters is not None:  # frozen there as here: not a parameter to train on either side
         assert not module[0].weight.requires_grad and module[1].weight is None
@@ -51,13 +52,9 @@ def test_torch_network_gives_our_logits(torch, widths, kernel, padding, hidden, 
     assert_close(logits, expected, 1e-5, 1e-5, "logits")
 
 
-def _random_images(n, size=28, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size), dtype=np.uint8)
-
-
 @pytest.mark.parametrize("channels, kernel", [(8, 5), (3, 3), (25, 5)])
 def test_pca_filters_are_the_patches_principal_components(channels, kernel):
-    images = _random_images(30, size=12)
+    images = np.asarray(tiny_data(30).images)
     filters = pca_filters(images, channels, kernel, 0.1307, 0.3081, count=20)
     assert filters.shape == (channels, 1, kernel, kernel) and filters.dtype == np.float32
     rows = filters.reshape(channels, -1).astype(np.float64)
@@ -78,7 +75,7 @@ def test_pca_filters_are_the_patches_principal_components(channels, kernel):
 def test_pca_filters_refuses_more_filters_than_components():
     with pytest.raises(ValueError, match="3x3 patches have 9 principal components; asked for "
                                          "16 filters"):
-        pca_filters(_random_images(4), 16, 3, 0.1307, 0.3081)
+        pca_filters(np.asarray(tiny_data(4).images), 16, 3, 0.1307, 0.3081)
     # both scripts check it with the recipe, before anything loads or compiles
     from benchmarks.time_to_accuracy_torch import main as torch_main
     from experiments.time_to_accuracy import main as our_main
@@ -93,13 +90,12 @@ def test_frozen_first_convolution_is_set_and_not_trained():
     args = tta.parser().parse_args(["--first-conv", "pca", "--steps", "3", "--batch-size", "8",
                                     "--widths", "4,8", "--hidden", "16"])
     trainer = tta.trainer_for(args)(("taps", None))
-    images = _random_images(40)
-    filters = pca_filters(images, 4, 5, tta.MEAN, tta.STD)
+    ds = tiny_data(40)
+    filters = pca_filters(np.asarray(ds.images), 4, 5, tta.MEAN, tta.STD)
     ts = tta.with_first_filters(trainer.init(jax.random.key(0), tta.INPUT_SHAPE), filters)
-    labels = jnp.arange(40, dtype=jnp.int32) % 10
     before = np.asarray(ts.params[4]["weight"])  # the epoch takes ts's buffers (donated)
     assert tta.with_first_filters(ts, None) is ts
-    after, _ = trainer.epoch(ts, jnp.asarray(images), labels)
+    after, _ = trainer.epoch(ts, ds.images, ds.labels)
     # AdamW's weight decay touches every parameter: the frozen filters are none of them
     np.testing.assert_array_equal(after.state[0]["weight"], filters)
     assert not np.allclose(after.params[4]["weight"], before)
