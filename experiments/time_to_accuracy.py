@@ -102,7 +102,7 @@ DEVICES = 2
 # default). Compiling is most of the start, and XLA's newer fusion emitters cost
 # about 20 ms of CPU a kernel: on the AMD EPYC of docs/BENCHMARKS.md the epoch's 100 kernels
 # compiled in 1.2 CPU-s against 2.0, for steps 5-10% slower (their transposes and
-# concatenations), and the race reached 99% sooner (docs/BENCHMARKS.md, session 14). Measured
+# concatenations), and the race reached 99% sooner (docs/SPEED_LOG.md, session 14). Measured
 # on that EPYC only: on an Intel Xeon in session 7, with other code, the slower steps outweighed.
 LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
