@@ -10,7 +10,9 @@ gives the median over rounds with the spread (min-max). Each step row also gets 
 FLOPs (``benchmarks/_flops.py``: convolutions and matrix products, forward and the gradients the
 backward computes) and the GFLOP/s that custom and torch achieve, as a fraction of the machine's
 matmul peak (``benchmarks/_peak.py``: a 2048x2048 float32 matmul in JAX and torch, measured
-once per run and stated with the CPU model). Also: compile time of each jitted step,
+once per run and stated with the CPU model). The custom step also runs, in the same rounds,
+inside a scanned epoch of 16 batches, as the library's trainer runs it. Also: compile time of
+each jitted step,
 XLA's temporary memory for it, per-op forward+backward times at the networks' layer shapes,
 and (with the MNIST files present) one full LeNet training epoch through the engine.
 
@@ -43,12 +45,14 @@ from functional_cnn.audit.timing import calls, race
 
 # this library's two gradient paths, and the straightforward network in plain JAX (autodiff)
 IMPLEMENTATIONS = ("custom", "autodiff", "plain")
+SCANNED = "custom_scanned"  # the custom step inside a scanned epoch, as the trainer runs it
 
 
 # --------------------------------------------------------------------------- the three steps
 
-def jax_step(apply, loss_fn):
-    """A jitted, buffer-donating AdamW step of ``apply(params, state, x) -> (logits, state)``."""
+def adamw_step(apply, loss_fn):
+    """``(step, optimizer)``: an AdamW step of ``apply(params, state, x) -> (logits, state)``,
+    ``step(params, state, opt_state, x, y) -> (params, state, opt_state, loss)``."""
     optimizer = train.adamw()
 
     def step(params, state, opt_state, x, y):
@@ -60,6 +64,12 @@ def jax_step(apply, loss_fn):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_state, opt_state, value
 
+    return step, optimizer
+
+
+def jax_step(apply, loss_fn):
+    """:func:`adamw_step`, jitted and donating its buffers: one program call per step."""
+    step, optimizer = adamw_step(apply, loss_fn)
     return jax.jit(step, donate_argnums=(0, 1, 2)), optimizer
 
 
@@ -96,6 +106,36 @@ class JaxRunner:
         jax.block_until_ready(loss)
 
 
+class ScannedRunner:
+    """The custom step as the library's trainer runs it (``make_trainer``'s default): inside
+    one ``lax.scan`` over ``steps_per_call`` batches, each a different draw (the same batch
+    every step would let XLA hoist its input's work out of the loop). A call is that many
+    steps: :func:`bench_step` divides its times by them."""
+
+    def __init__(self, model, batch, rng, steps_per_call=16):
+        _, params, state = getattr(fcn.models, model)().init(jax.random.key(0),
+                                                              (batch, 1, 28, 28))
+        step, optimizer = adamw_step(*implementation(model, "custom"))
+        xs = jnp.asarray(rng.standard_normal((steps_per_call, batch, 1, 28, 28)), jnp.float32)
+        ys = jnp.asarray(rng.integers(0, 10, (steps_per_call, batch)), jnp.int32)
+
+        def epoch(carry, xs, ys):
+            def body(carry, xy):
+                *carry, loss = step(*carry, *xy)
+                return tuple(carry), loss
+            return jax.lax.scan(body, carry, (xs, ys))
+
+        self.steps_per_call, self.xs, self.ys = steps_per_call, xs, ys
+        self.carry = (params, state, optimizer.init(params))
+        self.epoch = jax.jit(epoch, donate_argnums=0)
+        self.compile_s = self.temp_mb = None
+
+    def __call__(self, n):
+        for _ in range(n):
+            self.carry, losses = self.epoch(self.carry, self.xs, self.ys)
+        jax.block_until_ready(losses)
+
+
 class TorchRunner:
     def __init__(self, torch, model, x, y):
         from benchmarks.torch_twins import TWINS
@@ -118,9 +158,12 @@ def bench_step(model, batch, rounds, torch, peak_gflop_s):
     x = rng.standard_normal((batch, 1, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, batch).astype(np.int32)
     runners = {impl: JaxRunner(model, batch, impl, x, y) for impl in IMPLEMENTATIONS}
+    runners[SCANNED] = ScannedRunner(model, batch, rng)
     if torch is not None:
         runners["torch"] = TorchRunner(torch, model, x, y)
     timing = race(runners, rounds)
+    steps = runners[SCANNED].steps_per_call
+    timing[SCANNED] = {k: v / steps for k, v in timing[SCANNED].items()}
     gflop = model_step_flops(model, batch)["step"] / 1e9
     record = {"model": model, "batch": batch, "gflop_per_step": gflop}
     for name, t in timing.items():
@@ -225,6 +268,22 @@ def _step_table(steps):
             + ["", "Ratios above 1 mean the hand-written rules are faster."])
 
 
+def _scanned_table(steps):
+    rows = []
+    for r in steps:
+        c, s, t = r["custom"], r[SCANNED], r.get("torch")
+        rows.append([r["model"], r["batch"], _fmt(c), _fmt(s), _fmt(t) if t else "n/a",
+                     f"{t['median_ms'] / s['median_ms']:.2f}x" if t else "n/a",
+                     f"{s['median_ms'] / c['median_ms']:.2f}"])
+    header = ["model", "batch", "custom, a call a step", "custom, scanned", "torch eager",
+              "torch / scanned", "scanned / a call a step"]
+    return (["### The custom step inside a scanned epoch (ms per step)", "",
+             "As the library's trainer runs it (`make_trainer`'s default: one `lax.scan` over "
+             "an epoch's batches), here 16 different batches a call, in the same rounds as the "
+             "table above. The targets compare the step called once a step, as torch's is."]
+            + [""] + _report.table(header, rows))
+
+
 def _rate(record):
     """``12.3 (10%)``: GFLOP/s at the median step time and its share of the matmul peak."""
     if not record:
@@ -265,7 +324,7 @@ def markdown(result, command):
     lines = ["## One training step (`benchmarks.bench`)", "",
              f"Measured on: {result['machine']}.", "", f"Generated by `{command}`.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), ""]
-    for table in (_step_table(result["steps"]),
+    for table in (_step_table(result["steps"]), _scanned_table(result["steps"]),
                   _throughput_table(result["steps"]),
                   _op_table(result["ops"]), _epoch_table(result["epochs"])):
         if table:  # no epoch table without the MNIST files
@@ -329,7 +388,7 @@ def main(argv=None):
     for r in result["steps"]:
         line = f"{r['model']:<12} B{r['batch']:<5} {r['gflop_per_step']:.3f} GFLOP" + "".join(
             f"  {n} {r[n]['median_ms']:8.2f} ms ({r[n]['gflop_per_s']:.1f} GFLOP/s)"
-            for n in IMPLEMENTATIONS + ("torch",) if n in r)
+            for n in IMPLEMENTATIONS + (SCANNED, "torch") if n in r)
         print(line)
     for r in result["ops"]:
         print(f"{r['op']:<28} custom {r['custom_ms']:.3f} ms  autodiff {r['autodiff_ms']:.3f} ms")
