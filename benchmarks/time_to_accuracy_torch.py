@@ -4,7 +4,7 @@ we know how to write, the bar ``experiments/time_to_accuracy.py`` races.
     python benchmarks/time_to_accuracy_torch.py [--steps N] [--batch-size B] [--json PATH] ...
 
 Torch's own best recipe, not a twin of ours: what made it fast on the 2-core CPUs this project
-runs on, each measured (docs/BENCHMARKS.md):
+runs on, each measured (docs/SPEED_LOG.md):
 
 * a BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm -> SiLU
   (``--activation``) -> max-pool 2, twice (``--widths`` channels), then a ``--hidden``-wide

@@ -492,7 +492,7 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
       all-reduce per step (:func:`~functional_cnn.dataparallel.per_device_gradients`). What
       it buys is speed where collectives are dear: two host devices on a 2-core CPU run the
       race network of ``experiments/time_to_accuracy.py`` 1.2-1.4x faster than one device
-      (docs/BENCHMARKS.md). The batch size must give each device at least 2 examples
+      (docs/SPEED_LOG.md, session 11). The batch size must give each device at least 2 examples
       (``ValueError`` otherwise); a ragged tail that does not split evenly into such shards
       is computed as one batch, replicated. Without a mesh, or over one device, it changes
       nothing.
