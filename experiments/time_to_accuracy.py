@@ -59,20 +59,23 @@ EXAMPLE = jax.ShapeDtypeStruct((28, 28), jnp.uint8)  # one training image, as th
 # docs/BENCHMARKS.md, 0.35-0.40 s in chunks of 1000 to 10000, whose row blocks (230 MB for the
 # first convolution at 10000) overflow the caches (0.16 against 0.33 s on the Xeon with AMX).
 EVAL_CHUNK = 500
-# Our fastest on the AMD EPYC of docs/BENCHMARKS.md: few channels (both convolutions run as
-# banded matrix products), batch 64, SiLU, AdamW with Nesterov momentum and b2 0.99, and the
-# first convolution frozen at the 8 leading principal components of the training images'
-# patches (``--first-conv pca``, a BatchNorm without affine parameters after it): nothing before
-# the second convolution is trained, so the step has no backward pass there and took 0.51 of
-# the time (one process, alternating), for less learned a step. 750 steps (0.8 of an epoch)
-# made 99.0% on 55 of seeds 0-59 (mean 99.07%), as batch 48's 1000 steps did, in 0.93 of the
-# time (700 steps: 28 of 40); the trained first convolution's 650 steps of 48 made 51 of 60
+# Our fastest on the AMD EPYC of docs/BENCHMARKS.md: few channels, batch 64, SiLU, AdamW with
+# Nesterov momentum and b2 0.99, and the first convolution frozen at the 8 leading principal
+# components of the training images' patches (``--first-conv pca``, a BatchNorm without affine
+# parameters after it): nothing before the second convolution is trained, so the step has no
+# backward pass there and took 0.51 of the time (one process, alternating), for less learned a
+# step. 800 steps (0.85 of an epoch) made 99.0% on 55 of seeds 0-59 (mean 99.08%; seeds 0-4
+# 5 of 5) with the second convolution as XLA's (:data:`FORMULATIONS`), whose 750 made 53 of 60
+# (99.07%, seed 0 98.99%); the race reached 99% in 0.97 of the time of 750 steps with the band
+# (10 alternating processes, session 18). With the band, 750 steps had made 55 of 60 (99.07%),
+# as batch 48's 1000 steps did, in 0.93 of the time (700 steps: 28 of 40); the trained first
+# convolution's 650 steps of 48 made 51 of 60
 # (99.06%) in 1.2x the time of batch 48's 1000 (session 17). Before it (session 16): b2 0.99
 # made 51 of 60 at 650 steps as b2 0.999 at 700 (49 of 60); batch 32 needed 1000 steps (32 of
 # 40) in 1.03x the time. SiLU learns more a step (at 1300 steps of 32, seeds 0-9: 99.13% mean
 # against ReLU's 99.03%) for steps 1.13x as long and 0.2 CPU-s more to compile: 99% 0.4 s
 # sooner (session 15).
-RECIPE = {"steps": 750, "batch_size": 64, "peak_lr": 1.6e-2, "label_smoothing": 0.1,
+RECIPE = {"steps": 800, "batch_size": 64, "peak_lr": 1.6e-2, "label_smoothing": 0.1,
           "widths": (8, 16), "kernel": 5, "padding": 0, "hidden": 128, "activation": "silu",
           "optimizer": "nadamw", "weight_decay": 5e-4, "b2": 0.99, "first_conv": "pca"}
 ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
@@ -82,10 +85,15 @@ ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # 0.6 s sooner from a cold start (6 alternating runs). Evaluation keeps the gates' band. On a
 # CPU only: elsewhere conv2d keeps XLA's convolutions, which nothing here has measured against.
 # Frozen (the recipe's ``--first-conv pca``), it runs forward only, and the tuner measured taps
-# and the band alike there (1.65 and 1.66 ms a step, so it keeps conv2d's choice).
+# and the band alike there (1.65 and 1.66 ms a step, session 17; 1.71 and 1.73, session 18).
+# The second convolution as XLA's convolution ("lax"): behind the frozen stage it computes no
+# input gradient, where the band had paid most of XLA's cost, and its epoch took 0.92 of the
+# band's (1.03 against 1.13 s, one process, 8 alternating rounds; its first call, compilation
+# included, 1.68 against 1.94 s); the tuner chose it too (1.57 against 1.73 ms a step).
+# Measured on the AMD EPYC of docs/BENCHMARKS.md only (session 18).
 # The default where this machine has no measurement of its own (`--formulations tuned` makes
 # one, functional_cnn.tuning, and later runs use it).
-FORMULATIONS = ("taps", None)  # per convolution, in training; None: as conv2d chooses
+FORMULATIONS = ("taps", "lax")  # per convolution, in training; None: as conv2d chooses
 # The keys' generator: functional_cnn.prng's FMIX32, whose draws compile to one small kernel
 # each (threefry: 20 unrolled rounds). The initial state's program: 7 kernels and 0.27-0.33
 # CPU-s to compile against 97 and 0.81-0.93 (AMD EPYC of docs/BENCHMARKS.md).

@@ -185,7 +185,7 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     assert 0 < result["seconds"] == result["history"][-1]["seconds"]
     assert result["cpu_model"] and result["framework"] == "functional_cnn"
     # nothing measured in this session's cache: the recipe's pins
-    assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", None]
+    assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", "lax"]
     assert result["formulations_from"] == "recipe" and result["prng"] == "fmix32"
     assert result["fusion_emitters"] is False  # the loop emitters: less to compile
     assert result["recipe"]["first_conv"] == "pca"  # frozen at the patches' components
@@ -236,20 +236,20 @@ def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_
     monkeypatch.setenv(_formulation.CACHE_DIR_ENV, str(tmp_path))
     _formulation.forget()
     args = tta.parser().parse_args([])
-    assert tta.formulations(args) == (("taps", None), "recipe")
+    assert tta.formulations(args) == (tta.FORMULATIONS, "recipe")
     key = tuning.cache_key(tta.trainer_for(args)((None, None)), tta.INPUT_SHAPE,
                            jax.ShapeDtypeStruct((28, 28), jax.numpy.uint8))
     _formulation.remember(key, {"choice": ["im2col", "lax"]})
     assert tta.formulations(args) == (("im2col", "lax"), "measured before (cached)")
     mesh = dataparallel.make_mesh(1)  # training over a mesh: its own measurement
-    assert tta.formulations(args, mesh) == (("taps", None), "recipe")
+    assert tta.formulations(args, mesh) == (tta.FORMULATIONS, "recipe")
     _formulation.remember(tuning.cache_key(tta.trainer_for(args, mesh)((None, None)),
                                            tta.INPUT_SHAPE, tta.EXAMPLE), {"choice": ["lax", None]})
     assert tta.formulations(args, mesh) == (("lax", None), "measured before (cached)")
     args.formulations = "none,taps"  # the command line wins
     assert tta.formulations(args) == ((None, "taps"), "command line")
     args.formulations, args.widths = None, (4, 8)  # another network: not measured
-    assert tta.formulations(args) == (("taps", None), "recipe")
+    assert tta.formulations(args) == (tta.FORMULATIONS, "recipe")
     _formulation.forget()
 
 
@@ -265,7 +265,7 @@ def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(
     bad = (None, "taps")  # 8*5*5 = 200 products per output: more than taps takes
     trainer, evaluator, pins, pins_from = tta.compiled_trainer(args, bad, tuning.CACHED)
     assert evaluator is trainer  # no mesh given: one trainer trains and evaluates
-    assert pins == ("taps", None) and pins_from.startswith("recipe")
+    assert pins == tta.FORMULATIONS and pins_from.startswith("recipe")
     assert "train_formulation='taps'" in repr(trainer.config.net).split("BatchNorm2d")[0]
     assert "the cached formulations none,taps cannot run" in capsys.readouterr().out
     with pytest.raises(ValueError, match="taps"):  # asked for on the command line: an error
