@@ -89,6 +89,8 @@ def _recipe(run: dict) -> str:
             + (f", b2 {r['b2']:g}" if "b2" in r else "")
             + (f", conv2d's formulations in training {_pins(run['formulations'])}"
                if any(run.get("formulations") or ()) else "")
+            + (f", in evaluation {_pins(run['eval_formulations'])}"
+               if any(run.get("eval_formulations") or ()) else "")
             + (", keys from functional_cnn.prng's FMIX32" if run.get("prng") == "fmix32"
                else "")
             + (f", on {run['devices']} host devices (each its share of every batch, with its "

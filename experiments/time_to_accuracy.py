@@ -94,6 +94,12 @@ ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # The default where this machine has no measurement of its own (`--formulations tuned` makes
 # one, functional_cnn.tuning, and later runs use it).
 FORMULATIONS = ("taps", "lax")  # per convolution, in training; None: as conv2d chooses
+# In the evaluation (1.5 MB row blocks a chunk for the band, XLA's convolution reads its input
+# once) the second convolution as XLA's too: the test set predicted in 133 against 190 ms
+# (0.72, one process, 10 alternating rounds), compiled in less (the first call 0.31 against
+# 0.50 s); the first as taps, 1.08x. On a CPU only, measured on the AMD EPYC of
+# docs/BENCHMARKS.md (session 18); the tuner measures training only.
+EVAL_FORMULATIONS = (None, "lax")
 # The keys' generator: functional_cnn.prng's FMIX32, whose draws compile to one small kernel
 # each (threefry: 20 unrolled rounds). The initial state's program: 7 kernels and 0.27-0.33
 # CPU-s to compile against 97 and 0.81-0.93 (AMD EPYC of docs/BENCHMARKS.md).
@@ -117,16 +123,21 @@ LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
         hidden=RECIPE["hidden"], formulations=FORMULATIONS, activation=RECIPE["activation"],
-        first_conv=RECIPE["first_conv"]):
+        first_conv=RECIPE["first_conv"], eval_formulations=None):
     """Conv -> BatchNorm -> activation -> max-pool stages, then ``hidden`` units (if any);
-    stage ``i``'s convolution trained by ``formulations[i]`` (None, or none given: as conv2d
-    chooses); ``first_conv="pca"``: the first convolution frozen (its filters set after init:
-    :func:`with_first_filters`) and its BatchNorm without affine parameters."""
+    stage ``i``'s convolution trained by ``formulations[i]`` and evaluated by
+    ``eval_formulations[i]`` (None, or none given: as conv2d chooses; ``eval_formulations``
+    None: :func:`recipe_eval_formulations`); ``first_conv="pca"``: the first convolution
+    frozen (its filters set after init: :func:`with_first_filters`) and its BatchNorm without
+    affine parameters."""
     layers, act = [], ACTIVATIONS[activation]
+    if eval_formulations is None:
+        eval_formulations = recipe_eval_formulations()
     for stage, width in enumerate(widths):
-        formulation = formulations[stage] if stage < len(formulations) else None
+        formulation, eval_formulation = (pins[stage] if stage < len(pins) else None
+                                         for pins in (formulations, eval_formulations))
         conv = fcn.Conv2d(width, kernel, padding=padding, bias=False,
-                          train_formulation=formulation)
+                          train_formulation=formulation, eval_formulation=eval_formulation)
         fixed = stage == 0 and first_conv == "pca"
         layers += [fcn.frozen(conv) if fixed else conv, fcn.BatchNorm2d(affine=not fixed),
                    act(), fcn.MaxPool2d(2)]
@@ -264,6 +275,11 @@ def recipe_formulations() -> tuple:
     return FORMULATIONS if jax.default_backend() == "cpu" else ()
 
 
+def recipe_eval_formulations() -> tuple:
+    """:data:`EVAL_FORMULATIONS` on a CPU; elsewhere none."""
+    return EVAL_FORMULATIONS if jax.default_backend() == "cpu" else ()
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -327,6 +343,7 @@ def main(argv=None):
                          compile_cache=bool(args.compile_cache),
                          recipe={k: getattr(args, k) for k in RECIPE},
                          formulations=list(pins), formulations_from=pins_from,
+                         eval_formulations=list(recipe_eval_formulations()),
                          prng=args.prng, devices=1 if mesh is None else mesh.size,
                          fusion_emitters=compiler_options(args) is None)
 

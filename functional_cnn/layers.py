@@ -266,18 +266,19 @@ def Linear(out_features: int, bias: bool = True) -> Layer:
 
 @named_layer
 def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
-           bias: bool = True, train_formulation: str | None = None) -> Layer:
+           bias: bool = True, train_formulation: str | None = None,
+           eval_formulation: str | None = None) -> Layer:
     """2-D convolution on NCHW input; params ``weight (O, C/groups, kh, kw)``, ``bias (O,)``.
 
     ``padding`` is an int, a pair, ``"same"`` (stride 1 only) or ``"valid"``.
 
     ``train_formulation`` pins how :func:`functional_cnn.functional.conv2d` computes the
-    convolution in training (``train=True``; None: conv2d chooses per shape). init checks that
-    it applies to the init shape, and conv2d again at every call (banded's and im2col's
-    bounds grow with the batch). Evaluation always lets conv2d choose: which formulation is
-    fastest depends on what XLA fuses it with, and a training step and an evaluation differ
-    there (conv2d's ``"taps"`` is 15% faster in the training step of
-    ``experiments/time_to_accuracy`` and makes its evaluation 1.8x slower). It changes the
+    convolution in training (``train=True``), ``eval_formulation`` in evaluation (None: conv2d
+    chooses per shape). init checks that each applies to the init shape, and conv2d again at
+    every call (banded's and im2col's bounds grow with the batch). Two pins, because which
+    formulation is fastest depends on what XLA fuses it with, and a training step and an
+    evaluation differ there (conv2d's ``"taps"`` is 15% faster in the training step of
+    ``experiments/time_to_accuracy`` and makes its evaluation 1.8x slower). They change the
     speed only, not the numbers beyond rounding.
     """
     where = "Conv2d"
@@ -291,7 +292,8 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
                              f"in_channels={in_channels} and out_channels={out_channels}")
         w_shape = (out_channels, in_channels // groups) + kernel
         cfg = conv_config(where, input_shape, w_shape, stride, padding, dilation, groups)
-        with_formulation(where, cfg, input_shape, w_shape, train_formulation)
+        for pin in (train_formulation, eval_formulation):
+            with_formulation(where, cfg, input_shape, w_shape, pin)
         fan_in = (in_channels // groups) * kernel[0] * kernel[1]
         w_key, b_key = jax.random.split(key)
         params = {"weight": _uniform(w_key, w_shape, fan_in)}
@@ -307,9 +309,10 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
         _checks.check_channels(where, jnp.shape(x), w.shape[1] * groups, context="(as at init)")
         if bias:
             _checks.check_shape(where, "params 'bias'", params["bias"], (out_channels,))
+        pin = train_formulation if train else eval_formulation
         with _errors_named(where, "conv2d"):
             return F.conv2d(x, w, params.get("bias"), stride, padding, dilation, groups,
-                            vjp=vjp, formulation=train_formulation if train else None), state
+                            vjp=vjp, formulation=pin), state
 
     return _layer(where, init, apply, _param_names(bias), needs_key=True)
 

@@ -192,6 +192,8 @@ def test_the_recipe_line_names_pinned_formulations():
     assert _recipe({**run, "formulations": ["taps", None]}).endswith(
         "1500 steps (0.80 epochs), one-cycle AdamW peaking at 0.01, label smoothing 0.1, "
         "conv2d's formulations in training taps, as chosen")
+    assert _recipe({**run, "formulations": ["taps", "lax"], "eval_formulations": [None, "lax"]
+                    }).endswith("formulations in training taps, lax, in evaluation as chosen, lax")
     assert "one-cycle AdamW with Nesterov momentum peaking at 0.01, label smoothing 0.1, " \
         "weight decay 0.0005, b2 0.99" in _recipe(
             {**run, "recipe": {**run["recipe"], "weight_decay": 5e-4, "b2": 0.99,

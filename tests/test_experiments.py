@@ -187,6 +187,7 @@ def test_time_to_accuracy_runs_and_reports(tmp_path):
     # nothing measured in this session's cache: the recipe's pins
     assert result["formulations"] == list(time_to_accuracy.FORMULATIONS) == ["taps", "lax"]
     assert result["formulations_from"] == "recipe" and result["prng"] == "fmix32"
+    assert result["eval_formulations"] == [None, "lax"]  # the evaluation's own pins
     assert result["fusion_emitters"] is False  # the loop emitters: less to compile
     assert result["recipe"]["first_conv"] == "pca"  # frozen at the patches' components
 

@@ -145,6 +145,23 @@ def test_conv_train_formulation_runs_in_training_only_and_changes_no_number():
         fcn.Conv2d(4, 3, train_formulation="taps").init(jax.random.key(0), (1, 16, 8, 8))
 
 
+def test_conv_eval_formulation_runs_in_evaluation_only_and_changes_no_number():
+    x = jax.random.normal(jax.random.key(1), (2, 8, 12, 12))
+    layer = fcn.Conv2d(16, 5, eval_formulation="lax")  # the gates: the band, a dot_general
+    _, params, state = layer.init(jax.random.key(0), x.shape)
+
+    def jaxpr(train):
+        return str(jax.make_jaxpr(lambda x: layer.apply(params, state, x, train=train)[0])(x))
+
+    assert "conv_general_dilated" in jaxpr(False) and "dot_general" not in jaxpr(False)
+    assert "dot_general" in jaxpr(True) and "conv_general_dilated" not in jaxpr(True)
+    np.testing.assert_allclose(layer.apply(params, state, x)[0],
+                               layer.apply(params, state, x, train=True)[0], atol=1e-5)
+    assert "eval_formulation='lax'" in repr(layer)
+    with pytest.raises(ValueError, match="^Conv2d: formulation 'taps' cannot run"):
+        fcn.Conv2d(4, 3, eval_formulation="taps").init(jax.random.key(0), (1, 16, 8, 8))
+
+
 def test_conv_transpose_init_follows_torch_fan_in():
     # PyTorch's fan_in for ConvTranspose2d is weight.size(1) * kh * kw = (out / groups) * kh * kw
     _, params, _ = fcn.ConvTranspose2d(16, 3, groups=2).init(jax.random.key(0), (1, 4, 5, 5))
