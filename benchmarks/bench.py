@@ -127,8 +127,11 @@ class ScannedRunner:
 
         self.steps_per_call, self.xs, self.ys = steps_per_call, xs, ys
         self.carry = (params, state, optimizer.init(params))
-        self.epoch = jax.jit(epoch, donate_argnums=0)
-        self.compile_s = self.temp_mb = None
+        start = time.perf_counter()
+        self.epoch = jax.jit(epoch, donate_argnums=0).lower(self.carry, xs, ys).compile()
+        self.compile_s = time.perf_counter() - start
+        memory = self.epoch.memory_analysis()
+        self.temp_mb = None if memory is None else memory.temp_size_in_bytes / 2**20
 
     def __call__(self, n):
         for _ in range(n):
@@ -163,7 +166,8 @@ def bench_step(model, batch, rounds, torch, peak_gflop_s):
         runners["torch"] = TorchRunner(torch, model, x, y)
     timing = race(runners, rounds)
     steps = runners[SCANNED].steps_per_call
-    timing[SCANNED] = {k: v / steps for k, v in timing[SCANNED].items()}  # ms a call -> a step
+    timing[SCANNED] = {k: v / steps if k.endswith("_ms") else v  # ms a call -> ms a step
+                       for k, v in timing[SCANNED].items()}
     gflop = model_step_flops(model, batch)["step"] / 1e9
     record = {"model": model, "batch": batch, "gflop_per_step": gflop, "scanned_steps": steps}
     for name, t in timing.items():

@@ -6,7 +6,8 @@
 A small BatchNorm CNN -- conv(``--kernel``, ``--padding``, no bias) -> BatchNorm ->
 ``--activation`` -> max-pool 2, twice (``--widths`` channels; each convolution trained by
 conv2d's formulation in ``--formulations``: by default as measured in the training step on
-this machine, if it has been, see :func:`formulations`), then a ``--hidden``-wide layer (0:
+this machine, if it has been, see :func:`formulations`; evaluated by ``--eval-formulations``,
+by default the recipe's, :func:`evaluation_pins`), then a ``--hidden``-wide layer (0:
 none) with the same activation; the first convolution frozen (``--first-conv pca``, the
 default: ``fcn.frozen``) at the leading principal components of the training images' patches,
 computed while they load (``_tta_common.pca_filters``), its BatchNorm without affine
@@ -55,9 +56,10 @@ MEAN, STD = 0.1307, 0.3081
 TEST_SIZE = 10000
 INPUT_SHAPE = (-1, 1, 28, 28)
 EXAMPLE = jax.ShapeDtypeStruct((28, 28), jnp.uint8)  # one training image, as the epoch indexes it
-# The test set is predicted in 20 calls of 500 images: 0.21 s on the AMD EPYC of
-# docs/BENCHMARKS.md, 0.35-0.40 s in chunks of 1000 to 10000, whose row blocks (230 MB for the
-# first convolution at 10000) overflow the caches (0.16 against 0.33 s on the Xeon with AMX).
+# The test set is predicted in 20 calls of 500 images (both convolutions as the band, session
+# 14): 0.21 s on the AMD EPYC of docs/BENCHMARKS.md, 0.35-0.40 s in chunks of 1000 to 10000,
+# whose row blocks (230 MB for the first convolution at 10000) overflow the caches (0.16
+# against 0.33 s on the Xeon with AMX).
 EVAL_CHUNK = 500
 # Our fastest on the AMD EPYC of docs/BENCHMARKS.md: few channels, batch 64, SiLU, AdamW with
 # Nesterov momentum and b2 0.99, and the first convolution frozen at the 8 leading principal
@@ -69,8 +71,8 @@ EVAL_CHUNK = 500
 # (99.07%, seed 0 98.99%); the race reached 99% in 0.97 of the time of 750 steps with the band
 # (10 alternating processes, session 18). With the band, 750 steps had made 55 of 60 (99.07%),
 # as batch 48's 1000 steps did, in 0.93 of the time (700 steps: 28 of 40); the trained first
-# convolution's 650 steps of 48 made 51 of 60
-# (99.06%) in 1.2x the time of batch 48's 1000 (session 17). Before it (session 16): b2 0.99
+# convolution's 650 steps of 48 made 51 of 60 (99.06%) in 1.2x the time of batch 48's 1000
+# (session 17). Before it (session 16): b2 0.99
 # made 51 of 60 at 650 steps as b2 0.999 at 700 (49 of 60); batch 32 needed 1000 steps (32 of
 # 40) in 1.03x the time. SiLU learns more a step (at 1300 steps of 32, seeds 0-9: 99.13% mean
 # against ReLU's 99.03%) for steps 1.13x as long and 0.2 CPU-s more to compile: 99% 0.4 s
@@ -82,7 +84,7 @@ ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # The first convolution (one input channel, BatchNorm after it) trained as a sum of its 25
 # shifted products (conv2d's "taps"): XLA writes the sum once and the statistics read it. On
 # the AMD EPYC of docs/BENCHMARKS.md, 2.63 -> 2.20 ms a step at batch 32, the 1500 steps done
-# 0.6 s sooner from a cold start (6 alternating runs). Evaluation keeps the gates' band. On a
+# 0.6 s sooner from a cold start (6 alternating runs). Its evaluation keeps the gates' band. On a
 # CPU only: elsewhere conv2d keeps XLA's convolutions, which nothing here has measured against.
 # Frozen (the recipe's ``--first-conv pca``), it runs forward only, and the tuner measured taps
 # and the band alike there (1.65 and 1.66 ms a step, session 17; 1.71 and 1.73, session 18).
@@ -97,7 +99,7 @@ FORMULATIONS = ("taps", "lax")  # per convolution, in training; None: as conv2d 
 # In the evaluation (1.5 MB row blocks a chunk for the band, XLA's convolution reads its input
 # once) the second convolution as XLA's too: the test set predicted in 133 against 190 ms
 # (0.72, one process, 10 alternating rounds), compiled in less (the first call 0.31 against
-# 0.50 s); the first as taps, 1.08x. On a CPU only, measured on the AMD EPYC of
+# 0.50 s); the first as taps took 1.08x as long. On a CPU only, measured on the AMD EPYC of
 # docs/BENCHMARKS.md (session 18); the tuner measures training only.
 EVAL_FORMULATIONS = (None, "lax")
 # The keys' generator: functional_cnn.prng's FMIX32, whose draws compile to one small kernel
@@ -123,16 +125,13 @@ LOOP_EMITTERS = {"xla_cpu_use_fusion_emitters": False}
 
 def net(widths=RECIPE["widths"], kernel=RECIPE["kernel"], padding=RECIPE["padding"],
         hidden=RECIPE["hidden"], formulations=FORMULATIONS, activation=RECIPE["activation"],
-        first_conv=RECIPE["first_conv"], eval_formulations=None):
+        first_conv=RECIPE["first_conv"], eval_formulations=()):
     """Conv -> BatchNorm -> activation -> max-pool stages, then ``hidden`` units (if any);
     stage ``i``'s convolution trained by ``formulations[i]`` and evaluated by
-    ``eval_formulations[i]`` (None, or none given: as conv2d chooses; ``eval_formulations``
-    None: :func:`recipe_eval_formulations`); ``first_conv="pca"``: the first convolution
-    frozen (its filters set after init: :func:`with_first_filters`) and its BatchNorm without
-    affine parameters."""
+    ``eval_formulations[i]`` (None, or none given: as conv2d chooses); ``first_conv="pca"``:
+    the first convolution frozen (its filters set after init: :func:`with_first_filters`) and
+    its BatchNorm without affine parameters."""
     layers, act = [], ACTIVATIONS[activation]
-    if eval_formulations is None:
-        eval_formulations = recipe_eval_formulations()
     for stage, width in enumerate(widths):
         formulation, eval_formulation = (pins[stage] if stage < len(pins) else None
                                          for pins in (formulations, eval_formulations))
@@ -167,14 +166,16 @@ def with_first_filters(ts: train.TrainState, filters, mesh=None) -> train.TrainS
     return ts._replace(state=tuple(state))
 
 
-def trainer_for(args, mesh=None) -> Callable[[tuple], train.Trainer]:
-    """``pins -> Trainer``: the recipe's trainer, its convolutions trained by ``pins``; over
-    ``mesh`` (:func:`host_mesh`) each device trains on its shard of every batch, with its own
-    BatchNorm statistics (``sync_batch_norm=False``)."""
+def trainer_for(args, mesh=None, eval_pins=()) -> Callable[[tuple], train.Trainer]:
+    """``pins -> Trainer``: the recipe's trainer, its convolutions trained by ``pins`` and
+    evaluated by ``eval_pins`` (none by default: the tuner, which times training, keys its
+    measurements on the network without them); over ``mesh`` (:func:`host_mesh`) each device
+    trains on its shard of every batch, with its own BatchNorm statistics
+    (``sync_batch_norm=False``)."""
     def make(pins):
         return train.make_trainer(
             net(args.widths, args.kernel, args.padding, args.hidden, pins, args.activation,
-                args.first_conv),
+                args.first_conv, eval_pins),
             # AdamW over one flat vector: one update instead of one per parameter, 0.4 s less
             # to compile (the same update; XLA fuses it otherwise, so the last bits may differ)
             optax.flatten(one_cycle_adamw(args.steps, args.peak_lr, args.weight_decay,
@@ -217,8 +218,9 @@ def compiled_trainer(args, pins, pins_from: str, mesh=None):
     recipe's pins instead where cached ones cannot run (a layer's abstract init refuses them:
     a cache written by other code)."""
     images = {n: jax.ShapeDtypeStruct((n, 28, 28), jnp.uint8) for n in (TRAIN_SIZE, TEST_SIZE)}
+    evaluating = evaluation_pins(args)  # a wrong --eval-formulations is no cached pin's fault
     try:
-        trainer = precompile(trainer_for(args, mesh)(pins), INPUT_SHAPE,
+        trainer = precompile(trainer_for(args, mesh, evaluating)(pins), INPUT_SHAPE,
                              train_images=images[TRAIN_SIZE],
                              eval_images=None if mesh else images[TEST_SIZE],
                              key=jax.eval_shape(lambda: seed_key(args, 0)))
@@ -226,8 +228,8 @@ def compiled_trainer(args, pins, pins_from: str, mesh=None):
             return trainer, trainer, pins, pins_from
         # the test set split over two host devices took 0.05 s longer than on one, and its
         # partitioned programs more to compile (AMD EPYC of docs/BENCHMARKS.md)
-        evaluator = precompile(trainer_for(args)(pins), INPUT_SHAPE, init=False,
-                               eval_images=images[TEST_SIZE], workers=1)
+        evaluator = precompile(trainer_for(args, None, evaluating)(pins), INPUT_SHAPE,
+                               init=False, eval_images=images[TEST_SIZE], workers=1)
         return trainer, evaluator, pins, pins_from
     except ValueError as err:
         if pins_from != tuning.CACHED:
@@ -275,9 +277,15 @@ def recipe_formulations() -> tuple:
     return FORMULATIONS if jax.default_backend() == "cpu" else ()
 
 
-def recipe_eval_formulations() -> tuple:
-    """:data:`EVAL_FORMULATIONS` on a CPU; elsewhere none."""
-    return EVAL_FORMULATIONS if jax.default_backend() == "cpu" else ()
+def evaluation_pins(args) -> tuple:
+    """One evaluation pin per convolution: ``--eval-formulations`` as given, else
+    :data:`EVAL_FORMULATIONS` on a CPU (elsewhere none: conv2d keeps XLA's convolutions).
+    Touches the backend: call it after :func:`host_mesh`."""
+    stages = len(args.widths)
+    if args.eval_formulations is not None:
+        return tuning.parse_pins(args.eval_formulations, stages)
+    recipe = EVAL_FORMULATIONS if jax.default_backend() == "cpu" else ()
+    return tuple(recipe[i] if i < len(recipe) else None for i in range(stages))
 
 
 def positive_int(text: str) -> int:
@@ -298,6 +306,11 @@ def parser():
                              "('none': as conv2d chooses), or 'tuned': measured in the "
                              "training step on this machine and cached; default: the cached "
                              "measurement if any, else the recipe's")
+    parser.add_argument("--eval-formulations",
+                        help="each convolution's conv2d formulation in the evaluation, e.g. "
+                             "none,lax ('none': as conv2d chooses); default: the recipe's "
+                             "(on a CPU), measured by hand on one machine: the tuner times "
+                             "training only")
     parser.add_argument("--devices", type=positive_int, metavar="N",
                         help=f"on a CPU: N host devices, each training on its share of every "
                              f"batch with its own BatchNorm statistics (default: "
@@ -343,7 +356,7 @@ def main(argv=None):
                          compile_cache=bool(args.compile_cache),
                          recipe={k: getattr(args, k) for k in RECIPE},
                          formulations=list(pins), formulations_from=pins_from,
-                         eval_formulations=list(recipe_eval_formulations()),
+                         eval_formulations=list(evaluation_pins(args)),
                          prng=args.prng, devices=1 if mesh is None else mesh.size,
                          fusion_emitters=compiler_options(args) is None)
 

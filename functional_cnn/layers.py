@@ -292,8 +292,9 @@ def Conv2d(out_channels: int, kernel_size, stride=1, padding=0, dilation=1, grou
                              f"in_channels={in_channels} and out_channels={out_channels}")
         w_shape = (out_channels, in_channels // groups) + kernel
         cfg = conv_config(where, input_shape, w_shape, stride, padding, dilation, groups)
-        for pin in (train_formulation, eval_formulation):
-            with_formulation(where, cfg, input_shape, w_shape, pin)
+        for name, pin in (("train_formulation", train_formulation),
+                          ("eval_formulation", eval_formulation)):
+            with_formulation(where, cfg, input_shape, w_shape, pin, name)
         fan_in = (in_channels // groups) * kernel[0] * kernel[1]
         w_key, b_key = jax.random.split(key)
         params = {"weight": _uniform(w_key, w_shape, fan_in)}

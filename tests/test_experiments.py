@@ -254,6 +254,23 @@ def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_
     _formulation.forget()
 
 
+def test_time_to_accuracy_evaluation_pins_reach_the_evaluating_network_only():
+    from experiments import time_to_accuracy as tta
+    args = tta.parser().parse_args([])
+    assert tta.evaluation_pins(args) == (None, "lax")  # the recipe's, on a CPU
+    pins = tta.evaluation_pins(args)
+    evaluating = repr(tta.trainer_for(args, None, pins)(tta.FORMULATIONS).config.net)
+    assert evaluating.count("eval_formulation='lax'") == 1
+    assert "eval_formulation='lax'" in evaluating.split("Conv2d(16")[1]  # the second conv
+    # the tuner's networks (and so its cache keys) carry no evaluation pins
+    assert "eval_formulation" not in repr(tta.trainer_for(args)((None, None)).config.net)
+    assert tta.evaluation_pins(tta.parser().parse_args(["--widths", "8"])) == (None,)
+    assert tta.evaluation_pins(tta.parser().parse_args(
+        ["--eval-formulations", "none,none"])) == (None, None)
+    with pytest.raises(ValueError, match="expected 2 comma-separated formulations"):
+        tta.evaluation_pins(tta.parser().parse_args(["--eval-formulations", "lax"]))
+
+
 def test_time_to_accuracy_falls_back_to_its_recipe_where_cached_pins_cannot_run(monkeypatch,
                                                                                 capsys):
     from experiments import time_to_accuracy as tta

@@ -141,7 +141,7 @@ def test_conv_train_formulation_runs_in_training_only_and_changes_no_number():
     assert "dot_general" not in str(jax.make_jaxpr(run, static_argnums=0)(True))
     assert "dot_general" in str(jax.make_jaxpr(run, static_argnums=0)(False))
     np.testing.assert_allclose(run(True), run(False), atol=1e-6)
-    with pytest.raises(ValueError, match="^Conv2d: formulation 'taps' cannot run"):
+    with pytest.raises(ValueError, match="^Conv2d: train_formulation 'taps' cannot run"):
         fcn.Conv2d(4, 3, train_formulation="taps").init(jax.random.key(0), (1, 16, 8, 8))
 
 
@@ -158,7 +158,7 @@ def test_conv_eval_formulation_runs_in_evaluation_only_and_changes_no_number():
     np.testing.assert_allclose(layer.apply(params, state, x)[0],
                                layer.apply(params, state, x, train=True)[0], atol=1e-5)
     assert "eval_formulation='lax'" in repr(layer)
-    with pytest.raises(ValueError, match="^Conv2d: formulation 'taps' cannot run"):
+    with pytest.raises(ValueError, match="^Conv2d: eval_formulation 'taps' cannot run"):
         fcn.Conv2d(4, 3, eval_formulation="taps").init(jax.random.key(0), (1, 16, 8, 8))
 
 

@@ -21,7 +21,8 @@ the op is traced:
 * ``"lax"``: XLA's convolution always.
 
 A formulation pinned at the call (``conv2d(..., formulation=...)``, in training
-``Conv2d(train_formulation=...)``) overrides the mode for that call. ``"auto"`` never times
+``Conv2d(train_formulation=...)``, in evaluation ``Conv2d(eval_formulation=...)``) overrides
+the mode for that call. ``"auto"`` never times
 conv2d's ``"taps"``, which runs only where asked for: timed alone its forward wins, inside a
 step it can lose twice over (its docstring says where); its gradients follow the mode.
 

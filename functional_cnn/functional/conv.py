@@ -582,17 +582,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     return _conv2d(vjp, cfg, x, weight, bias)
 
 def with_formulation(where: str, cfg: ConvConfig, x_shape, weight_shape,
-                     formulation: str | None) -> ConvConfig:
+                     formulation: str | None, name: str = "formulation") -> ConvConfig:
     """``cfg`` computing all three parts by ``formulation`` (one of :data:`FORMULATIONS`; None:
-    by the mode), or ``ValueError`` naming what does not fit."""
+    by the mode), or ``ValueError`` naming what does not fit (the argument as ``name``)."""
     if formulation is None:
         return cfg
     if not isinstance(formulation, str) or formulation not in _FORMULATIONS:
-        raise ValueError(f"{where}: formulation must be None or one of {FORMULATIONS}, "
+        raise ValueError(f"{where}: {name} must be None or one of {FORMULATIONS}, "
                          f"got {formulation!r}")
     chosen = _FORMULATIONS[formulation]
     if not chosen.applies(cfg, x_shape, weight_shape):
-        raise ValueError(f"{where}: formulation {formulation!r} cannot run input "
+        raise ValueError(f"{where}: {name} {formulation!r} cannot run input "
                          f"{tuple(x_shape)} with weight {tuple(weight_shape)} (groups="
                          f"{cfg.groups}, dilation {_dilations(cfg)}): it needs "
                          f"{chosen.requires}")
