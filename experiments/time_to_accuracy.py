@@ -96,11 +96,10 @@ ACTIVATIONS = {"relu": fcn.ReLU, "silu": fcn.SiLU}
 # The default where this machine has no measurement of its own (`--formulations tuned` makes
 # one, functional_cnn.tuning, and later runs use it).
 FORMULATIONS = ("taps", "lax")  # per convolution, in training; None: as conv2d chooses
-# In the evaluation (1.5 MB row blocks a chunk for the band, XLA's convolution reads its input
-# once) the second convolution as XLA's too: the test set predicted in 133 against 190 ms
-# (0.72, one process, 10 alternating rounds), compiled in less (the first call 0.31 against
-# 0.50 s); the first as taps took 1.08x as long. On a CPU only, measured on the AMD EPYC of
-# docs/BENCHMARKS.md (session 18); the tuner measures training only.
+# In the evaluation the second convolution as XLA's too: the test set predicted in 133 against
+# 190 ms (0.72, one process, 10 alternating rounds), compiled in less (the first call 0.31
+# against 0.50 s); the first as taps took 1.08x as long. On a CPU only, measured on the AMD
+# EPYC of docs/BENCHMARKS.md (session 18); the tuner measures training only.
 EVAL_FORMULATIONS = (None, "lax")
 # The keys' generator: functional_cnn.prng's FMIX32, whose draws compile to one small kernel
 # each (threefry: 20 unrolled rounds). The initial state's program: 7 kernels and 0.27-0.33
