@@ -121,20 +121,27 @@ def test_a_formulation_that_cannot_run_is_refused(x_shape, w_shape, groups, form
         F.conv2d(jnp.ones(x_shape), jnp.ones(w_shape), groups=groups, formulation=formulation)
 
 
-@pytest.mark.parametrize("shape, weight, stride, padding, dilation, tiles", [
-    ((4, 1, 28, 28), (8, 1, 5, 5), 1, 0, 1, (6, 4)),        # the race network's first conv
-    ((4, 8, 12, 12), (16, 8, 5, 5), 1, 0, 1, (2, 4)),       # its second
-    ((3, 2, 13, 17), (3, 2, 3, 3), 2, 1, 1, (9, 1)),        # stride 2: tiles of one column
-    ((3, 2, 13, 18), (3, 2, 3, 5), (1, 2), (2, 1), 1, (4, 2)),  # tiles of 2 at stride 2
-    ((3, 2, 13, 16), (3, 2, 3, 3), 1, 1, (2, 1), (8, 2)),   # dilated height, 8 tiles
-    ((3, 3, 9, 23), (2, 3, 5, 5), 1, 2, 1, (1, 23)),        # 23 columns: one tile, whole rows
-    ((128, 1, 28, 28), (8, 1, 5, 5), 1, 0, 1, (6, 4)),     # batch 128: tiles at any size
+@pytest.mark.parametrize("shape, weight, stride, padding, dilation, tiles, narrow", [
+    ((4, 1, 28, 28), (8, 1, 5, 5), 1, 0, 1, (6, 4), False),   # the race network's first conv
+    ((4, 8, 12, 12), (16, 8, 5, 5), 1, 0, 1, (2, 4), False),  # its second
+    ((3, 2, 13, 17), (3, 2, 3, 3), 2, 1, 1, (9, 1), False),   # stride 2: tiles of one column
+    ((3, 2, 13, 18), (3, 2, 3, 5), (1, 2), (2, 1), 1, (4, 2), False),  # tiles of 2, stride 2
+    ((3, 2, 13, 16), (3, 2, 3, 3), 1, 1, (2, 1), (8, 2), False),  # dilated height, 8 tiles
+    ((3, 3, 9, 23), (2, 3, 5, 5), 1, 2, 1, (1, 23), False),   # 23 columns: one tile, whole rows
+    ((128, 1, 28, 28), (8, 1, 5, 5), 1, 0, 1, (6, 4), False),  # batch 128: tiles at any size
+    ((4, 1, 28, 28), (10, 1, 5, 5), 1, 0, 1, (12, 2), True),  # LeNet's first, differentiated
+    ((3, 1, 13, 26), (3, 1, 3, 7), 1, 1, 1, (11, 2), True),   # tiles of 2 from four pieces
+    ((3, 1, 13, 18), (3, 1, 3, 5), (1, 2), (2, 1), 1, (4, 2), True),  # stride 2: as before
+    ((3, 1, 9, 23), (2, 1, 5, 5), 1, 2, 1, (1, 23), True),    # no divisor: one tile
 ])
-def test_banded_tiles_equal_xla_convolution(shape, weight, stride, padding, dilation, tiles):
-    """The band's three parts, called directly, on tiled and whole rows, against XLA."""
+def test_banded_tiles_equal_xla_convolution(shape, weight, stride, padding, dilation, tiles,
+                                            narrow):
+    """The band's three parts, called directly, on tiled and whole rows (``narrow``: as
+    differentiated, ``conv._differentiated``), against XLA."""
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, w = jax.random.normal(kx, shape), jax.random.normal(kw, weight)
     cfg = conv.conv_config("test", shape, weight, stride, padding, dilation, 1)
+    cfg = cfg._replace(narrow_tiles=narrow)
     assert conv._tiles(cfg)[:2] == tiles
     band = conv._FORMULATIONS["banded"]
 
@@ -218,3 +225,38 @@ def test_an_empty_image_is_refused_as_torch_refuses_it(op, shape, torch):
                                          rf"got input shape \({shape[0]}, 3, {shape[2]}, "
                                          rf"{shape[3]}\)"):
         getattr(F, op)(jnp.zeros(shape), jnp.ones(weight), padding=2)
+
+
+def test_a_one_channel_band_runs_narrow_tiles_where_differentiated_only():
+    """LeNet's first convolution: its forward and weight gradient under a gradient in tiles of
+    2 (products of ``kh * span = 5 * 6 = 30`` terms), a forward alone in tiles of 4 (40), the
+    weight gradient as XLA's."""
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    x, w = jax.random.normal(kx, (3, 1, 28, 28)), jax.random.normal(kw, (10, 1, 5, 5))
+    g = jax.random.normal(kg, (3, 10, 24, 24))
+
+    def dots(jaxpr):  # every dot_general, inside nested programs too
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield eqn
+            for sub in jax.tree.leaves(eqn.params, is_leaf=lambda v: hasattr(v, "eqns")):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from dots(inner)
+
+    def contractions(fn) -> set:
+        return {int(np.prod([eqn.invars[0].aval.shape[d] for d in
+                             eqn.params["dimension_numbers"][0][0]]))
+                for eqn in dots(jax.make_jaxpr(fn)(x, w).jaxpr)}
+
+    def pullback(x, w):
+        return jax.vjp(lambda w: F.conv2d(x, w), w)[1](g)
+
+    forward = contractions(lambda x, w: F.conv2d(x, w))  # (and the band's 5 taps a row)
+    assert 40 in forward and 30 not in forward
+    # the differentiated forward's 30 terms; the weight gradient summed over 3 * 24 * 12
+    # (image, row, tile) blocks, not 3 * 24 * 6 (the input gradient, unused, in the usual tiles)
+    assert {30, 864} <= contractions(pullback) and 432 not in contractions(pullback)
+    reference = jax.vjp(lambda w: jax.lax.conv(x, w, (1, 1), "VALID",
+                                               precision="highest"), w)[1](g)
+    assert_close(pullback(x, w), reference, 2e-6, 0.0, "dW")
