@@ -83,21 +83,31 @@ def implementation(model, impl):
             lambda logits, y: fcn.cross_entropy(logits, y, vjp=impl))
 
 
+def _initial(model: str, batch: int):
+    """``(params, state)`` of an article network by name, for MNIST batches of ``batch``."""
+    return getattr(fcn.models, model)().init(jax.random.key(0), (batch, 1, 28, 28))[1:]
+
+
+def _compiled(jitted, *args):
+    """``(executable, compile seconds, XLA's temporary MB or None)`` of ``jitted`` for
+    ``args``."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    return compiled, seconds, None if memory is None else memory.temp_size_in_bytes / 2**20
+
+
 class JaxRunner:
     """One compiled step of an article network by name (``impl`` a vjp mode or ``"plain"``)."""
 
     def __init__(self, model, batch, impl, x, y):
-        _, self.params, self.state = getattr(fcn.models, model)().init(jax.random.key(0),
-                                                                       (batch, 1, 28, 28))
+        self.params, self.state = _initial(model, batch)
         step, optimizer = jax_step(*implementation(model, impl))
         self.opt_state = optimizer.init(self.params)
         self.x, self.y = jnp.asarray(x), jnp.asarray(y)
-        start = time.perf_counter()
-        compiled = step.lower(self.params, self.state, self.opt_state, self.x, self.y).compile()
-        self.compile_s = time.perf_counter() - start
-        memory = compiled.memory_analysis()
-        self.temp_mb = None if memory is None else memory.temp_size_in_bytes / 2**20
-        self.step = compiled
+        self.step, self.compile_s, self.temp_mb = _compiled(
+            step, self.params, self.state, self.opt_state, self.x, self.y)
 
     def __call__(self, n):
         for _ in range(n):
@@ -113,8 +123,7 @@ class ScannedRunner:
     steps: :func:`bench_step` divides its times by them."""
 
     def __init__(self, model, batch, rng, steps_per_call=16):
-        _, params, state = getattr(fcn.models, model)().init(jax.random.key(0),
-                                                              (batch, 1, 28, 28))
+        params, state = _initial(model, batch)
         step, optimizer = adamw_step(*implementation(model, "custom"))
         xs = jnp.asarray(rng.standard_normal((steps_per_call, batch, 1, 28, 28)), jnp.float32)
         ys = jnp.asarray(rng.integers(0, 10, (steps_per_call, batch)), jnp.int32)
@@ -127,11 +136,8 @@ class ScannedRunner:
 
         self.steps_per_call, self.xs, self.ys = steps_per_call, xs, ys
         self.carry = (params, state, optimizer.init(params))
-        start = time.perf_counter()
-        self.epoch = jax.jit(epoch, donate_argnums=0).lower(self.carry, xs, ys).compile()
-        self.compile_s = time.perf_counter() - start
-        memory = self.epoch.memory_analysis()
-        self.temp_mb = None if memory is None else memory.temp_size_in_bytes / 2**20
+        self.epoch, self.compile_s, self.temp_mb = _compiled(
+            jax.jit(epoch, donate_argnums=0), self.carry, xs, ys)
 
     def __call__(self, n):
         for _ in range(n):
