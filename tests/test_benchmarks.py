@@ -81,6 +81,45 @@ def test_bench_step_reports_the_scanned_runner_per_step(monkeypatch):
     assert row == "| mlp | 2 | 2.00 (1.00-4.00) | 1.00 (0.50-2.00) | n/a | n/a | 2.00x |"
 
 
+def test_careful_torch_takes_the_same_step_in_channels_last_with_fused_adamw():
+    """The careful twin's weights and input are channels-last and its AdamW fused, and three
+    steps leave the same parameters as the twin run as written (other kernels, the same
+    arithmetic up to float rounding; LeNet, without the BatchNorm whose preceding bias AdamW
+    moves by rounding noise, test_scanned_runner_runs_the_step_over_its_batches)."""
+    import numpy as np
+    import torch
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
+    y = rng.integers(0, 10, 8).astype(np.int32)
+    runners = {}
+    for careful in (False, True):
+        torch.manual_seed(0)
+        runners[careful] = bench.TorchRunner(torch, "lenet", x, y, careful=careful)
+        runners[careful](3)
+    careful = runners[True]
+    assert careful.x.is_contiguous(memory_format=torch.channels_last)
+    assert careful.opt.defaults["fused"] and not runners[False].opt.defaults["fused"]
+    weights = [p for p in careful.net.parameters() if p.ndim == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    for (name, got), want in zip(careful.net.named_parameters(),
+                                 runners[False].net.parameters()):
+        np.testing.assert_allclose(got.detach().numpy(), want.detach().numpy(),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_the_targets_bar_is_the_faster_torch():
+    def timed(ms):
+        return {"median_ms": ms, "min_ms": ms, "max_ms": ms, "compile_s": 1.0, "temp_mb": 1.0}
+    record = {"model": "lenet", "batch": 64, **{n: timed(2.0) for n in bench.IMPLEMENTATIONS},
+              "torch": timed(6.0), "torch_careful": timed(3.0)}
+    assert bench.fastest_torch(record)["median_ms"] == 3.0
+    assert bench.fastest_torch({"model": "mlp"}) is None
+    row = [line for line in bench._step_table([record]) if line.startswith("| lenet")][0]
+    cells = row.strip("| ").split(" | ")
+    assert cells[5:11] == ["6.00 (6.00-6.00)", "3.00 (3.00-3.00)", "1.50x", "3.00x", "1.00x",
+                           "1.00x"]
+
+
 def test_command_records_the_arguments():
     assert _report.command("experiments.x", ["--a", "1"]) == "python -m experiments.x --a 1"
     assert _report.command("experiments.x", []) == "python -m experiments.x"
