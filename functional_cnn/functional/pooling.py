@@ -114,12 +114,52 @@ def _window_maxima(cfg, x):
     order; a NaN wins, the last of several, as in PyTorch), both from one variadic reduction
     (:func:`_first_max` over :func:`_nan_keyed` pairs): neither is recomputed where XLA fuses the
     pool into its consumer (the custom rule's forward; 1.2-1.5x faster steps than gathering
-    the value at ``first``)."""
-    if isinstance(cfg, PoolConfig) and not tiles(cfg.axes) and _positions_fit(cfg):
+    the value at ``first``). Overlapping windows over many channels fold channels-last
+    instead (:func:`_channels_last_maxima`), to the same choice."""
+    if isinstance(cfg, PoolConfig) and not tiles(cfg.axes) and _channels_last_fits(cfg, x):
+        value, first = _channels_last_maxima(cfg, x)
+    elif isinstance(cfg, PoolConfig) and not tiles(cfg.axes) and _positions_fit(cfg):
         value, first = _sliding_maxima(cfg, x)
     else:
         value, first = _stacked_maxima(cfg, x)
     return value, _padding_never_wins(cfg, value, first)
+
+
+def _channels_last_fits(cfg: PoolConfig, x) -> bool:
+    """Where :func:`_channels_last_maxima` runs: at least 8 channels, whose vectors it works
+    on, and a window of at most 25 elements, each a term of its unrolled fold. Measured alone
+    (NCHW in and out, AMD EPYC): 2-3x faster than :func:`_sliding_maxima` for 3x3/2, 3x3/1,
+    2x2/1 and 5x5/2 windows from 8 channels on, slower or erratic below."""
+    height, width = cfg.axes
+    return x.shape[1] >= 8 and height.kernel * width.kernel <= 25
+
+
+def _channels_last_maxima(cfg: PoolConfig, x):
+    """Overlapping windows with many channels: the window views of the input transposed
+    channels-last, folded elementwise in scan order (:func:`_fold_first_max`), then transposed
+    back. Each step works on whole channel vectors, which XLA:CPU vectorizes; the variadic
+    ``reduce_window`` of :func:`_sliding_maxima` is not vectorized, and needs its input and
+    the positions' keys written out first. XLA fuses the value and the offset apart (the fold
+    runs twice) and the transposes into their producer and consumers. Article 001's Net (its
+    3x3/2 pool on 32 channels): the training step in 0.90-0.94 of the time at batch 64 and 256
+    (one process, alternating; an AMD EPYC only)."""
+    channels = x.shape[1]
+    xt = pad_spatial(x, cfg.axes, -jnp.inf).transpose(0, 2, 3, 1)  # (N, H_pad, W_pad, C)
+    whole = Axis(channels, channels, 1, 1, 1, 0, 0)  # the channels, read whole by every view
+    value, first = _fold_first_max(window_views(xt, (*cfg.axes, whole)))
+    return value.transpose(0, 3, 1, 2), first.transpose(0, 3, 1, 2)
+
+
+def _fold_first_max(views):
+    """The maximum of the views, elementwise, and the index of the view it came from, in
+    PyTorch's scan: a later view replaces the running maximum where it is larger or a NaN.
+    That is :func:`_first_max`'s choice (the first of equal numbers, the last of several
+    NaNs), here with the sign of a zero maximum PyTorch's too (its first zero's)."""
+    value, first = views[0], jnp.zeros(views[0].shape, jnp.int32)
+    for k, view in enumerate(views[1:], 1):
+        later = (view > value) | (view != view)
+        value, first = jnp.where(later, view, value), jnp.where(later, np.int32(k), first)
+    return value, first
 
 
 def _stacked_maxima(cfg, x):
@@ -547,9 +587,12 @@ _POOL = dict(batch=(2, 1), channels=(3, 1), size=((7, 6), (5, 5), (9, 8), (6, 9)
 
 S.register_space(
     "max_pool2d",
-    dict(_POOL, dilation=(1, 2, (2, 1)), ties=(False, True)),
+    # 8 channels: overlapping windows fold channels-last there (_channels_last_fits)
+    dict(_POOL, channels=(3, 1, 8), dilation=(1, 2, (2, 1)), ties=(False, True)),
     _pool_case("max_pool2d", ["dilation"]),
     ({"kernel": 2, "stride": 3}, {"ceil_mode": True, "stride": 2, "size": (6, 9)},
+     {"channels": 8, "kernel": 3, "stride": 2, "ties": True},
+     {"channels": 8, "kernel": 3, "stride": 1, "padding": 1, "dilation": 2},
      {"ties": True}, {"ties": True, "stride": 1, "padding": 1}, {"dilation": 2},
      {"kernel": 3, "stride": 2, "size": (28, 28), "batch": 1},
      {"batch": 1, "kernel": (2, 3), "ceil_mode": True, "padding": 1, "stride": 2}))

@@ -149,13 +149,14 @@ def test_max_pool_window_with_two_nans_passes_its_gradient_to_the_last(vjp):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])
 @pytest.mark.parametrize("pool, kwargs", _NAN_POOLS)
+@pytest.mark.parametrize("channels", [3, 8])  # 8: overlapping windows fold channels-last
 def test_max_pools_send_a_window_with_several_nans_to_its_last_like_torch(vjp, pool, kwargs,
-                                                                          dtype, torch):
+                                                                          channels, dtype, torch):
     # torch's kernels replace the running maximum at every NaN: the last NaN of a window (in
     # row-major order) takes its cotangent; ties between numbers go to the first; windows mix
     # NaN, -inf and the padding. Small integers: exact in every dtype, sums included.
     x = np.random.default_rng(1).choice(np.array([np.nan, -np.inf, -1.0, 0.0, 1.0], np.float32),
-                                        (2, 3, 7, 6), p=[0.3, 0.15, 0.15, 0.2, 0.2])
+                                        (2, channels, 7, 6), p=[0.3, 0.15, 0.15, 0.2, 0.2])
     fn = getattr(F, pool)
     y, pullback = jax.vjp(lambda x: fn(x, **kwargs, vjp=vjp), jnp.asarray(x, dtype))
     g = np.arange(y.size, dtype=np.float32).reshape(y.shape) % 7 + 1  # which window went where
@@ -267,10 +268,23 @@ def test_overlapping_windows_reduce_in_place_as_the_stacked_views(shape, kernel,
     cfg = pooling.PoolConfig(pooling.pool_axes("test", shape, kernel, stride, padding, dilation,
                                                ceil_mode))
     assert not pooling.tiles(cfg.axes)
-    sliding = jax.jit(lambda x: pooling._sliding_maxima(cfg, x))(x)
     stacked = jax.jit(lambda x: pooling._stacked_maxima(cfg, x))(x)
-    np.testing.assert_array_equal(sliding[0], stacked[0])
-    np.testing.assert_array_equal(sliding[1], stacked[1])
+    for way in (pooling._sliding_maxima, pooling._channels_last_maxima):
+        value, first = jax.jit(lambda x: way(cfg, x))(x)
+        np.testing.assert_array_equal(value, stacked[0], err_msg=way.__name__)
+        np.testing.assert_array_equal(first, stacked[1], err_msg=way.__name__)
+
+
+@pytest.mark.parametrize("channels, way", [(3, "reduce_window"), (8, "fold")])
+def test_overlapping_windows_fold_channels_last_from_eight_channels(channels, way):
+    # the rule's forward: one variadic reduce_window below 8 channels, the channels-last fold
+    # (no reduce_window) from 8 on; tiling windows reduce their stacked views either way
+    forward = jax.jit(lambda x, k, s: pooling._window_maxima(
+        pooling.PoolConfig(pooling.pool_axes("t", x.shape, k, s, 0, 1, False)), x),
+        static_argnums=(1, 2))
+    x = jnp.zeros((2, channels, 13, 13))
+    assert ("reduce_window" in str(forward.trace(x, 3, 2).jaxpr)) == (way == "reduce_window")
+    assert "reduce_window" not in str(forward.trace(x, 2, 2).jaxpr)
 
 
 def test_planes_too_large_for_int32_positions_take_the_stacked_views():
