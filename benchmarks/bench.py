@@ -148,8 +148,8 @@ class ScannedRunner:
 
 # torch eager as its twins run by default, and written with care: activations and weights
 # channels-last and AdamW's fused kernel, the same arithmetic in other kernels. With care,
-# article 001's Net stepped in 0.40 of the default's time at batch 64, the MLP in 0.80 at
-# 128, LeNet in 0.74 at 64 and level at 256 (AMD EPYC, session 19): the targets' bar is the
+# article 001's Net stepped in 0.46-0.60 of the default's time, LeNet in 0.63-0.70 and the MLP
+# in 0.73-0.86, at batches 64-256 (AMD EPYC, session 19, three runs): the targets' bar is the
 # faster of the two (:func:`fastest_torch`).
 TORCH_VARIANTS = {"torch": False, "torch_careful": True}
 TORCH_LABELS = {"torch": "torch eager",
