@@ -482,8 +482,9 @@ def _differentiated(cfg, in_channels: int):
     ``kh*span = 30`` by ``O*w = 20`` against 40 by 40, 1.2x a direct convolution's multiplies
     against 1.6x) for row blocks copied three times instead of twice: LeNet's training step in
     0.91 of the time at batch 64, 0.94-0.955 at 128, 0.95-0.96 at 256 (one process,
-    alternating; an AMD EPYC only). A forward alone keeps the usual tiles: the race network's frozen first
-    convolution took 1.15x as long in tiles of 2, and an evaluation is a forward alone."""
+    alternating; an AMD EPYC only). A forward alone keeps the usual tiles: the race network's
+    frozen first convolution took 1.15x as long in tiles of 2, and an evaluation is a forward
+    alone."""
     return cfg._replace(narrow_tiles=True) if in_channels == 1 else cfg
 
 def _fwd(cfg, x, weight, bias):

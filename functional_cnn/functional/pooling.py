@@ -116,12 +116,13 @@ def _window_maxima(cfg, x):
     pool into its consumer (the custom rule's forward; 1.2-1.5x faster steps than gathering
     the value at ``first``). Windows that do not tile, over many channels, fold channels-last
     instead (:func:`_channels_last_maxima`), to the same choice."""
-    if isinstance(cfg, PoolConfig) and not tiles(cfg.axes) and _channels_last_fits(cfg, x):
-        value, first = _channels_last_maxima(cfg, x)
-    elif isinstance(cfg, PoolConfig) and not tiles(cfg.axes) and _positions_fit(cfg):
-        value, first = _sliding_maxima(cfg, x)
-    else:
-        value, first = _stacked_maxima(cfg, x)
+    maxima = _stacked_maxima
+    if isinstance(cfg, PoolConfig) and not tiles(cfg.axes):
+        if _channels_last_fits(cfg, x):
+            maxima = _channels_last_maxima
+        elif _positions_fit(cfg):
+            maxima = _sliding_maxima
+    value, first = maxima(cfg, x)
     return value, _padding_never_wins(cfg, value, first)
 
 
