@@ -98,6 +98,50 @@ def _im2col_weight_grad(cfg, x, g):
     dw = lax.dot_general(_pixels_flat(cfg, g), _patches(cfg, x), (((2,), (2,)), ((0,), (0,))))
     return dw.sum(axis=0).reshape(g.shape[1], x.shape[1], *(a.kernel for a in cfg.axes))
 
+# ----------------------------- im2col_nhwc: the patches channels-last, one matrix product
+
+def _patches_nhwc(cfg, x):
+    """im2col channels-last: ``(N*H_out*W_out, kh*kw*C)``, columns in the (a, b, c) order of
+    :func:`_weight_rows`; the channels are read whole by every view."""
+    channels = x.shape[1]
+    axes = (*cfg.axes, Axis(channels, channels, 1, 1, 1, 0, 0))
+    xp = lax.pad(_nhwc(x), np.array(0, x.dtype),
+                 [(0, 0, 0)] + [(a.pad_lo, a.pad_hi, 0) for a in axes])
+    views = jnp.stack(window_views(xp, axes), axis=3)  # (N, H_out, W_out, kh*kw, C)
+    return views.reshape(x.shape[0] * _out_pixels(cfg), _kernel_taps(cfg) * channels)
+
+def _few_pixels(cfg, x_shape, weight_shape) -> bool:
+    """The channels-last im2col's gate: an output of at most :data:`_FEW_PIXELS` pixels a
+    sample, where XLA:CPU's convolution has little to tile and the patches are small (article
+    001's second convolution, 32->64 k3 s2 on 6x6: 3x3 pixels, patches 2.25 times its input).
+    In the Net's training step its forward and weight gradient as one matrix product each
+    (the input gradient stays XLA's) took 0.92-0.99 of the time at batch 128 and 256 (six
+    runs, median 0.93), 0.97-0.98 at 64 (one process, 13-17 alternating rounds each; an AMD
+    EPYC only). Timed alone it was 1.05x XLA's at batch 128: the gain is in the step, where
+    XLA's transposes around its convolution go."""
+    return (_im2col_applies(cfg, x_shape, weight_shape)
+            and _out_pixels(cfg) <= _FEW_PIXELS)
+
+_FEW_PIXELS = 16  # 4x4 output pixels
+
+def _weight_rows(weight):
+    """``(O, C, kh, kw) -> (kh*kw*C, O)``, rows in the patches' (a, b, c) order."""
+    return weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
+
+def _im2col_nhwc_forward(cfg, x, weight):
+    """``Y = P @ W_rows``: all samples' pixels in one matrix product, ``(N*H_out*W_out, O)``,
+    channels-last."""
+    y = _patches_nhwc(cfg, x) @ _weight_rows(weight)
+    return _nchw(y.reshape(x.shape[0], cfg.axes[0].out_size, cfg.axes[1].out_size,
+                           weight.shape[0]))
+
+def _im2col_nhwc_weight_grad(cfg, x, g):
+    """``dW_rows = P^T @ G``, ``G`` the cotangent channels-last, one pixel a row."""
+    g_rows = _nhwc(g).reshape(g.shape[0] * _out_pixels(cfg), g.shape[1])
+    dw = lax.dot_general(_patches_nhwc(cfg, x), g_rows, (((0,), (0,)), ((), ())))
+    kh, kw = (a.kernel for a in cfg.axes)
+    return dw.reshape(kh, kw, x.shape[1], g.shape[1]).transpose(3, 2, 0, 1)
+
 # ------------------------------------------- taps: a sum of shifted products, on request
 
 def _taps_applies(cfg, x_shape, weight_shape) -> bool:
@@ -382,7 +426,7 @@ def _lax_weight_grad(cfg, x, g):
         batch_group_count=cfg.groups)
     return dw.transpose(3, 0, 1, 2)
 
-# ---------------------------------------------------------------- one op, four formulations
+# ---------------------------------------------------------------- one op, five formulations
 
 class Formulation(NamedTuple):
     """One way to compute a convolution's three sums, each usable alone (they are independent:
@@ -413,6 +457,10 @@ _FORMULATIONS = {
                           _im2col_weight_grad,
                           f"groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries "
                           "(they grow with the batch)"),
+    "im2col_nhwc": Formulation(_im2col_applies, _im2col_nhwc_forward, _lax_input_grad,
+                               _im2col_nhwc_weight_grad,
+                               f"groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries "
+                               "(they grow with the batch)"),
     "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad, "nothing"),
     "taps": Formulation(_taps_applies, _taps_forward, _unpinned_input_grad,
                         _unpinned_weight_grad,
@@ -432,10 +480,13 @@ def _all_parts(formulation: Formulation, cfg, x, weight, g):
 def _path(cfg, x_shape, weight_shape) -> str:
     """The gates (mode ``"gates"``; every part alike): ``"banded"`` (few channels, narrow
     rows: :func:`_banded`), else ``"im2col"`` (one input channel: :func:`_single_channel`),
-    else ``"lax"`` (XLA's convolution: the general rule)."""
+    else ``"im2col_nhwc"`` (a few output pixels: :func:`_few_pixels`), else ``"lax"`` (XLA's
+    convolution: the general rule)."""
     if _banded(cfg, x_shape, weight_shape):
         return "banded"
-    return "im2col" if _single_channel(cfg, x_shape[1]) else "lax"
+    if _single_channel(cfg, x_shape[1]):
+        return "im2col"
+    return "im2col_nhwc" if _few_pixels(cfg, x_shape, weight_shape) else "lax"
 
 def _signature(part, cfg, x_shape, weight_shape, dtype) -> str:
     """The cache key of one part: every shape, the whole geometry and the dtype."""
@@ -569,7 +620,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                         = conv over samples of xp with g as a kernel dilated by s, stride d
         db[o] = sum_{n,i,j} g[n, o, i, j]
 
-    Four formulations compute the same sums (``_FORMULATIONS``: each one's forward, dx and dW,
+    Five formulations compute the same sums (``_FORMULATIONS``: each one's forward, dx and dW,
     each usable alone). ``formulation`` (one of :data:`FORMULATIONS`) pins one for all three
     parts, or raises ``ValueError`` where it cannot run the shape; by default (None) each part
     takes its own per shape, by the mode of
@@ -592,6 +643,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
       ``P[n] (C*kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``; ``dx``
       by XLA's convolution, as *lax* (col2im, the sum of ``W^T g[n]``'s rows at their window
       offsets, fuses into the layer before's backward and is recomputed there);
+    * *im2col_nhwc* (as *im2col*; gate: more than one input channel and at most 16 output
+      pixels): the patches channels-last, every sample's pixels one row each,
+      ``P (N*H_out*W_out, kh*kw*C)``, and the weight as ``W_r (kh*kw*C, O)``: ``y = P W_r``,
+      ``dW_r = P^T g``, one matrix product each; ``dx`` XLA's, as *im2col*;
     * *taps* (only when asked for; no groups, at most 64 products ``C*kh*kw`` per output): the
       forward as one sum of the shifted input views times their weights; both gradients by
       the mode, as unpinned (:func:`_taps_forward` says where it is fast).

@@ -38,14 +38,16 @@ def _transpose_rule_path_of(config):
                                         ("conv_transpose2d", _transpose_rule_path_of)])
 def test_edge_cases_run_every_conv_formulation(op, path_of):
     # the hypothesis and torch tests walk these cases: each formulation must be among them
-    assert {path_of(c) for c in C.edge_cases(op)} == {"im2col", "banded", "lax"}
+    assert {path_of(c) for c in C.edge_cases(op)} == {"im2col", "banded", "im2col_nhwc", "lax"}
 
 
 @pytest.mark.parametrize("shape, weight, stride, padding, path, formulation", [
     ((8, 10, 12, 12), (20, 10, 5, 5), 1, 0, "banded", None),   # LeNet's second conv
     ((8, 1, 28, 28), (10, 1, 5, 5), 1, 0, "banded", None),     # LeNet's first conv
     ((8, 1, 28, 28), (32, 1, 3, 3), 2, 1, "im2col", None),     # article 001's first conv
-    ((8, 32, 6, 6), (64, 32, 3, 3), 2, 1, "lax", None),        # article 001's second conv
+    ((8, 32, 6, 6), (64, 32, 3, 3), 2, 1, "im2col_nhwc", None),  # article 001's second conv
+    ((8, 32, 6, 6), (64, 32, 3, 3), 2, 1, "im2col_nhwc", "lax"),  # ... as XLA's, on request
+    ((8, 32, 14, 14), (64, 32, 3, 3), 2, 1, "lax", "im2col_nhwc"),  # 7x7 pixels, on request
     ((8, 16, 12, 12), (32, 16, 5, 5), 1, 0, "banded", None),   # torch's race network's second
     ((8, 1, 28, 28), (8, 1, 5, 5), 1, 0, "banded", "taps"),    # our race network's first
     ((8, 1, 28, 28), (32, 1, 3, 3), 2, 1, "im2col", "taps"),   # article 001's first, on request

@@ -26,6 +26,9 @@ SHAPES = [
 ]
 
 
+PATCHES = ("im2col", "im2col_nhwc")  # the two im2col formulations apply alike
+
+
 def _parts_against_lax(cfg, x_shape, w_shape):
     """Every applicable formulation's forward, dx and dW beside XLA's, all in one compiled
     function (compiled unoptimized: XLA's optimizations keep values, and compiling is most of
@@ -56,7 +59,7 @@ def test_every_part_of_every_formulation_matches_xla(x_shape, w_shape, stride, p
     cfg = conv.conv_config("test", x_shape, w_shape, stride, padding, dilation, 1)
     names = set(_parts_against_lax(cfg, x_shape, w_shape))
     few_products = x_shape[1] * w_shape[2] * w_shape[3] <= conv._TAPS_MAX_TERMS
-    assert names == {"banded", "im2col", "lax"} | ({"taps"} if few_products else set())
+    assert names == {"banded", *PATCHES, "lax"} | ({"taps"} if few_products else set())
 
 
 @pytest.mark.parametrize("stride, padding, output_padding, kernel", [
@@ -67,7 +70,7 @@ def test_parts_at_a_transposed_convolutions_geometry(stride, padding, output_pad
     cfg = conv.conv_transpose_config("test", in_shape, w_shape, stride, padding, output_padding,
                                      1, 1)
     assert set(_parts_against_lax(cfg, conv._conv_input_shape(cfg, in_shape, w_shape),
-                                  w_shape)) == {"banded", "im2col", "lax", "taps"}
+                                  w_shape)) == {"banded", *PATCHES, "lax", "taps"}
 
 
 def test_what_cannot_run_a_shape_is_no_candidate():
@@ -76,14 +79,14 @@ def test_what_cannot_run_a_shape_is_no_candidate():
         return {n for n, f in conv._FORMULATIONS.items() if f.applies(cfg, x_shape, w_shape)}
 
     assert applicable((2, 4, 8, 8), (4, 2, 3, 3), groups=2) == {"lax"}
-    assert applicable((2, 4, 8, 8), (4, 4, 3, 3), dilation=(1, 2)) == {"im2col", "lax", "taps"}
-    assert applicable((2, 8, 8, 8), (4, 8, 3, 3)) == {"banded", "im2col", "lax"}  # 72 taps
+    assert applicable((2, 4, 8, 8), (4, 4, 3, 3), dilation=(1, 2)) == {*PATCHES, "lax", "taps"}
+    assert applicable((2, 8, 8, 8), (4, 8, 3, 3)) == {"banded", *PATCHES, "lax"}  # 72 taps
     # taps runs only where asked for: "auto" never times it
     cfg = conv.conv_config("test", (2, 1, 28, 28), (10, 1, 5, 5), 1, 0, 1, 1)
-    assert conv._candidates(cfg, (2, 1, 28, 28), (10, 1, 5, 5)) == ["banded", "im2col", "lax"]
+    assert conv._candidates(cfg, (2, 1, 28, 28), (10, 1, 5, 5)) == ["banded", *PATCHES, "lax"]
     # one image: the band of a tile of 2 columns is 1.6M entries (a whole row's would be 780M),
     # its row blocks 5.9M (62 rows x 31 tiles x 3 x 256 x 4), the patches 8.9M
-    assert applicable((1, 256, 64, 64), (256, 256, 3, 3)) == {"banded", "im2col", "lax"}
+    assert applicable((1, 256, 64, 64), (256, 256, 3, 3)) == {"banded", *PATCHES, "lax"}
     # eight: row blocks of 47M entries and patches of 71M, both over 32M
     assert applicable((8, 256, 64, 64), (256, 256, 3, 3)) == {"lax"}
     # patches (419M) and a tile's band (5 * 512 * 8 * 512 * 4 = 42M) too big
@@ -134,7 +137,7 @@ def test_auto_measures_under_jit_writes_the_cache_and_reads_it_back(cache_dir, m
     chosen = entries["machines"][_formulation.machine_key()]
     assert [k.split()[0] for k in chosen] == ["conv2d.all"]  # one choice for the three parts
     for entry in chosen.values():
-        assert set(entry["seconds"]) == {"banded", "im2col", "lax"}
+        assert set(entry["seconds"]) == {"banded", *PATCHES, "lax"}
         assert all(s > 0 for s in entry["seconds"].values())
         assert entry["choice"] == _formulation.fastest(entry["seconds"])
     assert F.conv_formulations() == chosen
@@ -168,7 +171,8 @@ def test_the_cached_choice_is_what_runs(cache_dir, monkeypatch, choice, present,
 
 
 def _fake_measure(candidates, specs):
-    return {name: {"lax": 1.0, "banded": 0.5, "im2col": 0.8}[name] for name in candidates}
+    times = {"lax": 1.0, "banded": 0.5, "im2col": 0.8, "im2col_nhwc": 0.9}
+    return {name: times[name] for name in candidates}
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": 1, "machines": 3}'])
