@@ -72,9 +72,9 @@ def test_each_convolution_gets_the_fastest_pin_beyond_the_margin_and_it_is_cache
                                     ("taps", "im2col"): 1.96})
     result = tuning.tune_formulations(make, 2, INPUT, EXAMPLE, steps=50)
     assert result.pins == ("taps", None) and result.measured
-    assert fake.raced == [4, 3]  # 5 and 4 variants (taps cannot run conv2), banded = none
+    assert fake.raced == [5, 4]  # 6 and 5 variants (taps cannot run conv2), banded = none
     assert set(result.ms) == {f"conv1 {f}" for f in ("none", *CONV_FORMULATIONS)} | {
-        "conv2 none", "conv2 banded", "conv2 im2col", "conv2 lax"}
+        "conv2 none", "conv2 banded", "conv2 im2col", "conv2 im2col_nhwc", "conv2 lax"}
     assert result.ms["conv1 taps"] == pytest.approx(1.5)
     assert result.ms["conv1 banded"] == result.ms["conv1 none"] == pytest.approx(1.8)
     saved = json.loads((cache_dir / _formulation.CACHE_NAME).read_text())
@@ -168,7 +168,7 @@ def test_a_real_tuning_compiles_and_times_every_variant_from_one_state(cache_dir
     result = tuning.tune_formulations(make, 2, INPUT, EXAMPLE, steps=2, rounds=1)
     assert result.measured and all(p is None or p in CONV_FORMULATIONS for p in result.pins)
     assert set(result.ms) == {f"conv1 {f}" for f in ("none", *CONV_FORMULATIONS)} | {
-        f"conv2 {f}" for f in ("none", "banded", "im2col", "lax")}
+        f"conv2 {f}" for f in ("none", "banded", "im2col", "im2col_nhwc", "lax")}
     assert all(ms > 0 for ms in result.ms.values())
     assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) == result.pins
 
@@ -184,7 +184,7 @@ def test_a_trainer_over_a_mesh_is_tuned_over_it_under_a_key_of_its_own(cache_dir
     assert key == tuning.cache_key(make((None, None)), INPUT, EXAMPLE).replace(
         " | tuning", " | devices 1 | tuning")
     result = tuning.tune_formulations(on_mesh, 2, INPUT, EXAMPLE, steps=2, rounds=1)
-    assert result.measured and len(result.ms) == 9
+    assert result.measured and len(result.ms) == 11
     assert tuning.cached_formulations(on_mesh, 2, INPUT, EXAMPLE) == result.pins
     assert tuning.cached_formulations(make, 2, INPUT, EXAMPLE) is None  # not one device's
 
