@@ -622,9 +622,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
 
     Five formulations compute the same sums (``_FORMULATIONS``: each one's forward, dx and dW,
     each usable alone). ``formulation`` (one of :data:`FORMULATIONS`) pins one for all three
-    parts, or raises ``ValueError`` where it cannot run the shape; by default (None) each part
-    takes its own per shape, by the mode of
-    ``functional/_formulation.py`` (``$FUNCTIONAL_CNN_CONV`` or :func:`conv_formulation`):
+    parts, or raises ``ValueError`` where it cannot run the shape; by default (None) by the
+    mode of ``functional/_formulation.py`` (``$FUNCTIONAL_CNN_CONV``, :func:`conv_formulation`):
     ``"gates"`` (default) takes the static rules of ``_path`` (measured on an Intel Xeon and an
     AMD EPYC); ``"auto"`` times the candidates on this machine once per shape and caches the
     fastest, keeping XLA's unless another is 5% faster; ``"lax"`` XLA's always (and every
@@ -641,12 +640,10 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     * *im2col* (no groups, patches of at most 32M entries; gate: one input channel, rows too
       wide for the band): batched matrix products over the patches
       ``P[n] (C*kh*kw, H_out*W_out)``: ``y[n] = W P[n]``, ``dW = sum_n g[n] P[n]^T``; ``dx``
-      by XLA's convolution, as *lax* (col2im, the sum of ``W^T g[n]``'s rows at their window
-      offsets, fuses into the layer before's backward and is recomputed there);
-    * *im2col_nhwc* (as *im2col*; gate: more than one input channel and at most 16 output
-      pixels): the patches channels-last, every sample's pixels one row each,
-      ``P (N*H_out*W_out, kh*kw*C)``, and the weight as ``W_r (kh*kw*C, O)``: ``y = P W_r``,
-      ``dW_r = P^T g``, one matrix product each; ``dx`` XLA's, as *im2col*;
+      XLA's, as *lax* (col2im would fuse into the layer before's backward, recomputed there);
+    * *im2col_nhwc* (as *im2col*; gate: several input channels, at most 16 output pixels):
+      one product over channels-last patches ``P (N*H_out*W_out, kh*kw*C)``: ``y = P W_r``,
+      ``dW_r = P^T g`` (``W_r (kh*kw*C, O)``); ``dx`` XLA's, as *im2col*;
     * *taps* (only when asked for; no groups, at most 64 products ``C*kh*kw`` per output): the
       forward as one sum of the shifted input views times their weights; both gradients by
       the mode, as unpinned (:func:`_taps_forward` says where it is fast).
