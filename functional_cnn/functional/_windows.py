@@ -71,6 +71,13 @@ def torch_output_size(in_size: int, kernel: int, stride: int, dilation: int, pad
     return out
 
 
+def whole_axis(size: int) -> Axis:
+    """An axis every window reads whole (one window, no stride, no padding): appended after the
+    spatial axes of a channels-last array, each view of :func:`window_views` takes whole
+    channel vectors."""
+    return Axis(size, size, 1, 1, 1, 0, 0)
+
+
 def make_axis(in_size: int, kernel: int, stride: int, dilation: int, pad_lo: int, pad_hi: int,
               ceil_mode: bool = False) -> Axis:
     """Resolve one axis: PyTorch's output size, and ``pad_hi`` adjusted to the windows' reach."""

@@ -17,7 +17,7 @@ from . import _spaces as S
 from ._precision import accumulating
 from ._registry import check_vjp, register, two_gradients
 from ._windows import (Axis, add_window_views, check_window_fits, make_axis, pad_spatial,
-                       transposed_axis, unpad_spatial, window_views)
+                       transposed_axis, unpad_spatial, whole_axis, window_views)
 
 # XLA:CPU runs a convolution on its fast (Eigen) path only in the canonical layout: input
 # NHWC, kernel HWIO, output NHWC. Outside loops its layout pass rewrites other layouts, but inside
@@ -104,7 +104,7 @@ def _patches_nhwc(cfg, x):
     """im2col channels-last: ``(N*H_out*W_out, kh*kw*C)``, columns in the (a, b, c) order of
     :func:`_weight_rows`; the channels are read whole by every view."""
     channels = x.shape[1]
-    axes = (*cfg.axes, Axis(channels, channels, 1, 1, 1, 0, 0))
+    axes = (*cfg.axes, whole_axis(channels))
     xp = lax.pad(_nhwc(x), np.array(0, x.dtype),
                  [(0, 0, 0)] + [(a.pad_lo, a.pad_hi, 0) for a in axes])
     views = jnp.stack(window_views(xp, axes), axis=3)  # (N, H_out, W_out, kh*kw, C)
@@ -279,7 +279,7 @@ def _whole_axes(cfg, *whole: int) -> tuple[Axis, ...]:
     """Window geometry over ``(H_pad, *whole)``: the height axis as it is, the axes after it
     read whole, so :func:`window_views` gives, for each kernel row ``a``, the input rows it
     sees, and :func:`add_window_views` adds their cotangents back."""
-    return (cfg.axes[0],) + tuple(Axis(n, n, 1, 1, 1, 0, 0) for n in whole)
+    return (cfg.axes[0],) + tuple(whole_axis(n) for n in whole)
 
 def _rows(cfg, xp, tiles: _Tiles):
     """``R[n, i, t, a, c, w] = xp[n, c, i s_h + a d_h, t step + w]``: for output row ``i``
