@@ -65,6 +65,8 @@ def _im2col_applies(cfg, x_shape, weight_shape) -> bool:
     return cfg.groups == 1 and patches <= _IM2COL_MAX_ELEMENTS
 
 _IM2COL_MAX_ELEMENTS = 1 << 25  # 128 MiB of float32 patches
+_IM2COL_REQUIRES = (f"groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries "
+                    "(they grow with the batch)")  # what _im2col_applies asks, in words
 
 def _patches(cfg, x):
     """im2col: ``(N, C*kh*kw, H_out*W_out)``, rows in the weight's (c, a, b) order.
@@ -103,12 +105,9 @@ def _im2col_weight_grad(cfg, x, g):
 def _patches_nhwc(cfg, x):
     """im2col channels-last: ``(N*H_out*W_out, kh*kw*C)``, columns in the (a, b, c) order of
     :func:`_weight_rows`; the channels are read whole by every view."""
-    channels = x.shape[1]
-    axes = (*cfg.axes, whole_axis(channels))
-    xp = lax.pad(_nhwc(x), np.array(0, x.dtype),
-                 [(0, 0, 0)] + [(a.pad_lo, a.pad_hi, 0) for a in axes])
-    views = jnp.stack(window_views(xp, axes), axis=3)  # (N, H_out, W_out, kh*kw, C)
-    return views.reshape(x.shape[0] * _out_pixels(cfg), _kernel_taps(cfg) * channels)
+    axes = (*cfg.axes, whole_axis(x.shape[1]))
+    views = jnp.stack(window_views(pad_spatial(_nhwc(x), axes, 0), axes), axis=3)
+    return views.reshape(x.shape[0] * _out_pixels(cfg), _kernel_taps(cfg) * x.shape[1])
 
 def _few_pixels(cfg, x_shape, weight_shape) -> bool:
     """The channels-last im2col's gate: an output of at most :data:`_FEW_PIXELS` pixels a
@@ -126,7 +125,7 @@ _FEW_PIXELS = 16  # 4x4 output pixels
 
 def _weight_rows(weight):
     """``(O, C, kh, kw) -> (kh*kw*C, O)``, rows in the patches' (a, b, c) order."""
-    return weight.transpose(2, 3, 1, 0).reshape(-1, weight.shape[0])
+    return _hwio(weight).reshape(-1, weight.shape[0])
 
 def _im2col_nhwc_forward(cfg, x, weight):
     """``Y = P @ W_rows``: all samples' pixels in one matrix product, ``(N*H_out*W_out, O)``,
@@ -454,13 +453,9 @@ _FORMULATIONS = {
     # 8->16 convolution, 0.35 ms more with XLA's (AMD EPYC, 2 cores). Timed alone the fused sum
     # looked cheap, so "auto" chose im2col there and made the step 1.7x slower.
     "im2col": Formulation(_im2col_applies, _im2col_forward, _lax_input_grad,
-                          _im2col_weight_grad,
-                          f"groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries "
-                          "(they grow with the batch)"),
+                          _im2col_weight_grad, _IM2COL_REQUIRES),
     "im2col_nhwc": Formulation(_im2col_applies, _im2col_nhwc_forward, _lax_input_grad,
-                               _im2col_nhwc_weight_grad,
-                               f"groups=1 and patches of at most {_IM2COL_MAX_ELEMENTS} entries "
-                               "(they grow with the batch)"),
+                               _im2col_nhwc_weight_grad, _IM2COL_REQUIRES),
     "lax": Formulation(_always, _lax_forward, _lax_input_grad, _lax_weight_grad, "nothing"),
     "taps": Formulation(_taps_applies, _taps_forward, _unpinned_input_grad,
                         _unpinned_weight_grad,
