@@ -2,6 +2,7 @@
 enumerates the registry, reports the keys it promises, and fails (exit 1, AuditFailure) when a
 hand-written rule is wrong."""
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from functional_cnn import audit
 from functional_cnn.audit import __main__ as cli
 from functional_cnn.audit import cases as C
 from functional_cnn.audit import core as A
+from functional_cnn.audit.report import rule_text
 from functional_cnn.verify import Tol
 from functional_cnn.functional import _registry
 from functional_cnn.functional._registry import OpInfo, two_gradients
@@ -181,3 +183,12 @@ def test_writes_files_only_when_asked(tmp_path, monkeypatch):
     # the rule is the op's own docstring, not a second copy of it
     assert "`torch.nn.functional.max_pool2d` semantics" in text and "``" not in text
     assert "lax.pad" not in text and "![" not in text  # no chart unless asked
+
+
+def test_the_committed_report_states_every_rule_as_its_docstring_says_it():
+    # docs/VJP_REPORT.md renders each rule from the op's docstring, the one home of its prose;
+    # its measurements are re-run rarely, so a docstring edited since reads there as it was
+    report = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "VJP_REPORT.md").read_text()
+    stale = [op for op in _registry.REGISTRY if rule_text(op) not in report]
+    assert not stale, (f"docs/VJP_REPORT.md states an older rule for {stale}: re-render it "
+                       "(python -m functional_cnn.audit --report docs/VJP_REPORT.md)")
