@@ -257,8 +257,8 @@ def test_time_to_accuracy_pins_this_machines_measurement_where_there_is_one(tmp_
 def test_time_to_accuracy_evaluation_pins_reach_the_evaluating_network_only():
     from experiments import time_to_accuracy as tta
     args = tta.parser().parse_args([])
-    assert tta.evaluation_pins(args) == (None, "lax")  # the recipe's, on a CPU
     pins = tta.evaluation_pins(args)
+    assert pins == (None, "lax")  # the recipe's, on a CPU
     evaluating = repr(tta.trainer_for(args, None, pins)(tta.FORMULATIONS).config.net)
     assert evaluating.count("eval_formulation='lax'") == 1
     assert "eval_formulation='lax'" in evaluating.split("Conv2d(16")[1]  # the second conv
