@@ -13,7 +13,8 @@ bookkeeping -- is a :class:`CheckpointError` naming the file, never a wrong arra
 library's exception.
 
 Writes are atomic: the file goes to a temporary name in the same directory, is flushed to disk,
-then ``os.replace``-d over the target, so a crash leaves either the old checkpoint or the new one.
+then ``os.replace``-d over the target and the directory synced, so a crash leaves either the
+old checkpoint or the new one.
 PRNG keys (typed ``jax.random.key`` arrays) are stored as their raw key data, the header
 naming their implementation (a key of another generator is refused, not reinterpreted).
 """
@@ -114,7 +115,24 @@ def save(path: str | os.PathLike, tree, meta: dict | None = None) -> str:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _sync_directory(directory)
     return path
+
+
+def _sync_directory(directory: str) -> None:
+    """Make the rename durable: on POSIX a rename lives in the directory, which a crash can
+    lose unless it is synced too (the file would then be the previous checkpoint). Where a
+    directory cannot be opened (Windows), the rename is as durable as the OS makes it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse to sync a directory: nothing more to do
+        pass
+    finally:
+        os.close(fd)
 
 
 def _verified_members(blob: bytes) -> dict[str, bytes]:

@@ -1,6 +1,7 @@
 """Checkpoints: round trip (keys included), atomic writes, corruption, truncation and mismatch
 errors."""
 import os
+import stat
 import zipfile
 
 import jax
@@ -123,3 +124,17 @@ def test_failed_write_keeps_old_file(tmp_path):
     with pytest.raises(TypeError):
         ckpt.save(path, tree(), {"v": object()})  # not JSON: fails before touching the file
     assert ckpt.read_meta(path) == {"v": 1} and os.listdir(tmp_path) == ["c.npz"]
+
+
+def test_save_syncs_the_file_then_the_directory_that_holds_the_rename(tmp_path, monkeypatch):
+    """A rename lives in its directory: unsynced, a crash could bring the previous checkpoint
+    back. The file is synced before the rename, the directory after it."""
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append("directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    ckpt.save(tmp_path / "c.npz", tree())
+    assert synced == ["file", "directory"]
