@@ -209,12 +209,26 @@ def load(name: str = "MNIST", split: str = "train", root=None, download: bool = 
 
 def to_device(images: np.ndarray, labels: np.ndarray, mesh=None) -> Dataset:
     """numpy images and labels as a :class:`Dataset` on the device (or replicated over
-    ``mesh``), the labels as int32.
+    ``mesh``), the labels as int32; ``ValueError`` unless there is one label per image.
 
     By :func:`~functional_cnn.dataparallel.put`: ``jnp.asarray`` compiles a program for each
     array (0.3 CPU-s at the start of every run). Cut the arrays before, on the host: a slice of
     an array on the device is an eager program of its own, compiled for each size."""
-    return Dataset(*dataparallel.put((images, np.asarray(labels, np.int32)), mesh))
+    labels = np.asarray(labels, np.int32)
+    check_pairs("to_device", images, labels)
+    return Dataset(*dataparallel.put((images, labels), mesh))
+
+
+def check_pairs(where: str, images, labels) -> None:
+    """Raise ``ValueError`` (naming ``where`` and both shapes) unless ``labels`` has shape
+    ``(N,)`` for ``images`` of shape ``(N, ...)``. Reads static shapes only, so it also runs
+    while a program is traced. Without it a short side would pair examples wrongly, in
+    silence: a gather past the end of a JAX array clamps its index rather than raising."""
+    if np.ndim(labels) != 1 or np.ndim(images) < 1 or np.shape(images)[0] != np.shape(labels)[0]:
+        raise ValueError(f"{where}: expected one label per image, labels of shape (N,) for "
+                         f"images of shape (N, ...); got images of shape "
+                         f"{tuple(np.shape(images))} and labels of shape "
+                         f"{tuple(np.shape(labels))}")
 
 
 def check_labels(num_classes: int, where: str = "check_labels", **datasets: Dataset | None):

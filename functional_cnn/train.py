@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from typing import Callable, Mapping, NamedTuple
 
@@ -31,7 +32,7 @@ from jax import numpy as jnp
 
 from . import checkpoint as ckpt
 from . import dataparallel
-from .data import Dataset, batch_indices, check_labels, normalize
+from .data import Dataset, batch_indices, check_labels, check_pairs, normalize
 from .functional.losses import cross_entropy
 from .layers import Layer
 
@@ -98,19 +99,31 @@ class ProgressBar:
         self._bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.4f}", refresh=refresh)
 
 
-def _default_loss(vjp, label_smoothing):
-    return functools.partial(cross_entropy, reduction="none", label_smoothing=label_smoothing,
-                             vjp=vjp)
+@dataclasses.dataclass(frozen=True)
+class DefaultLoss:
+    """The trainer's loss where none is given: cross-entropy per example with the config's
+    ``label_smoothing`` and ``vjp``. A value, not a closure, so that a config copied with
+    ``dataclasses.replace`` derives it again from its own settings."""
+
+    vjp: str
+    label_smoothing: float
+
+    def __call__(self, logits, labels):
+        return cross_entropy(logits, labels, reduction="none",
+                             label_smoothing=self.label_smoothing, vjp=self.vjp)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _check_config(batch_size, reduction, eval_batch_size, steps_per_epoch):
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not _positive_int(batch_size):
         raise ValueError(f"make_trainer: expected batch_size a positive int, got {batch_size!r}")
-    if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int)
-                                        or steps_per_epoch < 1):
+    if steps_per_epoch is not None and not _positive_int(steps_per_epoch):
         raise ValueError(f"make_trainer: expected steps_per_epoch None or a positive int, got "
                          f"{steps_per_epoch!r}")
-    if not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+    if not _positive_int(eval_batch_size):
         raise ValueError(f"make_trainer: expected eval_batch_size a positive int, got "
                          f"{eval_batch_size!r}")
     if reduction not in BATCH_REDUCTIONS:
@@ -135,12 +148,25 @@ def _check_sync_batch_norm(cfg: TrainConfig):
             f"of at least {MIN_SHARD * n}, fewer devices, or sync_batch_norm=True")
 
 
+# The formulation pins in a layer's name (conv2d's, for training or evaluation) change the
+# speed and the rounding only, as compiler options do: a checkpoint resumes across them.
+_PINS = re.compile(r", (?:train|eval)_formulation=(?:None|'\w+')")
+
+
+def network_text(net: Layer) -> str:
+    """``repr(net)``, the calls that built it, without formulation pins: what a checkpoint's
+    fingerprint records of the network. (Layers built from bare ``(init, apply)`` functions
+    are named ``Layer`` only.)"""
+    return _PINS.sub("", repr(net))
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training configuration, frozen; :func:`make_trainer` documents the fields.
 
     ``optimizer=None`` becomes :func:`adamw` and ``loss=None`` the cross-entropy with
-    ``label_smoothing``; the batch sizes, ``reduction`` and the mesh are checked here.
+    ``label_smoothing`` (:class:`DefaultLoss`), which smooths that loss only: with a loss of
+    one's own it must stay 0. The batch sizes, ``reduction`` and the mesh are checked here.
     """
 
     net: Layer
@@ -172,12 +198,18 @@ class TrainConfig:
         _check_sync_batch_norm(self)
         if self.optimizer is None:  # frozen: the defaults are resolved once, here
             object.__setattr__(self, "optimizer", adamw())
-        if self.loss is None:
-            object.__setattr__(self, "loss", _default_loss(self.vjp, self.label_smoothing))
+        if self.loss is None or isinstance(self.loss, DefaultLoss):
+            object.__setattr__(self, "loss", DefaultLoss(self.vjp, self.label_smoothing))
+        elif self.label_smoothing != 0:
+            raise ValueError(f"make_trainer: label_smoothing smooths the default loss only; got "
+                             f"a loss of your own and label_smoothing={self.label_smoothing!r}. "
+                             f"Smooth inside your loss, and leave label_smoothing at 0")
 
     def fingerprint(self) -> dict:
-        """The settings a checkpoint must have been written with to be resumed."""
-        settings = {"batch_size": self.batch_size, "reduction": self.reduction,
+        """The settings a checkpoint must have been written with to be resumed, the network
+        (:func:`network_text`) among them."""
+        settings = {"network": network_text(self.net),
+                    "batch_size": self.batch_size, "reduction": self.reduction,
                     "vjp": self.vjp, "label_smoothing": self.label_smoothing,
                     "shuffle": self.shuffle, "augment": self.augment is not None,
                     "scan": self.scan, "steps_per_epoch": self.steps_per_epoch}
@@ -266,6 +298,10 @@ def _objective(cfg: TrainConfig, model_state, x, labels, drop_key, params):
     logits, new_state = cfg.net.apply(params, model_state, x, train=True, key=drop_key,
                                       vjp=cfg.vjp)
     per_example = cfg.loss(logits, labels)
+    if per_example.shape != labels.shape:  # a mean already: reduced twice, in silence
+        raise ValueError(f"make_trainer: expected loss(logits, labels) to return one loss per "
+                         f"example, shape {labels.shape}; got shape {per_example.shape} (the "
+                         f"trainer reduces them itself, by reduction={cfg.reduction!r})")
     total = per_example.sum() if cfg.reduction == "sum" else per_example.mean()
     correct = (logits.argmax(-1) == labels).sum()
     return total, (new_state, per_example.sum(), correct)
@@ -358,6 +394,7 @@ def _report_every(cfg: TrainConfig, n: int) -> int:
 
 def _scan_epoch(cfg: TrainConfig, ts: TrainState, images, labels):
     """The whole epoch as one program: a ``lax.scan`` over the full batches, then the tail."""
+    check_pairs("trainer.epoch", images, labels)
     ts, full, tail, step_key = _epoch_start(cfg, ts, labels)
     every = None if cfg.progress is None else _report_every(cfg, labels.shape[0])
 
@@ -393,6 +430,7 @@ def _loop_epoch(cfg: TrainConfig, start: Callable, step: Callable, ts: TrainStat
     """The same steps, each a jitted call from Python (``start``, ``step``: the jitted
     :func:`_loop_epoch_start` and :func:`_step_row`): XLA:CPU runs NCHW convolutions inside a
     while loop (``lax.scan``) several times slower than outside one (jax issue #12868)."""
+    check_pairs("trainer.epoch", images, labels)
     examples = epoch_examples(cfg, labels.shape[0])  # before a step donates ts, as the scan
     ts, full, tail, step_key = start(ts, labels)
     every = None if cfg.progress is None else _report_every(cfg, labels.shape[0])
@@ -459,9 +497,10 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
     **options)``; ``batch_size`` is required.
 
     * ``optimizer``: any optax transform; default :func:`adamw` (torch's defaults).
-    * ``loss(logits, labels) -> per-example losses (N,)``; default cross-entropy with
-      ``label_smoothing``. The objective is their ``reduction`` (``"mean"`` or ``"sum"``) over
-      each batch -- the ragged last batch is reduced over its own size, as PyTorch does.
+    * ``loss(logits, labels) -> per-example losses (N,)`` (another shape is a ``ValueError``);
+      default cross-entropy with ``label_smoothing`` (which smooths that default only). The
+      objective is their ``reduction`` (``"mean"`` or ``"sum"``) over each batch -- the ragged
+      last batch is reduced over its own size, as PyTorch does.
     * ``preprocess(uint8 images) -> float NCHW`` (default :func:`~functional_cnn.data.normalize`),
       on the device; ``augment(key, x) -> x`` is applied to training batches only;
       ``shuffle=False`` keeps the data's order every epoch; ``steps_per_epoch=S`` makes an
@@ -567,6 +606,7 @@ def _evaluation_programs(compiler_options: tuple = ()):
 
 def evaluate(trainer: Trainer, ts: TrainState, data: Dataset) -> Evaluation:
     """Accuracy and mean (unsmoothed) cross-entropy of ``data`` in eval mode (``train=False``)."""
+    check_pairs("evaluate", data.images, data.labels)
     if len(data) == 0:
         raise ValueError("evaluate: expected a data set with examples, got an empty one (no "
                          "accuracy to compute)")
@@ -591,6 +631,8 @@ def _restore(path, ts, fingerprint):
     """Load a checkpoint into ``ts``'s structure; refuse one written by another configuration."""
     ts, meta = ckpt.load(path, ts)
     saved = meta.get("fingerprint") or {}
+    if "network" not in saved:  # written before the network was in it: the rest must match
+        fingerprint = {k: v for k, v in fingerprint.items() if k != "network"}
     if saved != fingerprint:
         diff = {k: (fingerprint.get(k), saved.get(k)) for k in {**fingerprint, **saved}
                 if fingerprint.get(k) != saved.get(k)}
@@ -625,9 +667,10 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
     With ``checkpoint_path`` the train state and history are saved (atomically) after every
     epoch; ``resume=True`` continues from that file, which gives exactly the result of an
     uninterrupted run (same seed, same compiled step, the key is part of the state). To
-    resume, the trainer's settings (:meth:`TrainConfig.fingerprint`) and ``fingerprint`` (any
-    JSON dict: data range, seed, protocol) must match the checkpoint's; the optimizer and the
-    preprocessing are functions fit cannot compare, so name them in ``fingerprint``. Without
+    resume, the trainer's settings and network (:meth:`TrainConfig.fingerprint`) and
+    ``fingerprint`` (any JSON dict: data range, seed, protocol) must match the checkpoint's;
+    the optimizer, a loss of one's own and the preprocessing are functions fit cannot compare,
+    so name them in ``fingerprint``. Without
     ``resume`` an existing checkpoint is replaced (and the log says so); one saved past
     ``epochs`` is an error. ``stop_after=k`` stops after epoch ``k`` of the ``epochs`` planned
     (as an interruption would: schedules still span ``epochs``).
@@ -667,6 +710,11 @@ def _checked_fit_args(trainer: Trainer, ts: TrainState, train_data: Dataset,
                                    or stop_after < 0):
         raise ValueError(f"fit: expected stop_after None or a non-negative int (the epoch to "
                          f"stop after), got {stop_after!r}")
+    for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+        if data is not None:
+            check_pairs(f"fit: {name}", data.images, data.labels)
+    if len(train_data) == 0:
+        raise ValueError("fit: expected train_data with examples, got an empty data set")
     classes = _outputs(trainer, ts, train_data)
     if eval_data is not None and eval_data.images.shape[1:] != train_data.images.shape[1:]:
         _outputs(trainer, ts, eval_data)

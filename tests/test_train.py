@@ -121,6 +121,86 @@ def test_resume_refuses_another_configuration(tmp_path):
                   checkpoint_path=path, resume=True)
 
 
+def test_resume_refuses_another_network_of_the_same_shapes_but_not_other_pins(tmp_path):
+    """The fingerprint records the network (its calls, without formulation pins, which change
+    the speed and rounding only): a ReLU for a tanh, with the same parameter shapes, is
+    refused; a checkpoint written before the network was recorded still resumes."""
+    ds, path = tiny_data(), str(tmp_path / "run.npz")
+
+    def net(activation, pin=None):
+        return fcn.serial(fcn.Conv2d(4, 3, stride=2, train_formulation=pin), activation,
+                          fcn.Flatten(), fcn.Linear(10))
+
+    def fit(trainer, epochs):
+        return train.fit(trainer, trainer.init(jax.random.key(0), (-1, 1, 28, 28)), ds,
+                         epochs=epochs, checkpoint_path=path, resume=True, log=lambda m: None)
+
+    relu = train.make_trainer(net(fcn.ReLU()), batch_size=5)
+    assert relu.config.fingerprint()["network"] == (
+        "serial(Conv2d(4, kernel_size=3, stride=2), ReLU(), Flatten(), Linear(10))")
+    fit(relu, 1)
+    with pytest.raises(ckpt.CheckpointError, match=r"another configuration.*'network'"):
+        fit(train.make_trainer(net(fcn.Tanh()), batch_size=5), 2)
+    assert fit(train.make_trainer(net(fcn.ReLU(), "lax"), batch_size=5), 2).resumed_from_epoch == 1
+    ts, meta = ckpt.load(path, relu.init(jax.random.key(0), (-1, 1, 28, 28)))
+    del meta["fingerprint"]["network"]  # as written before the network was in it
+    ckpt.save(path, ts, meta)
+    assert fit(train.make_trainer(net(fcn.Tanh()), batch_size=5), 3).resumed_from_epoch == 2
+
+
+def test_examples_and_labels_must_pair_up_wherever_data_comes_in():
+    """One label per image, checked by every entry point (a gather past the end of a JAX array
+    clamps: a short side trained on wrong pairs, in silence)."""
+    ds = tiny_data()
+    short = data.Dataset(ds.images[:20], ds.labels)
+    pairs = (r"expected one label per image.*images of shape \(20, 28, 28\) and labels of "
+             r"shape \(23,\)")
+    trainer = train.make_trainer(small_net(), batch_size=5)
+    fresh = lambda: trainer.init(jax.random.key(0), (-1, 1, 28, 28))
+    with pytest.raises(ValueError, match="fit: train_data: " + pairs):
+        train.fit(trainer, fresh(), short, epochs=1)
+    with pytest.raises(ValueError, match="fit: eval_data: " + pairs):
+        train.fit(trainer, fresh(), ds, epochs=1, eval_data=short)
+    with pytest.raises(ValueError, match="evaluate: " + pairs):
+        train.evaluate(trainer, fresh(), short)
+    for scan in (True, False):
+        epoch = train.make_trainer(small_net(), batch_size=5, scan=scan).epoch
+        with pytest.raises(ValueError, match="trainer.epoch: " + pairs):
+            epoch(fresh(), short.images, short.labels)
+    with pytest.raises(ValueError, match="to_device: " + pairs):
+        data.to_device(np.zeros((20, 28, 28), np.uint8), np.zeros(23, np.int32))
+    with pytest.raises(ValueError, match=r"to_device: .*labels of shape \(23, 1\)"):
+        data.to_device(np.zeros((23, 28, 28), np.uint8), np.zeros((23, 1), np.int32))
+    empty = data.Dataset(ds.images[:0], ds.labels[:0])
+    with pytest.raises(ValueError, match="fit: expected train_data with examples"):
+        train.fit(trainer, fresh(), empty, epochs=1)
+
+
+def test_a_loss_must_return_one_value_per_example_and_smoothing_is_the_default_losss():
+    """A loss already reduced over the batch would be reduced again (its mean 1/N of the
+    reported loss, ``reduction="sum"`` ignored); ``label_smoothing`` beside a loss of one's
+    own would be ignored. Both are refused. A config copied with another smoothing derives
+    its default loss again."""
+    ds = tiny_data()
+    mean = functools.partial(fcn.cross_entropy, reduction="mean")
+    trainer = train.make_trainer(small_net(), batch_size=5, loss=mean)
+    with pytest.raises(ValueError, match=r"make_trainer: expected loss\(logits, labels\) to "
+                                         r"return one loss per example, shape \(5,\); got "
+                                         r"shape \(\)"):
+        train.fit(trainer, trainer.init(jax.random.key(0), (-1, 1, 28, 28)), ds, epochs=1)
+    own = functools.partial(fcn.cross_entropy, reduction="none")
+    with pytest.raises(ValueError, match="label_smoothing smooths the default loss only; got a "
+                                         "loss of your own and label_smoothing=0.5"):
+        train.make_trainer(small_net(), batch_size=5, loss=own, label_smoothing=0.5)
+    cfg = train.make_trainer(small_net(), batch_size=5, label_smoothing=0.1).config
+    assert cfg.loss == train.DefaultLoss("custom", 0.1)
+    import dataclasses
+    assert dataclasses.replace(cfg, label_smoothing=0.2).loss == train.DefaultLoss("custom", 0.2)
+    for bad in (True, 0, 2.0):
+        with pytest.raises(ValueError, match="expected batch_size a positive int"):
+            train.make_trainer(small_net(), batch_size=bad)
+
+
 def test_fit_stops_resumes_and_replaces_checkpoints_as_asked(tmp_path):
     """``stop_after=0`` trains no epoch and a negative one is refused; a checkpoint saved past
     ``epochs`` is refused before anything is logged as resumed; a fresh run over an existing
