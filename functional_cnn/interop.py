@@ -38,13 +38,30 @@ def state_dict(params, state) -> dict[str, np.ndarray]:
     return {name: np.asarray(v) for name, v in merged.items()}
 
 
+def _as_numpy(name: str, value) -> np.ndarray:
+    """A torch tensor (or anything array-like) as numpy, without importing torch: detached
+    (``named_parameters()``'s require grad), on the host, and through float32 for a dtype
+    numpy lacks (bfloat16: exact, every bfloat16 is a float32)."""
+    for method in ("detach", "cpu"):
+        if hasattr(value, method):
+            value = getattr(value, method)()
+    try:
+        return np.asarray(value)
+    except TypeError as err:
+        if hasattr(value, "float"):
+            return np.asarray(value.float())
+        raise ValueError(f"load_state_dict: {name!r}: cannot read a {type(value).__name__} "
+                         f"as an array ({err})") from None
+
+
 def load_state_dict(params, state, torch_state: Mapping, rename: Callable[[str], str] = None):
     """Return ``(params, state)`` with every leaf replaced by ``torch_state[name]``.
 
     ``rename`` maps our dotted names to the torch model's keys where the nesting differs.
     Strict like ``nn.Module.load_state_dict``: a missing or unused key, or a shape mismatch, is
-    a ValueError naming it (``num_batches_tracked`` buffers are ignored). The leaves are copies:
-    changing the torch tensors afterwards leaves them as loaded.
+    a ValueError naming it (``num_batches_tracked`` buffers are ignored). Tensors may require
+    grad or be bfloat16; each is cast to its leaf's dtype, as torch casts to its parameter's.
+    The leaves are copies: changing the torch tensors afterwards leaves them as loaded.
     """
     rename = rename or (lambda name: name)
     used = set()
@@ -55,7 +72,7 @@ def load_state_dict(params, state, torch_state: Mapping, rename: Callable[[str],
             if name not in torch_state:
                 raise ValueError(f"load_state_dict: no entry {name!r} in the torch state dict "
                                  f"(it has {sorted(torch_state)[:8]}...)")
-            value = np.asarray(torch_state[name])
+            value = _as_numpy(name, torch_state[name])
             if value.shape != tuple(jnp.shape(leaf)):
                 raise ValueError(f"load_state_dict: {name!r} expected shape "
                                  f"{tuple(jnp.shape(leaf))}, got {value.shape}")
