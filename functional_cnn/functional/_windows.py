@@ -59,16 +59,16 @@ def torch_output_size(in_size: int, kernel: int, stride: int, dilation: int, pad
     """Output length as PyTorch computes it (``pooling_output_shape`` / conv shape).
 
     ``floor((L + lo + hi - span) / stride) + 1``, or the ceiling in ceil mode, where a last window
-    that would start inside the right padding is dropped.
+    that would start inside the right padding is dropped; 0 where no window fits. In ceil mode
+    a window wider than the padded input still gives one output, as in torch (its division
+    rounds towards minus infinity, as ``//`` does): the first window, read past the end.
     """
     span = dilation * (kernel - 1) + 1
     reach = in_size + pad_lo + pad_hi - span
-    if reach < 0:
-        return 0
     out = (reach + (stride - 1 if ceil_mode else 0)) // stride + 1
     if ceil_mode and (out - 1) * stride >= in_size + pad_lo:
         out -= 1
-    return out
+    return max(out, 0)
 
 
 def whole_axis(size: int) -> Axis:

@@ -294,3 +294,23 @@ def test_planes_too_large_for_int32_positions_take_the_stacked_views():
     big = pooling.PoolConfig(pooling.pool_axes("test", (1, 1, 46340, 46340), 3, 2, 1, 1, False))
     small = pooling.PoolConfig(pooling.pool_axes("test", (1, 1, 46338, 46338), 3, 2, 1, 1, False))
     assert not pooling._positions_fit(big) and pooling._positions_fit(small)
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("op, kwargs", [
+    ("max_pool2d", dict(kernel_size=(1, 3), stride=2, ceil_mode=True)),
+    ("avg_pool2d", dict(kernel_size=4, stride=3, ceil_mode=True)),
+    ("avg_pool2d", dict(kernel_size=4, stride=3, ceil_mode=True, count_include_pad=False)),
+    ("max_pool2d", dict(kernel_size=(1, 2), stride=2, dilation=(1, 2), ceil_mode=True)),
+])
+def test_ceil_mode_keeps_a_first_window_wider_than_the_padded_input(op, kwargs, vjp, torch):
+    """As torch: in ceil mode one window (read past the input's end) still fits a 5x2 input
+    where the window is 3, 4 or 3 (dilated) wide; they had raised."""
+    x = np.arange(10, dtype=np.float32).reshape(1, 1, 5, 2)
+    tx = torch.tensor(x, requires_grad=True)
+    want = getattr(torch.nn.functional, op)(tx, **kwargs)
+    g = np.random.default_rng(0).standard_normal(tuple(want.shape)).astype(np.float32)
+    (want_dx,) = torch.autograd.grad(want, tx, torch.tensor(g))
+    got, pull = jax.vjp(lambda x: getattr(F, op)(x, **kwargs, vjp=vjp), jnp.asarray(x))
+    np.testing.assert_array_equal(got, want.detach().numpy())
+    np.testing.assert_allclose(pull(jnp.asarray(g))[0], want_dx.numpy(), rtol=1e-6)

@@ -15,15 +15,20 @@ axis_args = st.tuples(st.integers(1, 12), st.integers(1, 4), st.integers(1, 4),
 
 @given(args=axis_args)
 def test_output_size_matches_torch_pooling(args, torch):
+    """Windows wider than the padded input included: none fits (torch raises, the size is 0),
+    or in ceil mode the first does, read past the end."""
     size, kernel, stride, dilation, pad, ceil = args
-    assume(pad <= kernel // 2 and size + 2 * pad >= dilation * (kernel - 1) + 1)
+    assume(pad <= kernel // 2)
     a = make_axis(size, kernel, stride, dilation, pad, pad, ceil)
     x = torch.zeros(1, 1, size, 1)
-    out = torch.nn.functional.max_pool2d(x, (kernel, 1), (stride, 1), (pad, 0), (dilation, 1),
-                                         ceil_mode=ceil)
-    assert a.out_size == out.shape[2]
-    # invariant: the padded length is exactly the windows' reach
-    assert a.padded_size == (a.out_size - 1) * stride + dilation * (kernel - 1) + 1
+    try:
+        out = torch.nn.functional.max_pool2d(x, (kernel, 1), (stride, 1), (pad, 0),
+                                             (dilation, 1), ceil_mode=ceil).shape[2]
+    except RuntimeError:  # "Output size is too small"
+        out = 0
+    assert a.out_size == out
+    if out:  # invariant: the padded length is exactly the windows' reach
+        assert a.padded_size == (a.out_size - 1) * stride + dilation * (kernel - 1) + 1
 
 
 @given(args=axis_args, seed=st.integers(0, 2**16))
