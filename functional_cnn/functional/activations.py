@@ -317,16 +317,22 @@ def silu(x, *, vjp: str = "custom"):
     return _silu(vjp, None, x)
 
 
+def _elu_linear(x):
+    """Where elu is ``x``: not ``x <= 0``, so a NaN too, whose gradient passes as torch's
+    (``x <= 0 ? g alpha exp(x) : g``)."""
+    return jnp.logical_not(x <= 0)
+
+
 def _elu_forward(alpha, x):
-    positive = x > 0
-    negative = _straight_at(x == 0, alpha * jnp.expm1(_zero_where(positive, x)), alpha, x)
-    return jnp.where(positive, x, negative)
+    linear = _elu_linear(x)
+    negative = _straight_at(x == 0, alpha * jnp.expm1(_zero_where(linear, x)), alpha, x)
+    return jnp.where(linear, x, negative)
 
 
 def _elu_derivative(alpha, x):
-    positive = x > 0
-    slope = _straight_at(x == 0, alpha * jnp.exp(_zero_where(positive, x)), 0.0, x)
-    return jnp.where(positive, jnp.ones((), x.dtype), slope)
+    linear = _elu_linear(x)
+    slope = _straight_at(x == 0, alpha * jnp.exp(_zero_where(linear, x)), 0.0, x)
+    return jnp.where(linear, jnp.ones((), x.dtype), slope)
 
 
 _elu = _with_derivative(_elu_forward, _elu_derivative)
@@ -336,9 +342,10 @@ _elu = _with_derivative(_elu_forward, _elu_derivative)
 def elu(x, alpha: float = 1.0, *, vjp: str = "custom"):
     """``x`` if ``x > 0`` else ``alpha (exp(x) - 1)`` (``torch.nn.functional.elu``).
 
-    Backward rule: ``dx = g`` where ``x > 0``, else ``g alpha exp(x)``. At ``x == 0`` (a kink
-    unless ``alpha == 1``) both paths take the left derivative ``alpha`` and second derivative
-    0 (the right one), as PyTorch's backward and double backward.
+    Backward rule: ``dx = g`` where ``x > 0`` or ``x`` is NaN (not ``x <= 0``, as PyTorch's),
+    else ``g alpha exp(x)``. At ``x == 0`` (a kink unless ``alpha == 1``) both paths take the
+    left derivative ``alpha`` and second derivative 0 (the right one), as PyTorch's backward
+    and double backward.
     """
     _checked("elu", x, vjp)
     return _elu(vjp, float(alpha), x)

@@ -59,6 +59,12 @@ def test_subgradients_at_the_kinks_follow_torch(vjp, torch):
     # a NaN passes the forward and its gradient on both paths (torch's kernels disagree)
     np.testing.assert_array_equal(_grad(F.hardtanh, jnp.array([np.nan, 0.5]), vjp), [1, 1])
     np.testing.assert_allclose(_grad(F.elu, jnp.array([0.0]), vjp, alpha=0.5), [0.5])
+    # elu too, as torch's backward (not x <= 0: the gradient passes)
+    nan = torch.tensor([np.nan, -1.0], requires_grad=True)
+    torch.nn.functional.elu(nan, alpha=0.5).sum().backward()
+    np.testing.assert_allclose(_grad(F.elu, jnp.array([np.nan, -1.0]), vjp, alpha=0.5),
+                               nan.grad.numpy(), rtol=1e-6)
+    assert nan.grad[0] == 1
 
 
 @pytest.mark.parametrize("vjp", ["custom", "autodiff"])
