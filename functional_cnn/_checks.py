@@ -32,6 +32,17 @@ def check_floating(where: str, x, what: str = "input") -> None:
         raise TypeError(f"{where}: expected a floating-point {what}, got dtype {dtype}")
 
 
+def check_same_dtype(where: str, x, **others) -> None:
+    """``TypeError`` unless each of ``others`` (None skipped) has ``x``'s dtype, as torch
+    refuses a weight or bias of another dtype than its input. Promoted instead, the result's
+    dtype would depend on which formulation computes it."""
+    dtype = jnp.result_type(x)
+    for name, value in others.items():
+        if value is not None and jnp.result_type(value) != dtype:
+            raise TypeError(f"{where}: expected {name} of the input's dtype {dtype}, got "
+                            f"{jnp.result_type(value)}")
+
+
 def check_rank(where: str, shape: Sequence[int], ranks: Sequence[int], layout: str = "") -> None:
     if len(shape) not in tuple(ranks):
         want = " or ".join(f"{r}-D" for r in ranks)

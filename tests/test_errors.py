@@ -126,6 +126,16 @@ def test_labels_outside_the_classes_are_rejected_when_concrete():
      r"mse_loss: reduction must be one of \('mean', 'sum', 'none'\), got 'avg'"),
     (lambda: fcn.binary_cross_entropy_with_logits(jnp.ones(3), jnp.ones(3, jnp.int32)), TypeError,
      r"binary_cross_entropy_with_logits: expected a floating-point targets, got dtype int32"),
+    # mixed dtypes, refused as torch refuses them (promoted, the result's dtype had depended on
+    # the formulation that computed it)
+    (lambda: F.conv2d(jnp.ones((1, 3, 6, 6)), jnp.ones((2, 3, 3, 3), jnp.bfloat16)), TypeError,
+     r"conv2d: expected weight of the input's dtype float32, got bfloat16"),
+    (lambda: F.conv2d(jnp.ones((1, 3, 6, 6)), jnp.ones((2, 3, 3, 3)), jnp.ones(2, jnp.bfloat16)),
+     TypeError, r"conv2d: expected bias of the input's dtype float32, got bfloat16"),
+    (lambda: F.conv_transpose2d(jnp.ones((1, 3, 6, 6)), jnp.ones((3, 2, 3, 3), jnp.float16)),
+     TypeError, r"conv_transpose2d: expected weight of the input's dtype float32, got float16"),
+    (lambda: F.linear(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((4, 3))), TypeError,
+     r"linear: expected weight of the input's dtype bfloat16, got float32"),
 ])
 def test_functional_errors(call, error, message):
     with pytest.raises(error, match=message):
@@ -135,6 +145,8 @@ def test_functional_errors(call, error, message):
 @pytest.mark.parametrize("layer,init_shape,x,vjp,message", [
     (fcn.Linear(5), (2, 7), jnp.ones((2, 7), jnp.int32), "custom",
      r"^Linear: expected a floating-point input, got dtype int32"),
+    (fcn.Conv2d(4, 3), (1, 3, 8, 8), jnp.ones((1, 3, 8, 8), jnp.bfloat16), "custom",
+     r"^Conv2d: expected weight of the input's dtype bfloat16, got float32"),
     (fcn.BatchNorm2d(), (2, 3, 4, 4), jnp.ones((2, 3, 4, 4)), "manual",
      r"^BatchNorm2d: vjp must be one of \('custom', 'autodiff'\), got 'manual'"),
     (fcn.AvgPool2d(2), (1, 1, 4, 4), jnp.ones((1, 1, 4, 4)), "manual",

@@ -647,6 +647,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
     """
     check_vjp("conv2d", vjp)
     _checks.check_floating("conv2d", x)
+    _checks.check_same_dtype("conv2d", x, weight=weight, bias=bias)
     if jnp.ndim(x) == 3:
         return conv2d(x[None], weight, bias, stride, padding, dilation, groups, vjp=vjp,
                       formulation=formulation)[0]
@@ -773,6 +774,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     """
     check_vjp("conv_transpose2d", vjp)
     _checks.check_floating("conv_transpose2d", x)
+    _checks.check_same_dtype("conv_transpose2d", x, weight=weight, bias=bias)
     if jnp.ndim(x) == 3:
         return conv_transpose2d(x[None], weight, bias, stride, padding, output_padding, groups,
                                 dilation, vjp=vjp)[0]

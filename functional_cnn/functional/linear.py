@@ -1,6 +1,8 @@
 """Affine map on the last axis: ``linear``."""
 from __future__ import annotations
 
+import math
+
 from jax import lax
 from jax import numpy as jnp
 
@@ -21,8 +23,9 @@ def _fwd(config, x, weight, bias):
 def _bwd(config, residuals, g):
     x, weight, no_bias = residuals
     dx = lax.dot_general(g, weight, (((g.ndim - 1,), (0,)), ((), ())))
-    rows_g = g.reshape(-1, g.shape[-1])
-    rows_x = x.reshape(-1, x.shape[-1])
+    rows = math.prod(g.shape[:-1])  # not -1: a reshape cannot infer it beside 0 features
+    rows_g = g.reshape(rows, g.shape[-1])
+    rows_x = x.reshape(rows, x.shape[-1])
     dweight = lax.dot_general(rows_g, rows_x, (((0,), (0,)), ((), ())))
     dbias = None if no_bias else rows_g.sum(axis=0)
     return dx, dweight, dbias
@@ -47,6 +50,7 @@ def linear(x, weight, bias=None, *, vjp: str = "custom"):
     """
     check_vjp("linear", vjp)
     _checks.check_floating("linear", x)
+    _checks.check_same_dtype("linear", x, weight=weight, bias=bias)
     if weight.ndim != 2:
         raise ValueError(f"linear: expected a 2-D weight (out, in), got shape {weight.shape}")
     if x.ndim < 1 or x.shape[-1] != weight.shape[1]:

@@ -1,9 +1,12 @@
 """An empty batch (N = 0) through every op that is not a layer's, on both gradient paths, as
 PyTorch computes it: empty outputs, NaN for a mean over no rows, zero gradients for weights.
 (The layers' ops are checked at N = 0 in tests/test_layers.py.)"""
+import jax
 import numpy as np
 import pytest
+from jax import numpy as jnp
 
+import functional_cnn.functional as F
 from functional_cnn.audit import cases as C
 
 CASES = [
@@ -40,3 +43,18 @@ def test_empty_batch_matches_torch(op, config, vjp, torch):
                                        err_msg=f"{op} {name}")
     if config.get("reduction") == "mean":  # torch: the mean of no rows is NaN
         assert np.isnan(out)
+
+
+@pytest.mark.parametrize("vjp", ["custom", "autodiff"])
+@pytest.mark.parametrize("in_features, out_features", [(0, 3), (3, 0)])
+def test_linear_without_features_has_empty_gradients_as_torch(in_features, out_features, vjp,
+                                                              torch):
+    """No input or output features: the custom rule had raised ZeroDivisionError reshaping
+    its rows (-1 beside a 0)."""
+    x = torch.ones(2, in_features, requires_grad=True)
+    w = torch.ones(out_features, in_features, requires_grad=True)
+    torch.nn.functional.linear(x, w).sum().backward()
+    dx, dw = jax.grad(lambda x, w: F.linear(x, w, vjp=vjp).sum(), argnums=(0, 1))(
+        jnp.ones((2, in_features)), jnp.ones((out_features, in_features)))
+    assert dx.shape == tuple(x.grad.shape) and dw.shape == tuple(w.grad.shape)
+    np.testing.assert_array_equal(dx, x.grad.numpy())
