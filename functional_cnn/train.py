@@ -497,10 +497,9 @@ def make_trainer(net: Layer, optimizer: optax.GradientTransformation | None = No
     **options)``; ``batch_size`` is required.
 
     * ``optimizer``: any optax transform; default :func:`adamw` (torch's defaults).
-    * ``loss(logits, labels) -> per-example losses (N,)`` (another shape is a ``ValueError``);
-      default cross-entropy with ``label_smoothing`` (which smooths that default only). The
-      objective is their ``reduction`` (``"mean"`` or ``"sum"``) over each batch -- the ragged
-      last batch is reduced over its own size, as PyTorch does.
+    * ``loss(logits, labels) -> per-example losses (N,)``, else ``ValueError``; by default
+      cross-entropy with ``label_smoothing`` (only then). The objective is their ``reduction``
+      (``"mean"`` or ``"sum"``) over each batch, a ragged last batch over its own size (torch's).
     * ``preprocess(uint8 images) -> float NCHW`` (default :func:`~functional_cnn.data.normalize`),
       on the device; ``augment(key, x) -> x`` is applied to training batches only;
       ``shuffle=False`` keeps the data's order every epoch; ``steps_per_epoch=S`` makes an
