@@ -670,8 +670,8 @@ def fit(trainer: Trainer, ts: TrainState, train_data: Dataset, *, epochs: int,
     ``fingerprint`` (any JSON dict: data range, seed, protocol) must match the checkpoint's;
     the optimizer, a loss of one's own and the preprocessing are functions fit cannot compare,
     so name them in ``fingerprint``. Without ``resume`` an existing checkpoint is replaced (and
-    the log says so); one saved past ``epochs`` is an error. ``stop_after=k`` stops after epoch ``k`` of the ``epochs`` planned
-    (as an interruption would: schedules still span ``epochs``).
+    the log says so); one saved past ``epochs`` is an error. ``stop_after=k`` stops after epoch
+    ``k`` of the ``epochs`` planned (as an interruption would: schedules still span ``epochs``).
     """
     last = _checked_fit_args(trainer, ts, train_data, eval_data, epochs, stop_after)
     fingerprint = {**trainer.config.fingerprint(), **(fingerprint or {}),
