@@ -47,6 +47,10 @@ def _nchw(x):
 def _hwio(weight):
     return weight.transpose(2, 3, 1, 0)
 
+def _oihw(weight):
+    """The inverse of :func:`_hwio`."""
+    return weight.transpose(3, 2, 0, 1)
+
 # ------------------------------------------- im2col: the patches as one matrix per sample
 
 def _single_channel(cfg, in_channels: int) -> bool:
@@ -139,7 +143,7 @@ def _im2col_nhwc_weight_grad(cfg, x, g):
     g_rows = _nhwc(g).reshape(g.shape[0] * _out_pixels(cfg), g.shape[1])
     dw = lax.dot_general(_patches_nhwc(cfg, x), g_rows, (((0,), (0,)), ((), ())))
     kh, kw = (a.kernel for a in cfg.axes)
-    return dw.reshape(kh, kw, x.shape[1], g.shape[1]).transpose(3, 2, 0, 1)
+    return _oihw(dw.reshape(kh, kw, x.shape[1], g.shape[1]))
 
 # ------------------------------------------- taps: a sum of shifted products, on request
 
