@@ -32,12 +32,13 @@ def check_floating(where: str, x, what: str = "input") -> None:
         raise TypeError(f"{where}: expected a floating-point {what}, got dtype {dtype}")
 
 
-def check_same_dtype(where: str, x, **others) -> None:
-    """``TypeError`` unless each of ``others`` (None skipped) has ``x``'s dtype, as torch
-    refuses a weight or bias of another dtype than its input. Promoted instead, the result's
-    dtype would depend on which formulation computes it."""
+def check_weighted_input(where: str, x, weight, bias) -> None:
+    """``TypeError`` unless ``x`` is floating-point and ``weight`` and ``bias`` (None skipped)
+    have its dtype, as torch refuses them otherwise (conv2d, conv_transpose2d, linear).
+    Promoted instead, the result's dtype would depend on which formulation computes it."""
+    check_floating(where, x)
     dtype = jnp.result_type(x)
-    for name, value in others.items():
+    for name, value in (("weight", weight), ("bias", bias)):
         if value is not None and jnp.result_type(value) != dtype:
             raise TypeError(f"{where}: expected {name} of the input's dtype {dtype}, got "
                             f"{jnp.result_type(value)}")

@@ -649,7 +649,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
 
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative.
     """
-    _check_operands("conv2d", vjp, x, weight, bias)
+    check_vjp("conv2d", vjp)
+    _checks.check_weighted_input("conv2d", x, weight, bias)
     if jnp.ndim(x) == 3:
         return conv2d(x[None], weight, bias, stride, padding, dilation, groups, vjp=vjp,
                       formulation=formulation)[0]
@@ -675,12 +676,6 @@ def with_formulation(where: str, cfg: ConvConfig, x_shape, weight_shape,
                          f"{cfg.groups}, dilation {_dilations(cfg)}): it needs "
                          f"{chosen.requires}")
     return cfg._replace(formulation=formulation)
-
-def _check_operands(where: str, vjp, x, weight, bias) -> None:
-    """The gradient path, a floating-point input, and a weight and bias of its dtype."""
-    check_vjp(where, vjp)
-    _checks.check_floating(where, x)
-    _checks.check_same_dtype(where, x, weight=weight, bias=bias)
 
 def _check_bias(where: str, bias, out_channels: int) -> None:
     if bias is not None and tuple(jnp.shape(bias)) != (out_channels,):
@@ -780,7 +775,8 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
     Linear in ``x`` and in ``W``: no kinks, both paths give the one derivative (a zero weight
     included).
     """
-    _check_operands("conv_transpose2d", vjp, x, weight, bias)
+    check_vjp("conv_transpose2d", vjp)
+    _checks.check_weighted_input("conv_transpose2d", x, weight, bias)
     if jnp.ndim(x) == 3:
         return conv_transpose2d(x[None], weight, bias, stride, padding, output_padding, groups,
                                 dilation, vjp=vjp)[0]

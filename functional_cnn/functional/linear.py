@@ -49,8 +49,7 @@ def linear(x, weight, bias=None, *, vjp: str = "custom"):
     Linear in each input: no kinks, both paths give the one derivative.
     """
     check_vjp("linear", vjp)
-    _checks.check_floating("linear", x)
-    _checks.check_same_dtype("linear", x, weight=weight, bias=bias)
+    _checks.check_weighted_input("linear", x, weight, bias)
     if weight.ndim != 2:
         raise ValueError(f"linear: expected a 2-D weight (out, in), got shape {weight.shape}")
     if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
